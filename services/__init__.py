@@ -1,0 +1,1 @@
+"""Long-lived services of shuffle-r1: the replay buffer (gRPC + Redis), the trainer, metrics."""

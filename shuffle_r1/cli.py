@@ -1,0 +1,65 @@
+"""The ``shuffle-r1`` command.
+
+    shuffle-r1 config --config configs/X.yaml [key=value ...]   print the resolved recipe
+    shuffle-r1 buffer serve --redis-url URL --port P ...        run the replay buffer service
+
+Commands that run a service import it when they are called, so the library itself does not
+depend on Ray, Redis or gRPC (DESIGN.md: the arrows only point down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from omegaconf import OmegaConf
+
+from shuffle_r1.config import ConfigError, load_config
+
+# subcommand -> module that provides `add_parser(subparsers)` and `main(args) -> int`
+SERVICE_COMMANDS = {
+    "buffer": "services.replay_buffer.cli",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shuffle-r1", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("config", help="print the resolved config")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+    for module_name in SERVICE_COMMANDS.values():
+        importlib.import_module(module_name).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"shuffle-r1: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

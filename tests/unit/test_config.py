@@ -1,0 +1,113 @@
+"""The config tree: recipes load, overrides apply, bad values fail naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shuffle_r1.config import Config, ConfigError, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_paper_recipe() -> None:
+    cfg = load_config()
+    assert (cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p) == (16, 1.0, 0.99)
+    assert (cfg.trainer.rollout_batch_size, cfg.learner.global_batch_size) == (512, 128)
+    assert (cfg.data.max_prompt_length, cfg.rollout.max_response_length) == (2048, 2048)
+    assert (cfg.learner.lr, cfg.learner.weight_decay, cfg.learner.grad_clip) == (1e-6, 1e-2, 1.0)
+    assert (cfg.learner.ppo_epochs, cfg.learner.micro_batch_size) == (1, 4)
+    assert (cfg.algorithm.keep_ratio, cfg.algorithm.shuffle_times) == (0.5, 8)
+    assert (cfg.algorithm.clip_ratio_low, cfg.algorithm.clip_ratio_high) == (0.2, 0.2)
+    assert cfg.algorithm.kl_coef == 0.0 and cfg.algorithm.loss_agg_mode == "token-mean"
+    assert (cfg.reward.accuracy_weight, cfg.reward.format_weight) == (0.9, 0.1)
+    assert cfg.algorithm.name == "shuffle_r1" and cfg.learner.freeze_vision_tower
+    assert (cfg.trainer.total_steps, cfg.trainer.eval_every) == (80, 5)
+    assert (cfg.rollout.val_temperature, cfg.rollout.val_n) == (0.5, 8)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(recipe: Path) -> None:
+    assert isinstance(load_config(recipe), Config)
+
+
+def test_overrides_apply_in_order() -> None:
+    cfg = load_config(
+        ROOT / "configs" / "tiny_cpu.yaml",
+        ["algorithm.shuffle_times=4", "rollout.n=6", "algorithm.shuffle_times=3"],
+    )
+    assert cfg.algorithm.shuffle_times == 3 and cfg.rollout.n == 6
+
+
+@pytest.mark.parametrize(
+    ("name", "keep", "shuffle", "uses_pts"),
+    [("grpo", 1.0, 1, False), ("grpo+pts", 0.5, 1, True), ("shuffle_r1", 0.5, 8, True)],
+)
+def test_algorithm_name_selects_pts_and_abs(
+    name: str, keep: float, shuffle: int, uses_pts: bool
+) -> None:
+    a = load_config(None, [f"algorithm.name={name}"]).algorithm
+    assert (a.effective_keep_ratio, a.effective_shuffle_times, a.uses_pts) == (
+        keep,
+        shuffle,
+        uses_pts,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("algorithm.name=ppo", "algorithm.name='ppo'"),
+        ("trainer.total_steps=abc", "trainer.total_steps"),
+        ("rollout.bogus=1", "rollout.bogus"),
+        ("nosuchsection.x=1", "nosuchsection"),
+        ("rollout.n=7", "rollout.n=7"),
+        ("algorithm.keep_ratio=0", "algorithm.keep_ratio"),
+        ("algorithm.keep_ratio=0.1", "keeps no pair"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("learner.backend=megatron", "learner.backend"),
+        ("learner.micro_batch_size=3", "learner.micro_batch_size"),
+        ("buffer.port=70000", "buffer.port"),
+        ("buffer.tls_cert=/x.pem", "tls_key"),
+        ("reward.function=not_a_path", "reward.function"),
+        ("rollout.max_workers=0", "max_workers"),
+        ("just-a-word", "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_save_and_reload_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["algorithm.name=grpo+pts"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_cli_prints_resolved_config_and_reports_errors() -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "shuffle_r1.cli", "config", "--config", "configs/tiny_cpu.yaml",
+         "rollout.n=8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "n: 8" in ok.stdout and "model_path: tiny-llama" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "shuffle_r1.cli", "config", "rollout.temperature=hot"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "rollout.temperature" in bad.stderr
