@@ -1,0 +1,25 @@
+"""Reward functions loaded by path in tests: ones that misbehave on purpose."""
+
+import time
+
+from shuffle_r1.rewards import RewardResult
+
+
+def raises(response: str, reference_answer: str, **_: object) -> RewardResult:
+    if "boom" in response:
+        raise RuntimeError("reward function exploded on purpose")
+    return RewardResult(1.0, 1.0, 0.0)
+
+
+def hangs(response: str, reference_answer: str, **_: object) -> RewardResult:
+    if "hang" in response:
+        time.sleep(3600)
+    return RewardResult(0.5, 0.0, 1.0)
+
+
+def returns_float(response: str, reference_answer: str, **_: object) -> float:
+    return 0.25
+
+
+def returns_nan(response: str, reference_answer: str, **_: object) -> float:
+    return float("nan")
