@@ -1,0 +1,578 @@
+"""The learner: N Ray actors that hold one sharded policy model and train it together.
+
+:class:`LearnerWorker` is rank ``r`` of ``N`` in one ``torch.distributed`` process group
+(gloo on CPU, NCCL on GPU). It loads the model with transformers and shards it with FSDP2
+(``fully_shard`` on each decoder block, then on the root; ``learner.backend=fsdp2``) or
+hands it to DeepSpeed ZeRO (``learner.backend=deepspeed``, ``learner.zero_stage``).
+Parameters are float32 masters; ``learner.dtype=bfloat16`` computes in bf16 (FSDP2
+``MixedPrecisionPolicy`` with float32 gradient reduction; DeepSpeed ``bf16``).
+
+:class:`LearnerGroup` is the single controller the trainer calls. It cuts a
+:class:`~shuffle_r1.training.TrainBatch` as ALGORITHM.md §3.4 says — mini-batches in order,
+each into contiguous pair-aligned shards, one per rank, each into micro-batches — and
+averages the metrics. Every rank runs the same number of micro-batches (a short shard is
+padded with rollouts that carry no signal), so the ranks' collectives stay in step.
+
+The math lives in :mod:`shuffle_r1.training` (batch layout, log-probs, splits) and
+:mod:`shuffle_r1.algos` (policy loss); this module owns processes, devices and state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from shuffle_r1.algos import policy_loss
+from shuffle_r1.config import Config
+from shuffle_r1.training import (
+    TrainBatch,
+    collate,
+    microbatch_count,
+    microbatch_slices,
+    minibatch_slices,
+    padding_batch,
+    pair_aligned_shards,
+    rollouts_per_optimizer_step,
+    token_logprobs,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+LOSS_METRICS = ("policy_loss", "pg_loss", "kl", "clip_fraction", "approx_kl")
+# Files of a model folder that a checkpoint does not copy: it writes its own weights/config.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
+_PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+class LearnerWorker:
+    """Rank ``rank`` of ``world_size``: one shard of the policy model and its optimizer.
+
+    Created by :class:`LearnerGroup` as a Ray actor (1 CPU, ``learner.num_gpus_per_rank``
+    GPUs). Call order: :meth:`master_address` on rank 0, then :meth:`setup` on every rank
+    at once (it blocks until all ranks joined). Every other method except :meth:`ping` is
+    collective: all ranks must call it with their own shard, in the same order.
+    """
+
+    def __init__(self, rank: int, world_size: int, cfg: Config, model_path: str) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.cfg = cfg
+        self.model_path = model_path
+        use_cuda = cfg.learner.num_gpus_per_rank > 0
+        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        self.model: Any = None  # the FSDP2 module or the DeepSpeed engine, called alike
+        self.optimizer: Any = None
+
+    def master_address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port for the process group's rendezvous (rank 0)."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the process group, load the model, shard it, build the optimizer.
+
+        Every rank loads the full model to CPU first (peak memory: one float32 copy per
+        rank), then keeps its shard.
+        """
+        from transformers import AutoModelForCausalLM
+
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",  # each actor sees only its own device
+        )
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(
+            "nccl" if self.device.type == "cuda" else "gloo",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=_PROCESS_GROUP_TIMEOUT,
+        )
+        le = self.cfg.learner
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model.config.use_cache = False
+        if le.gradient_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.to(self.device)
+        if le.backend == "fsdp2":
+            self._setup_fsdp2(model)
+        else:
+            self._setup_deepspeed(model)
+
+    def _setup_fsdp2(self, model: torch.nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        le = self.cfg.learner
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[le.dtype], reduce_dtype=torch.float32)
+        blocks = set(getattr(model, "_no_split_modules", None) or ())
+        if not blocks:
+            raise ValueError(
+                f"{type(model).__name__} from {self.model_path} names no decoder block class "
+                "(_no_split_modules); FSDP2 needs one to shard layer by layer"
+            )
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=le.lr, weight_decay=le.weight_decay
+        )
+
+    def _setup_deepspeed(self, model: torch.nn.Module) -> None:
+        import deepspeed
+
+        le = self.cfg.learner
+        config = {
+            "train_micro_batch_size_per_gpu": le.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            # backward() only accumulates; step() is the boundary, so a mini-batch may hold
+            # any number of micro-batches (an ABS shortfall shortens the last one).
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": le.grad_clip,
+            "zero_optimization": {"stage": le.zero_stage},
+            "bf16": {"enabled": le.dtype == "bfloat16"},
+            "zero_allow_untested_optimizer": True,  # torch AdamW: runs on CPU and GPU
+            "steps_per_print": 2**31 - 1,
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=le.lr, weight_decay=le.weight_decay)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False
+        )
+
+    # -- log-probs and training --------------------------------------------------------------
+
+    def _inputs(self, batch: TrainBatch) -> dict[str, Tensor]:
+        return {k: v.to(self.device) for k, v in collate(batch).items()}
+
+    def _logprobs(self, inputs: dict[str, Tensor]) -> Tensor:
+        return token_logprobs(
+            self.model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["position_ids"],
+            inputs["response_start"],
+            inputs["response_mask"],
+            temperature=self.cfg.rollout.temperature,
+        )
+
+    def _micro_batches(self, shard: TrainBatch, count: int) -> list[tuple[bool, TrainBatch]]:
+        """``count`` micro-batches of the shard, ``(is_real, batch)``; padding fills the tail."""
+        slices = microbatch_slices(len(shard), self.cfg.learner.micro_batch_size, count)
+        return [
+            (s.stop > s.start, shard.select(s) if s.stop > s.start else padding_batch())
+            for s in slices
+        ]
+
+    @torch.no_grad()
+    def compute_logprobs(self, shard: TrainBatch, count: int) -> Tensor:
+        """Log-probs ``(len(shard), shard.max_response_len)`` (nats, CPU float32) of the
+        shard's response tokens, 0 past each response; ``count`` micro-batches (collective).
+        """
+        self.model.eval()
+        out = torch.zeros(len(shard), shard.max_response_len)
+        start = 0
+        for real, micro in self._micro_batches(shard, count):
+            logprobs = self._logprobs(self._inputs(micro)).cpu()
+            if real:
+                width = min(out.shape[1], logprobs.shape[1])
+                out[start : start + len(micro), :width] = logprobs[:, :width]
+                start += len(micro)
+        return out
+
+    def train_step(self, shard: TrainBatch, count: int) -> dict[str, Any]:
+        """One optimizer step on this rank's shard of a mini-batch (collective).
+
+        The shard runs as ``count`` micro-batches; each micro-batch's policy loss
+        (``algorithm.loss_agg_mode`` mean over its tokens, ALGORITHM.md §4) is scaled by
+        ``1/count`` and back-propagated; FSDP2/ZeRO average the gradients over the ranks,
+        so every micro-batch weighs ``1/(count·N)`` in the step (EasyR1's accumulation).
+        Then the gradient norm is clipped to ``learner.grad_clip`` and AdamW steps; a
+        non-finite norm skips the step (FSDP2; DeepSpeed steps regardless).
+
+        Returns:
+            ``micro``: a list of per-micro-batch loss metrics (floats, real micro-batches
+            only); ``grad_norm`` (float, before clipping); ``lr``; ``stepped`` (bool).
+        """
+        alg = self.cfg.algorithm
+        self.model.train()
+        records = []
+        for real, micro in self._micro_batches(shard, count):
+            inputs = self._inputs(micro)
+            out = policy_loss(
+                self._logprobs(inputs),
+                inputs["old_logprobs"],
+                inputs["advantages"],
+                inputs["response_mask"],
+                clip_ratio_low=alg.clip_ratio_low,
+                clip_ratio_high=alg.clip_ratio_high,
+                loss_agg_mode=alg.loss_agg_mode,
+                ref_logprobs=inputs.get("ref_logprobs"),
+                kl_coef=alg.kl_coef,
+                kl_type=alg.kl_type,
+            )
+            loss = out.loss / count
+            if self.cfg.learner.backend == "deepspeed":
+                self.model.backward(loss, scale_wrt_gas=False)
+            else:
+                loss.backward()
+            if real:
+                values = (out.loss, out.pg_loss, out.kl, out.clip_fraction, out.approx_kl)
+                records.append(
+                    {k: float(v.detach()) for k, v in zip(LOSS_METRICS, values, strict=True)}
+                )
+        grad_norm, stepped = self._optimizer_step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        return {"micro": records, "grad_norm": grad_norm, "lr": lr, "stepped": stepped}
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        if self.cfg.learner.backend == "deepspeed":
+            self.model.step()
+            norm = self.model.get_global_grad_norm()
+            return float("nan") if norm is None else float(norm), True
+        from torch.distributed.tensor import DTensor
+
+        max_norm = self.cfg.learner.grad_clip or math.inf  # 0 = measure only
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(norm, DTensor):  # a partial norm until reduced over the ranks
+            norm = norm.full_tensor()
+        stepped = bool(torch.isfinite(norm))
+        if stepped:
+            self.optimizer.step()
+        else:
+            logger.warning(
+                "rank %d: gradient norm is %s; skipping the optimizer step", self.rank, norm
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm), stepped
+
+    # -- weights and checkpoints ---------------------------------------------------------------
+
+    def full_state_dict(self, dtype: str | None = None) -> dict[str, Tensor] | None:
+        """The full model state on CPU (collective): a dict on rank 0, ``None`` elsewhere.
+
+        ``dtype`` (``"bfloat16"``/``"float32"``) casts floating tensors; ``None`` keeps the
+        master dtype. Keys are the transformers names (``model.layers.0...``).
+        """
+        if self.cfg.learner.backend == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state: dict[str, Any] = get_model_state_dict(self.model, options=options)
+        elif self.cfg.learner.zero_stage == 3:
+            state = self.model._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.model.module.state_dict() if self.rank == 0 else {}
+        if self.rank != 0:
+            return None
+        cast = DTYPES[dtype] if dtype else None
+        state = {
+            k: (v.to("cpu", cast) if cast is not None and v.is_floating_point() else v.cpu())
+            for k, v in state.items()
+        }
+        # Tied parameters (input/output embeddings) come back as separate copies; make them
+        # one tensor again, so the object store and save_pretrained hold them once.
+        module = self.model.module if self.cfg.learner.backend == "deepspeed" else self.model
+        first: dict[int, str] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if id(param) in first and name in state:
+                state[name] = state[first[id(param)]]
+            first.setdefault(id(param), name)
+        return state
+
+    def publish(self, dtype: str) -> list[ray.ObjectRef] | None:
+        """Put the full state dict (cast to ``dtype``) into the object store once, from rank
+        0 (collective). Rank 0 returns ``[ref]``, the others ``None``."""
+        state = self.full_state_dict(dtype)
+        return None if state is None else [ray.put(state)]
+
+    def save_checkpoint(self, directory: str, version: int) -> None:
+        """Save to ``directory`` (collective; a folder every rank can reach):
+
+        - ``model/``: the full model in transformers format (float32 masters), with the
+          tokenizer and other non-weight files of the source folder — loadable by
+          ``from_pretrained`` and vLLM;
+        - ``optimizer/`` (FSDP2): the sharded AdamW state via ``torch.distributed.checkpoint``
+          (reshardable to another rank count); ``deepspeed/`` (DeepSpeed): its own checkpoint;
+        - ``learner.json``: the weight version, backend and rank count.
+        """
+        root = Path(directory)
+        state = self.full_state_dict()
+        if self.rank == 0:
+            model_dir = root / "model"
+            model_dir.mkdir(parents=True, exist_ok=True)
+            module = self.model.module if self.cfg.learner.backend == "deepspeed" else self.model
+            module.save_pretrained(model_dir, state_dict=state)
+            _copy_non_weight_files(Path(self.model_path), model_dir)
+        del state
+        if self.cfg.learner.backend == "fsdp2":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer)
+            dcp.save({"optimizer": optim_state}, checkpoint_id=str(root / "optimizer"))
+        else:
+            self.model.save_checkpoint(str(root / "deepspeed"), tag="learner")
+        dist.barrier()
+        if self.rank == 0:
+            meta = {"version": version, "backend": self.cfg.learner.backend}
+            meta["num_ranks"] = self.world_size
+            (root / "learner.json").write_text(json.dumps(meta))
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        """Restore model and optimizer from :meth:`save_checkpoint`'s folder (collective);
+        returns its ``learner.json``. Raises ``FileNotFoundError`` if it is incomplete."""
+        root = Path(directory)
+        meta_path = root / "learner.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} is missing: {root} is not a complete checkpoint")
+        meta = json.loads(meta_path.read_text())
+        if meta["backend"] != self.cfg.learner.backend:
+            raise ValueError(
+                f"checkpoint {root} was written by learner.backend={meta['backend']!r}; "
+                f"this learner runs {self.cfg.learner.backend!r}"
+            )
+        if self.cfg.learner.backend == "deepspeed":
+            path, _ = self.model.load_checkpoint(str(root / "deepspeed"), tag="learner")
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint under {root / 'deepspeed'}")
+            return meta
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+        from transformers import AutoModelForCausalLM
+
+        full = {}
+        if self.rank == 0:
+            saved = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
+            full = saved.state_dict()
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.model, full, options=options)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer)
+        dcp.load({"optimizer": optim_state}, checkpoint_id=str(root / "optimizer"))
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state)
+        return meta
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness: rank, pid, device (not collective)."""
+        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}
+
+    def shutdown(self) -> None:
+        """Leave the process group (collective when the group is healthy)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _copy_non_weight_files(source: Path, target: Path) -> None:
+    """Copy tokenizer, chat template and similar files from a model folder into a checkpoint."""
+    if not source.is_dir():
+        return
+    for path in source.iterdir():
+        keep = path.is_file() and not path.name.startswith(".") and path.name != "config.json"
+        if keep and not path.name.endswith(_WEIGHT_SUFFIXES) and not (target / path.name).exists():
+            shutil.copy2(path, target / path.name)
+
+
+class LearnerGroup:
+    """N :class:`LearnerWorker` ranks driven as one learner (the trainer's single controller).
+
+    Args:
+        cfg: the run's config; reads ``learner`` (ranks, backend, optimizer, batch sizes),
+            ``algorithm`` (loss, α for the mini-batch size), ``rollout.n`` and
+            ``rollout.temperature`` (log-probs are ``log_softmax(logits / T)``).
+        model_path: a transformers folder every rank can read; default
+            ``shuffle_r1.models.resolve_model_path(cfg.learner.model_path)``.
+
+    Needs a running Ray with ``learner.num_ranks`` free CPUs (and GPUs when
+    ``learner.num_gpus_per_rank > 0``). If a rank fails, the group kills every rank (the
+    others would wait on it in a collective) and raises; build a new group to go on.
+
+    Attributes:
+        version: the weight version: 0 as loaded (or the checkpoint's), +1 per :meth:`update`
+            that stepped the optimizer.
+        last_publish_s: seconds the last :meth:`publish_weights` took.
+    """
+
+    def __init__(self, cfg: Config, model_path: str | Path | None = None) -> None:
+        if model_path is None:
+            from shuffle_r1.models import resolve_model_path
+
+            model_path = resolve_model_path(cfg.learner.model_path)
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        self.version = 0
+        self.last_publish_s = 0.0
+        self._published: tuple[int, ray.ObjectRef] | None = None
+        le = cfg.learner
+        actor = ray.remote(LearnerWorker).options(num_cpus=1, num_gpus=le.num_gpus_per_rank)
+        # Actor handles: their methods are typed by Ray at run time only.
+        self.workers: list[Any] = [
+            actor.remote(rank, le.num_ranks, cfg, self.model_path) for rank in range(le.num_ranks)
+        ]
+        started = time.perf_counter()
+        address = self._gather([self.workers[0].master_address.remote()])[0]
+        self._gather([w.setup.remote(*address) for w in self.workers])
+        logger.info(
+            "learner: %d %s ranks on %s ready in %.1f s",
+            le.num_ranks,
+            le.backend,
+            self.model_path,
+            time.perf_counter() - started,
+        )
+
+    @property
+    def rollouts_per_minibatch(self) -> int:
+        """Rollouts per optimizer step (``training.rollouts_per_optimizer_step``, α-scaled)."""
+        return rollouts_per_optimizer_step(
+            self.cfg.learner.global_batch_size,
+            self.cfg.rollout.n,
+            self.cfg.algorithm.effective_keep_ratio,
+        )
+
+    def _gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """Results in order; on the first failure kill every rank and raise."""
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+        except Exception as exc:
+            self.shutdown(graceful=False)
+            raise RuntimeError(
+                f"a learner rank failed; the learner group is shut down: {exc}"
+            ) from exc
+        return ray.get(refs)
+
+    def _run(self, method: str, batch: TrainBatch) -> list[tuple[slice, Any]]:
+        """Call ``method(shard, count)`` on every rank with its pair-aligned shard."""
+        if not self.workers:
+            raise RuntimeError("the learner group is shut down")
+        shards = pair_aligned_shards(len(batch), len(self.workers))
+        count = microbatch_count(
+            [s.stop - s.start for s in shards], self.cfg.learner.micro_batch_size
+        )
+        refs = [
+            getattr(w, method).remote(batch.select(s), count)
+            for w, s in zip(self.workers, shards, strict=True)
+        ]
+        return list(zip(shards, self._gather(refs), strict=True))
+
+    def compute_logprobs(self, batch: TrainBatch) -> Tensor:
+        """Log-probs ``(B, L)`` (nats, float32, CPU) of the response tokens under the current
+        weights, ``L = batch.max_response_len``, 0 past each response. The batch is split
+        across the ranks in contiguous pair-aligned shards; rows come back in order.
+
+        Raises:
+            ValueError: the batch has an odd number of rollouts (pairs cannot be kept whole).
+        """
+        out = torch.zeros(len(batch), batch.max_response_len)
+        for rows, part in self._run("compute_logprobs", batch):
+            out[rows, : part.shape[1]] = part
+        return out
+
+    def update(self, batch: TrainBatch, old_logprobs: Tensor) -> dict[str, float]:
+        """Train on ``batch`` (ALGORITHM.md §3.4, §4): ``learner.ppo_epochs`` passes over its
+        mini-batches of :attr:`rollouts_per_minibatch` rollouts, in order; one optimizer
+        step each, split across ranks and micro-batches (see ``LearnerWorker.train_step``).
+
+        Args:
+            batch: rollouts, pairs adjacent; ``batch.ref_logprobs`` is needed when
+                ``algorithm.kl_coef > 0``.
+            old_logprobs: ``(B, L)`` log-probs of the batch under the weights it was drawn
+                with, as :meth:`compute_logprobs` returns them.
+
+        Returns:
+            means over micro-batches of ``policy_loss``, ``pg_loss``, ``kl``,
+            ``clip_fraction``, ``approx_kl``; mean ``grad_norm`` over optimizer steps
+            (before clipping); ``num_optimizer_steps`` (steps taken; a non-finite gradient
+            skips one); ``lr``.
+
+        Raises:
+            ValueError: an empty or odd-sized batch, or ``kl_coef > 0`` without ref log-probs.
+        """
+        if len(batch) == 0:
+            raise ValueError("update() got an empty batch; skip the update instead")
+        if self.cfg.algorithm.kl_coef > 0 and batch.ref_logprobs is None:
+            raise ValueError(
+                f"algorithm.kl_coef={self.cfg.algorithm.kl_coef} needs batch.ref_logprobs"
+            )
+        batch = batch.with_logprobs(old=old_logprobs)
+        records: list[dict[str, float]] = []
+        norms, steps, lr = [], 0, float("nan")
+        for _ in range(self.cfg.learner.ppo_epochs):
+            for rows in minibatch_slices(len(batch), self.rollouts_per_minibatch):
+                results = [r for _, r in self._run("train_step", batch.select(rows))]
+                records.extend(m for r in results for m in r["micro"])
+                norms.append(results[0]["grad_norm"])
+                steps += int(results[0]["stepped"])
+                lr = results[0]["lr"]
+        if steps:
+            self.version += 1
+        metrics = {k: sum(r[k] for r in records) / len(records) for k in LOSS_METRICS}
+        metrics.update(grad_norm=sum(norms) / len(norms), num_optimizer_steps=float(steps), lr=lr)
+        return metrics
+
+    def publish_weights(self) -> tuple[int, ray.ObjectRef]:
+        """``(version, ref)``: the full state dict (``learner.dtype``, CPU tensors, keys as in
+        transformers) put into the object store once, from rank 0. A second call at the same
+        version returns the same ref. The time taken is in :attr:`last_publish_s`.
+        """
+        if self._published is not None and self._published[0] == self.version:
+            return self._published
+        started = time.perf_counter()
+        results = self._gather([w.publish.remote(self.cfg.learner.dtype) for w in self.workers])
+        self._published = (self.version, results[0][0])
+        self.last_publish_s = time.perf_counter() - started
+        return self._published
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """Write model, optimizer and version to ``directory`` (layout:
+        ``LearnerWorker.save_checkpoint``); a folder every rank can reach."""
+        self._gather([w.save_checkpoint.remote(str(directory), self.version) for w in self.workers])
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore model, optimizer and version from ``directory``; any rank count may load it
+        (FSDP2; DeepSpeed needs the same)."""
+        metas = self._gather([w.load_checkpoint.remote(str(directory)) for w in self.workers])
+        self.version = int(metas[0]["version"])
+        self._published = None
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every rank (idempotent). ``graceful`` first lets them leave the process group."""
+        workers, self.workers = self.workers, []
+        if graceful and workers:
+            try:
+                ray.get([w.shutdown.remote() for w in workers], timeout=60)
+            except Exception as exc:  # a dead rank: kill the rest anyway
+                logger.warning("learner shutdown: %s", exc)
+        for w in workers:
+            ray.kill(w)

@@ -1,0 +1,320 @@
+"""The learner's batch layout and arithmetic, shared by every training backend (pure torch).
+
+A training batch is a list of rollouts (prompt token ids + response token ids) with one
+advantage each, in the order the buffer served them: both rollouts of a PTS pair are
+adjacent (ALGORITHM.md §3.4). This module
+
+- collates rollouts into right-padded model inputs (:func:`collate`);
+- computes the log-probs of the response tokens under a model (:func:`token_logprobs`);
+- plans how a batch is cut: into optimizer mini-batches of
+  :func:`rollouts_per_optimizer_step` rollouts (:func:`minibatch_slices`), each into
+  contiguous pair-aligned shards, one per rank (:func:`pair_aligned_shards`), each shard
+  into the same number of micro-batches on every rank (:func:`microbatch_count`,
+  :func:`microbatch_slices`, :func:`padding_batch`).
+
+Log-probs, masks and old log-probs are ``(B, L)`` over response tokens: column ``j`` is
+response token ``j`` of each rollout, ``L`` the longest response of the batch, the rest
+padding (mask 0, value 0). That is the layout :func:`shuffle_r1.algos.policy_loss` takes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from shuffle_r1.algos import pairs_kept
+
+
+@dataclass
+class TrainBatch:
+    """Rollouts to train on, in order; both rollouts of a pair adjacent.
+
+    Attributes:
+        prompt_token_ids: B lists of prompt token ids (at least one token each).
+        response_token_ids: B lists of response token ids (may be empty: such a row has no
+            response token, contributes nothing and serves as padding).
+        advantages: ``(B,)`` float, one advantage per rollout (ALGORITHM.md §1).
+        old_logprobs: optional ``(B, L)`` log-probs (nats) of the response tokens under the
+            policy the batch was drawn with; ``L`` ≥ the longest response.
+        ref_logprobs: optional ``(B, L)`` log-probs under the reference policy (KL loss).
+    """
+
+    prompt_token_ids: list[list[int]]
+    response_token_ids: list[list[int]]
+    advantages: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        b = len(self.prompt_token_ids)
+        if len(self.response_token_ids) != b or tuple(self.advantages.shape) != (b,):
+            raise ValueError(
+                f"TrainBatch needs B prompts, B responses and advantages of shape (B,); got "
+                f"{b} prompts, {len(self.response_token_ids)} responses, advantages of shape "
+                f"{tuple(self.advantages.shape)}"
+            )
+        empty = [i for i, p in enumerate(self.prompt_token_ids) if not p]
+        if empty:
+            raise ValueError(
+                f"rollouts {empty[:5]} have an empty prompt; a prompt needs >= 1 token"
+            )
+        for name in ("old_logprobs", "ref_logprobs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value.dim() != 2 or value.shape[0] != b or value.shape[1] < self.max_response_len:
+                raise ValueError(
+                    f"{name} must have shape (B={b}, L>={self.max_response_len}), "
+                    f"got {tuple(value.shape)}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def max_response_len(self) -> int:
+        """Tokens in the longest response (0 for an empty batch)."""
+        return max((len(r) for r in self.response_token_ids), default=0)
+
+    def select(self, rows: slice) -> TrainBatch:
+        """The rollouts ``rows`` (a slice of rollout indices) as a new batch."""
+        return TrainBatch(
+            prompt_token_ids=self.prompt_token_ids[rows],
+            response_token_ids=self.response_token_ids[rows],
+            advantages=self.advantages[rows],
+            old_logprobs=None if self.old_logprobs is None else self.old_logprobs[rows],
+            ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows],
+        )
+
+    def with_logprobs(self, old: Tensor | None = None, ref: Tensor | None = None) -> TrainBatch:
+        """A copy with ``old_logprobs`` and/or ``ref_logprobs`` ``(B, L)`` set."""
+        return replace(
+            self,
+            old_logprobs=self.old_logprobs if old is None else old,
+            ref_logprobs=self.ref_logprobs if ref is None else ref,
+        )
+
+
+def padding_batch(num_rows: int = 1) -> TrainBatch:
+    """``num_rows`` rollouts that carry no training signal: a one-token prompt (id 0), no
+    response token, advantage 0, old and reference log-probs 0. A rank whose shard is
+    shorter than its peers' runs its forward/backward on these, so every rank issues the
+    same FSDP/ZeRO collectives; their loss is 0 with a zero gradient.
+    """
+    return TrainBatch(
+        prompt_token_ids=[[0] for _ in range(num_rows)],
+        response_token_ids=[[] for _ in range(num_rows)],
+        advantages=torch.zeros(num_rows),
+        old_logprobs=torch.zeros(num_rows, 1),
+        ref_logprobs=torch.zeros(num_rows, 1),
+    )
+
+
+def collate(batch: TrainBatch, pad_token_id: int = 0) -> dict[str, Tensor]:
+    """Right-pad a batch into model inputs.
+
+    Row ``i`` is ``prompt_i + response_i`` followed by ``pad_token_id`` up to ``T``, so a
+    real token never attends to padding (causal attention) and positions are ``0..T-1``.
+    The pad id's value therefore does not matter.
+
+    Returns:
+        ``input_ids`` ``(B, T)`` long; ``attention_mask`` ``(B, T)`` long, 1 on real tokens;
+        ``position_ids`` ``(B, T)`` long, ``0..T-1``; ``response_start`` ``(B,)`` long,
+        the prompt length (index of response token 0 in ``input_ids``); ``response_mask``
+        ``(B, L)`` float, 1 on response tokens, ``L = max(1, longest response)``;
+        ``advantages`` ``(B,)`` float32; and ``old_logprobs`` / ``ref_logprobs`` ``(B, L)``
+        float32 (zeroed under the mask) when the batch has them. ``T`` is at least one
+        token past the longest prompt, so every row has a position for response token 0.
+
+    Raises:
+        ValueError: the batch is empty.
+    """
+    if len(batch) == 0:
+        raise ValueError("cannot collate an empty batch; use padding_batch() for a filler row")
+    prompt_lens = [len(p) for p in batch.prompt_token_ids]
+    response_lens = [len(r) for r in batch.response_token_ids]
+    width = max(1, max(response_lens))
+    total = max(p + max(r, 1) for p, r in zip(prompt_lens, response_lens, strict=True))
+    rows = len(batch)
+    input_ids = torch.full((rows, total), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, total), dtype=torch.long)
+    response_mask = torch.zeros((rows, width), dtype=torch.float32)
+    for i, (prompt, response) in enumerate(
+        zip(batch.prompt_token_ids, batch.response_token_ids, strict=True)
+    ):
+        tokens = list(prompt) + list(response)
+        input_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[i, : len(tokens)] = 1
+        response_mask[i, : len(response)] = 1.0
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": torch.arange(total).expand(rows, total).clone(),
+        "response_start": torch.tensor(prompt_lens, dtype=torch.long),
+        "response_mask": response_mask,
+        "advantages": batch.advantages.detach().to(torch.float32),
+    }
+    for name in ("old_logprobs", "ref_logprobs"):
+        value = getattr(batch, name)
+        if value is not None:
+            out[name] = value[:, :width].detach().to(torch.float32) * response_mask
+    return out
+
+
+def token_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor | None,
+    response_start: Tensor,
+    response_mask: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Log-probs (nats) of the response tokens under ``model``: ``log_softmax(logits / T)``
+    gathered at each response token (the sampling distribution at temperature ``T``).
+
+    Inputs are :func:`collate`'s, on the model's device. Memory: logits are kept only from
+    the first response position on (``logits_to_keep``), and the log-prob is
+    ``logit[target] - logsumexp(logits)``, which avoids a second ``(B, T, V)`` tensor. Call
+    it per micro-batch; gradients flow unless the caller disables them.
+
+    Args:
+        model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids`` and
+            ``logits_to_keep`` (transformers ``*ForCausalLM``), possibly FSDP-wrapped.
+        input_ids, attention_mask, position_ids: ``(B, T)``.
+        response_start: ``(B,)`` index of response token 0 in each row (prompt length).
+        response_mask: ``(B, L)`` 1 on response tokens.
+        temperature: the rollout temperature, > 0.
+
+    Returns:
+        ``(B, L)`` float32, 0 where ``response_mask`` is 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    total = input_ids.shape[1]
+    width = response_mask.shape[1]
+    first = int(response_start.min())
+    keep = total - first + 1  # logits at positions first-1 .. T-1
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+    ).logits
+    logits = logits[:, :-1].float()  # positions first-1 .. T-2 predict tokens first .. T-1
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, first:]
+    window = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    columns = torch.arange(width, device=input_ids.device)
+    index = (response_start.unsqueeze(1) - first + columns).clamp(max=window.shape[1] - 1)
+    picked = window.gather(1, index)
+    return torch.where(response_mask.bool(), picked, torch.zeros_like(picked))
+
+
+def rollouts_per_optimizer_step(global_batch_size: int, n: int, keep_ratio: float) -> int:
+    """Rollouts in one optimizer mini-batch: ``global_batch_size · 2·floor(α·n/2)``.
+
+    ``global_batch_size`` prompts per optimizer step as GRPO counts them, ``n`` rollouts per
+    prompt, α = ``keep_ratio`` (1 for plain GRPO). PTS keeps ``2·floor(α·n/2)`` = α·n
+    rollouts of each group, so the mini-batch shrinks by α and a training step makes as
+    many optimizer steps as GRPO's (ALGORITHM.md §2). Reference: 128 · 16 · 0.5 = 1024.
+
+    Raises:
+        ValueError: ``global_batch_size`` < 1, or ``n`` / ``keep_ratio`` invalid for PTS.
+    """
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1 prompt, got {global_batch_size}")
+    return global_batch_size * 2 * pairs_kept(n, keep_ratio)
+
+
+def _check_even(name: str, value: int, minimum: int) -> None:
+    if value < minimum or value % 2:
+        raise ValueError(
+            f"{name} must be an even number >= {minimum} so both rollouts of a pair stay "
+            f"together, got {value}"
+        )
+
+
+def minibatch_slices(num_rollouts: int, rollouts_per_minibatch: int) -> list[slice]:
+    """Consecutive optimizer mini-batches of ``rollouts_per_minibatch`` rollouts (§3.4).
+
+    The last one is shorter when ``num_rollouts`` is not a multiple (an ABS shortfall).
+    Both sizes are even, so no pair is cut.
+
+    Raises:
+        ValueError: ``num_rollouts`` is odd or negative, or ``rollouts_per_minibatch`` is
+            not an even number >= 2.
+    """
+    _check_even("num_rollouts", num_rollouts, 0)
+    _check_even("rollouts_per_minibatch", rollouts_per_minibatch, 2)
+    return [
+        slice(start, min(start + rollouts_per_minibatch, num_rollouts))
+        for start in range(0, num_rollouts, rollouts_per_minibatch)
+    ]
+
+
+def pair_aligned_shards(num_rollouts: int, num_shards: int) -> list[slice]:
+    """Cut ``num_rollouts`` rollouts into ``num_shards`` contiguous shards of whole pairs.
+
+    Shard sizes differ by at most one pair; the first shards get the extra pairs. A shard
+    may be empty (fewer pairs than shards).
+
+    Raises:
+        ValueError: ``num_rollouts`` is odd or negative, or ``num_shards`` < 1.
+    """
+    _check_even("num_rollouts", num_rollouts, 0)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    per, extra = divmod(num_rollouts // 2, num_shards)
+    slices, start = [], 0
+    for rank in range(num_shards):
+        size = 2 * (per + (rank < extra))
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
+def microbatch_count(shard_sizes: list[int], micro_batch_size: int) -> int:
+    """Micro-batches every rank runs for shards of ``shard_sizes`` rollouts:
+    ``max(1, max_r ceil(shard_sizes[r] / micro_batch_size))``.
+
+    The ranks of a sharded model (FSDP2, ZeRO-3) must run the same number of forwards and
+    backwards, since each one all-gathers parameters; a rank with a shorter shard pads with
+    empty micro-batches (:func:`microbatch_slices`, :func:`padding_batch`).
+
+    Raises:
+        ValueError: ``micro_batch_size`` < 1.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    return max([1, *(math.ceil(size / micro_batch_size) for size in shard_sizes)])
+
+
+def microbatch_slices(num_rollouts: int, micro_batch_size: int, count: int) -> list[slice]:
+    """Cut a rank's shard of ``num_rollouts`` rollouts into ``count`` consecutive micro-batches
+    of at most ``micro_batch_size`` rollouts; those past the end are empty slices.
+
+    With ``micro_batch_size`` even (as the config requires under PTS) a pair is never cut.
+
+    Raises:
+        ValueError: ``count`` micro-batches cannot hold the shard, or a size is < 1.
+    """
+    if micro_batch_size < 1 or count < 1:
+        raise ValueError(
+            f"micro_batch_size and count must be >= 1, got {micro_batch_size}, {count}"
+        )
+    if num_rollouts > micro_batch_size * count:
+        raise ValueError(
+            f"{count} micro-batches of {micro_batch_size} cannot hold {num_rollouts} rollouts"
+        )
+    return [
+        slice(
+            min(i * micro_batch_size, num_rollouts), min((i + 1) * micro_batch_size, num_rollouts)
+        )
+        for i in range(count)
+    ]
