@@ -1,0 +1,216 @@
+"""Replay buffer benchmark: put/sample latency and throughput, and PTS+ABS compute time.
+
+For each size B (trajectories in the *sampled* training batch: 128, 512, 2048), every step
+puts 2B rollouts (B/16·2 groups of n = 16, each rollout 512 response tokens and 256 prompt
+tokens) in one PutGroups call; Shuffle-R1 with α = 0.5 keeps B of them in B/2 pairs, and
+Sample returns a batch of B items (ABS, S = 8; fewer if a round falls short). Each step is
+sampled ``--samples-per-step`` times by the server that took the put ("sample": the step's
+payloads are in that server's cache, the draw and the batch are recomputed each time) and
+once by a second server on the same Redis ("sample_cold": the payloads come from Redis, as
+after a restart).
+
+The servers run as their own processes (``python -m services.replay_buffer.cli serve``)
+on loopback, against the Redis at $SHUFFLE_R1_REDIS_URL or redis://127.0.0.1:6379/0 (an
+embedded one if none answers), keep_steps = 2, so eviction runs as in training.
+
+Prints one JSON line per size. Times: wall clock at the client, milliseconds.
+``pts_abs_ms`` is the library's GRPO advantage + PTS + ABS on the step's rewards alone;
+``prepare_ms`` and ``draw_ms`` are the server's put and sample logic (library calls plus
+protobuf encoding) measured in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from protos import replay_buffer_pb2 as pb  # noqa: E402
+from services.embedded_redis import EmbeddedRedis, ping  # noqa: E402
+from services.replay_buffer import logic  # noqa: E402
+from services.replay_buffer.client import ReplayBufferClient  # noqa: E402
+from shuffle_r1.algos import (  # noqa: E402
+    advantage_based_batch_shuffle,
+    grpo_advantages,
+    pairwise_trajectory_sampling,
+)
+
+GROUP_SIZE, RESPONSE_TOKENS, PROMPT_TOKENS = 16, 512, 256
+SPEC = pb.RunSpec(algorithm="shuffle_r1", keep_ratio=0.5, shuffle_times=8, seed=1)
+
+
+def make_groups(run_id: str, step: int, count: int, rng: random.Random) -> list[pb.Group]:
+    return [
+        pb.Group(
+            run_id=run_id,
+            step=step,
+            prompt_id=f"prompt-{i:05d}",
+            prompt_token_ids=[rng.randrange(150_000) for _ in range(PROMPT_TOKENS)],
+            rollouts=[
+                pb.Rollout(
+                    token_ids=[rng.randrange(150_000) for _ in range(RESPONSE_TOKENS)],
+                    logprobs=[-rng.random() * 3 for _ in range(RESPONSE_TOKENS)],
+                    reward=rng.choice([0.0, 0.1, 0.9, 1.0]),
+                    weight_version=step,
+                    truncated=rng.random() < 0.1,
+                )
+                for _ in range(GROUP_SIZE)
+            ],
+        )
+        for i in range(count)
+    ]
+
+
+def start_server(redis_url: str) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.replay_buffer.cli", "serve", "--redis-url", redis_url,
+         "--port", "0", "--keep-steps", "2", "--max-message-mb", "512"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if select.select([process.stdout], [], [], 0.5)[0]:
+            line = process.stdout.readline()  # type: ignore[union-attr]
+            if line.startswith("replay buffer listening on "):
+                return process, line.split()[-1]
+        if process.poll() is not None:
+            break
+    process.kill()
+    raise RuntimeError("the replay buffer server did not start")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def compute_times(groups: list[pb.Group], reps: int) -> dict[str, float]:
+    """Median ms of the library's GRPO+PTS+ABS, and of the server's put/sample logic."""
+    rewards = torch.tensor([[r.reward for r in g.rollouts] for g in groups], dtype=torch.float64)
+    library, prepare, draw = [], [], []
+    for rep in range(reps):
+        start = time.perf_counter()
+        selection = pairwise_trajectory_sampling(grpo_advantages(rewards), SPEC.keep_ratio)
+        advantage_based_batch_shuffle(
+            selection.weights.flatten(), SPEC.shuffle_times, torch.Generator().manual_seed(rep)
+        )
+        library.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        records = logic.prepare_groups(groups, SPEC)
+        prepare.append(time.perf_counter() - start)
+        payloads = [r.payload for r in sorted(records, key=lambda r: r.prompt_id)]
+        start = time.perf_counter()
+        logic.draw_batch(payloads, SPEC, rep, collapse_tau=0.1)
+        draw.append(time.perf_counter() - start)
+    return {
+        "pts_abs_ms": round(statistics.median(library) * 1e3, 3),
+        "prepare_ms": round(statistics.median(prepare) * 1e3, 2),
+        "draw_ms": round(statistics.median(draw) * 1e3, 3),
+    }
+
+
+def bench_size(
+    client: ReplayBufferClient,
+    cold: ReplayBufferClient,
+    size: int,
+    steps: int,
+    samples_per_step: int,
+) -> dict:
+    run_id = f"bench-{uuid.uuid4().hex[:8]}"
+    count = 2 * size // GROUP_SIZE
+    rng = random.Random(size)
+    pool = [make_groups(run_id, 0, count, rng) for _ in range(3)]  # reused contents
+    put_s, sample_s, cold_s, items, sample_bytes = [], [], [], [], 0
+    try:
+        for step in range(steps + 2):  # the first 2 steps warm up and are not counted
+            groups = pool[step % len(pool)]
+            for g in groups:
+                g.step = step
+                for r in g.rollouts:
+                    r.weight_version = step
+            start = time.perf_counter()
+            put = client.put_groups(groups, spec=SPEC)
+            elapsed = time.perf_counter() - start
+            assert put.stored == count, put
+            for _ in range(samples_per_step):
+                t0 = time.perf_counter()
+                batch = client.sample(run_id, step, policy_version=step, expected_groups=count)
+                if step >= 2:
+                    sample_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            cold.sample(run_id, step, policy_version=step, expected_groups=count)
+            if step >= 2:
+                cold_s.append(time.perf_counter() - t0)
+                put_s.append(elapsed)
+                items.append(len(batch.items))
+                sample_bytes = batch.ByteSize()
+        result = {
+            "trajectories": size,
+            "trajectories_put": count * GROUP_SIZE,
+            "groups": count,
+            "group_size": GROUP_SIZE,
+            "response_tokens": RESPONSE_TOKENS,
+            "prompt_tokens": PROMPT_TOKENS,
+            "items_sampled_mean": round(statistics.mean(items), 1),
+            "sample_mb": round(sample_bytes / 2**20, 2),
+            "put_p50_ms": round(percentile(put_s, 50) * 1e3, 2),
+            "put_p99_ms": round(percentile(put_s, 99) * 1e3, 2),
+            "put_trajectories_per_s": round(count * GROUP_SIZE / statistics.mean(put_s)),
+            "sample_p50_ms": round(percentile(sample_s, 50) * 1e3, 2),
+            "sample_p99_ms": round(percentile(sample_s, 99) * 1e3, 2),
+            "sample_trajectories_per_s": round(statistics.mean(items) / statistics.mean(sample_s)),
+            "sample_cold_p50_ms": round(percentile(cold_s, 50) * 1e3, 2),
+            "sample_cold_p99_ms": round(percentile(cold_s, 99) * 1e3, 2),
+            "puts": len(put_s),
+            "samples": len(sample_s),
+            "samples_cold": len(cold_s),
+        }
+        result |= compute_times(pool[0], reps=20)
+        return result
+    finally:
+        client.drop_run(run_id)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--steps", type=int, default=40, help="steps put per size")
+    parser.add_argument("--samples-per-step", type=int, default=10)
+    args = parser.parse_args()
+    url = os.environ.get("SHUFFLE_R1_REDIS_URL", "redis://127.0.0.1:6379/0")
+    embedded = None if ping(url) else EmbeddedRedis().start()
+    servers = [start_server(embedded.url if embedded else url) for _ in range(2)]
+    try:
+        client, cold = (
+            ReplayBufferClient(address, timeout_s=120, max_message_mb=512) for _, address in servers
+        )
+        for size in args.sizes:
+            steps = max(5, args.steps * 512 // max(size, 512))
+            result = bench_size(client, cold, size, steps, args.samples_per_step)
+            result["load_average_1m"] = round(os.getloadavg()[0], 2)
+            print(json.dumps(result), flush=True)
+        client.close()
+        cold.close()
+    finally:
+        for process, _ in servers:
+            process.terminate()
+            process.wait(timeout=30)
+        if embedded is not None:
+            embedded.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""The replay buffer service: groups in, Shuffle-R1 training batches out (gRPC, Redis).
+
+A trainer puts each step's groups (a prompt's n rollouts with token ids, log-probs,
+rewards and weight versions); the buffer computes GRPO advantages and PTS pairs, stores
+the kept pairs with their ABS weights in Redis, and serves the step's batch drawn by ABS,
+each item with the probability its pair was drawn with (shared/ALGORITHM.md §1-§3, §5).
+
+- ``protos/replay_buffer.proto``: the API and the stored values.
+- :mod:`.server`: ``serve(BufferConfig, AlgorithmConfig) -> (server, port)``, metrics.
+- :mod:`.client`: ``ReplayBufferClient(address, token=, root_cert=)``.
+- :mod:`.actor`: the server hosted in a Ray actor.
+- :mod:`.cli`: ``shuffle-r1 buffer serve``.
+- :mod:`.store` (Redis, Lua) and :mod:`.logic` (protobuf ↔ tensors around ``shuffle_r1.algos``).
+"""

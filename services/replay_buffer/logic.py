@@ -1,0 +1,360 @@
+"""The buffer's algorithm glue: protobuf groups ↔ tensors, around ``shuffle_r1.algos``.
+
+On put: GRPO advantages per group (ALGORITHM.md §1), then PTS pairs and their weights
+(§2, §3.1); the result is stored as a StoredGroup whose kept rollouts are pre-encoded
+SampledItem fragments. On sample: ABS over the step's pairs (§3) with a generator seeded
+from the run seed and the step, and the batch is assembled from those fragments. A
+serialized protobuf message may be concatenated with another (the parser merges them), so
+an item's bytes are ``head + body + tail``: the group's step, prompt_id and prompt tokens;
+the rollout, its index and advantage; the pair index and draw probability.
+
+The math is the library's; nothing here re-implements it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from google.protobuf import text_format
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from protos import replay_buffer_pb2 as pb
+from services.replay_buffer.store import RUN_ID_PATTERN, GroupRecord
+from shuffle_r1.algos import (
+    advantage_based_batch_shuffle,
+    advantage_collapse_share,
+    grpo_advantages,
+    pairs_kept,
+    pairwise_trajectory_sampling,
+    rollout_silence_ratio,
+)
+from shuffle_r1.config import ALGORITHMS, AlgorithmConfig
+
+# Steps and versions are exact integers in Redis's Lua (doubles): keep them well inside.
+MAX_COUNTER = 10**12
+MAX_PROMPT_ID_BYTES = 512
+# Tag of a SampleResponse.items entry: field number, wire type 2 (length-delimited).
+_ITEM_TAG = bytes([pb.SampleResponse.DESCRIPTOR.fields_by_name["items"].number << 3 | 2])
+_WIRE_TYPES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 5: "32-bit"}
+
+
+def spec_text(spec: pb.RunSpec) -> str:
+    """``spec`` on one line, for error messages."""
+    return "{" + text_format.MessageToString(spec, as_one_line=True) + "}"
+
+
+def default_seed(run_id: str) -> int:
+    """The run seed used when a RunSpec gives none: 63 bits of SHA-256 of the run id."""
+    return int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "little") >> 1
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The ABS generator of one step (§3 "seeded generator"): same (seed, step), same draw."""
+    key = hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8]
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+
+
+def resolve_spec(spec: pb.RunSpec | None, defaults: AlgorithmConfig, run_id: str) -> pb.RunSpec:
+    """A complete RunSpec: unset fields from ``defaults``; knobs the algorithm does not
+    apply are normalised (α = 1 and S = 1 under ``grpo``, S = 1 under ``grpo+pts``), so
+    specs that train the same way compare equal.
+
+    Raises:
+        ValueError: a field is out of range; the message names ``spec.<field>``.
+    """
+    spec = spec or pb.RunSpec()
+    algorithm = spec.algorithm or defaults.name
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"spec.algorithm={algorithm!r} is not one of {list(ALGORITHMS)}")
+    keep_ratio = spec.keep_ratio if spec.HasField("keep_ratio") else defaults.keep_ratio
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"spec.keep_ratio={keep_ratio} must be in (0, 1]")
+    shuffle_times = spec.shuffle_times if spec.HasField("shuffle_times") else defaults.shuffle_times
+    if shuffle_times < 1:
+        raise ValueError(f"spec.shuffle_times={shuffle_times} must be >= 1")
+    return pb.RunSpec(
+        algorithm=algorithm,
+        keep_ratio=keep_ratio if algorithm != "grpo" else 1.0,
+        shuffle_times=shuffle_times if algorithm == "shuffle_r1" else 1,
+        seed=spec.seed if spec.HasField("seed") else default_seed(run_id),
+    )
+
+
+def check_known_fields(message: Message, path: str) -> None:
+    """Refuse fields this server does not know or whose wire type does not match.
+
+    A protobuf parser keeps such fields aside instead of failing, which would silently
+    drop data sent by another message type or a newer client.
+
+    Raises:
+        ValueError: names the field path, the field and the wire type.
+    """
+    for field in UnknownFieldSet(message):
+        known = message.DESCRIPTOR.fields_by_number.get(field.field_number)
+        wire = _WIRE_TYPES.get(field.wire_type, str(field.wire_type))
+        where = f"{path}." if path else ""
+        if known is None:
+            raise ValueError(
+                f"{where}<field {field.field_number}> is not a field of "
+                f"{message.DESCRIPTOR.full_name} (wire type {wire}): another message type, "
+                "or a client newer than this server?"
+            )
+        raise ValueError(f"{where}{known.name} has the wrong type: got wire type {wire}")
+
+
+def validate_put(request: pb.PutGroupsRequest) -> str:
+    """Check a PutGroups request's shape and values; return its run id.
+
+    Spec-dependent rules (group size under PTS) are :func:`check_group_sizes`.
+
+    Raises:
+        ValueError: the message names the offending field, e.g.
+            ``groups[2].rollouts[5].logprobs``, and what is allowed.
+    """
+    check_known_fields(request, "")
+    if request.HasField("spec"):
+        check_known_fields(request.spec, "spec")
+    if not request.groups:
+        raise ValueError("groups is empty: a PutGroups request needs at least one group")
+    run_id = request.groups[0].run_id
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise ValueError(
+            f"groups[0].run_id={run_id!r} must match {RUN_ID_PATTERN.pattern} "
+            "(letters, digits, '.', '_', '-'; at most 128)"
+        )
+    keys: set[tuple[int, str]] = set()
+    for i, g in enumerate(request.groups):
+        at = f"groups[{i}]"
+        check_known_fields(g, at)
+        if g.run_id != run_id:
+            raise ValueError(
+                f"{at}.run_id={g.run_id!r} differs from groups[0].run_id={run_id!r}: "
+                "one request puts groups of one run"
+            )
+        if not 0 <= g.step < MAX_COUNTER:
+            raise ValueError(f"{at}.step={g.step} must be in [0, {MAX_COUNTER})")
+        if not g.prompt_id or len(g.prompt_id.encode()) > MAX_PROMPT_ID_BYTES:
+            raise ValueError(
+                f"{at}.prompt_id={g.prompt_id[:40]!r} must be 1 to {MAX_PROMPT_ID_BYTES} bytes"
+            )
+        if (g.step, g.prompt_id) in keys:
+            raise ValueError(
+                f"{at} repeats the key (step {g.step}, prompt_id {g.prompt_id!r}) of an "
+                "earlier group of this request"
+            )
+        keys.add((g.step, g.prompt_id))
+        if not g.prompt_token_ids:
+            raise ValueError(f"{at}.prompt_token_ids is empty")
+        if not g.rollouts:
+            raise ValueError(f"{at}.rollouts is empty: a group needs its n rollouts")
+        for k, image in enumerate(g.images):
+            check_known_fields(image, f"{at}.images[{k}]")
+            if image.WhichOneof("source") is None:
+                raise ValueError(f"{at}.images[{k}] has neither data nor uri")
+        for j, r in enumerate(g.rollouts):
+            _validate_rollout(r, f"{at}.rollouts[{j}]")
+    return run_id
+
+
+def _validate_rollout(r: pb.Rollout, at: str) -> None:
+    check_known_fields(r, at)
+    if not r.token_ids:
+        raise ValueError(f"{at}.token_ids is empty: a response has at least one token")
+    if len(r.logprobs) != len(r.token_ids):
+        raise ValueError(
+            f"{at}.logprobs has {len(r.logprobs)} values but token_ids has "
+            f"{len(r.token_ids)}: send one log-prob per response token"
+        )
+    if not math.isfinite(sum(r.logprobs)):
+        bad = next(t for t, v in enumerate(r.logprobs) if not math.isfinite(v))
+        raise ValueError(f"{at}.logprobs[{bad}] is {r.logprobs[bad]}; log-probs must be finite")
+    if not math.isfinite(r.reward):
+        raise ValueError(f"{at}.reward is {r.reward}; rewards must be finite")
+    if not 0 <= r.weight_version < MAX_COUNTER:
+        raise ValueError(f"{at}.weight_version={r.weight_version} must be in [0, {MAX_COUNTER})")
+
+
+def check_group_sizes(groups: Sequence[pb.Group], spec: pb.RunSpec) -> None:
+    """Under PTS every group must pair: n even and floor(α·n/2) >= 1 (§2.3).
+
+    Raises:
+        ValueError: names ``groups[i].rollouts``, n and the run's keep ratio.
+    """
+    if spec.algorithm == "grpo":
+        return
+    for i, g in enumerate(groups):
+        try:
+            pairs_kept(len(g.rollouts), spec.keep_ratio)
+        except ValueError as exc:
+            raise ValueError(
+                f"groups[{i}].rollouts has {len(g.rollouts)} rollouts, which PTS cannot "
+                f"pair under {spec.algorithm} with keep_ratio {spec.keep_ratio}: {exc}"
+            ) from exc
+
+
+def prepare_groups(groups: Sequence[pb.Group], spec: pb.RunSpec) -> list[GroupRecord]:
+    """GRPO advantages and PTS for validated groups; one :class:`GroupRecord` each, in order.
+
+    Groups are batched by size n for the library calls. Under ``grpo`` every rollout is
+    kept in order; under PTS the kept rollouts are stored in pair order (pair k = rollouts
+    2k (high) and 2k+1 (low)) with the pair weights W = |A_high| + |A_low| (§3.1).
+    Advantages are computed in float64 from the rewards as put.
+    """
+    by_size: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_size.setdefault(len(g.rollouts), []).append(i)
+    records: list[GroupRecord | None] = [None] * len(groups)
+    use_pts = spec.algorithm != "grpo"
+    for n, members in by_size.items():
+        rewards = torch.tensor(
+            [[r.reward for r in groups[i].rollouts] for i in members], dtype=torch.float64
+        )
+        advantages = grpo_advantages(rewards)
+        if use_pts:
+            selection = pairwise_trajectory_sampling(advantages, spec.keep_ratio)
+            kept_rows = selection.pairs.flatten(1).tolist()
+            weight_rows = selection.weights.tolist()
+        else:
+            kept_rows = [list(range(n))] * len(members)
+            weight_rows = [[]] * len(members)
+        for row, i in enumerate(members):
+            records[i] = _record(
+                groups[i], advantages[row].tolist(), kept_rows[row], weight_rows[row], use_pts
+            )
+    return [r for r in records if r is not None]
+
+
+def _record(
+    g: pb.Group, advantages: list[float], kept: list[int], weights: list[float], pts: bool
+) -> GroupRecord:
+    n = len(g.rollouts)
+    head = pb.SampledItem(step=g.step, prompt_id=g.prompt_id, prompt_token_ids=g.prompt_token_ids)
+    stored = pb.StoredGroup(
+        item_head=head.SerializeToString(),
+        item_bodies=[
+            pb.SampledItem(
+                rollout_index=j, rollout=g.rollouts[j], advantage=advantages[j]
+            ).SerializeToString()
+            for j in kept
+        ],
+        advantages=[advantages[j] for j in kept],
+        truncated=[g.rollouts[j].truncated for j in kept],
+        pair_weights=weights,
+        images=g.images,
+    )
+    summary = pb.GroupSummary(
+        advantages=advantages,
+        truncated=[r.truncated for r in g.rollouts],
+        kept=kept,
+        pairs_kept=len(weights),
+        pairs_dropped=n // 2 - len(weights) if pts else 0,
+    )
+    return GroupRecord(
+        step=g.step,
+        prompt_id=g.prompt_id,
+        digest=hashlib.sha256(g.SerializeToString(deterministic=True)).digest(),
+        oldest_weight_version=min(r.weight_version for r in g.rollouts),
+        pairs_kept=summary.pairs_kept,
+        pairs_dropped=summary.pairs_dropped,
+        payload=stored.SerializeToString(),
+        summary=summary.SerializeToString(),
+    )
+
+
+@dataclass(frozen=True)
+class DrawnBatch:
+    """A step's batch, ready to send.
+
+    Attributes:
+        encoded: byte strings whose concatenation encodes the ``SampleResponse.items``
+            entries (tags and lengths included), in draw order; send it after a serialized
+            SampleResponse holding the other fields.
+        item_count: items in the batch.
+        groups: the StoredGroups the draw was over, in ascending prompt_id order.
+        pairs_total: P (0 under ``grpo``).
+        shortfall, skipped: as :class:`shuffle_r1.algos.ShuffleResult`.
+        rollout_silence_ratio, advantage_collapse_share: over the items (§5); NaN if none.
+    """
+
+    encoded: list[bytes]
+    item_count: int
+    groups: list[pb.StoredGroup]
+    pairs_total: int
+    shortfall: int
+    skipped: bool
+    rollout_silence_ratio: float
+    advantage_collapse_share: float
+
+
+def draw_batch(
+    payloads: Sequence[bytes], spec: pb.RunSpec, step: int, collapse_tau: float
+) -> DrawnBatch:
+    """The training batch of ``step`` from its StoredGroup payloads (ascending prompt_id).
+
+    PTS runs (``grpo+pts``, ``shuffle_r1``): the step's pairs are flattened group by group,
+    pairs in PTS order; ABS draws them with ``spec.shuffle_times`` rounds (S = 1 under
+    ``grpo+pts``: every pair, in order) using :func:`step_generator` (``spec.seed``,
+    ``step``). Each drawn pair gives two adjacent items (high advantage first) whose
+    ``draw_probability`` is Φ of the pair. ``grpo``: every rollout of every group in order,
+    each with draw_probability 1/N and pair_index -1.
+    """
+    groups = [pb.StoredGroup.FromString(p) for p in payloads]
+    bodies = [list(g.item_bodies) for g in groups]  # one copy each, reused by recurring pairs
+    # (group, kept rollout, tail) of each item in draw order
+    picks: list[tuple[int, int, bytes]] = []
+    if spec.algorithm == "grpo":
+        total = sum(len(b) for b in bodies)
+        tail = pb.SampledItem(pair_index=-1, draw_probability=1.0 / max(total, 1))
+        tail_bytes = tail.SerializeToString()
+        picks = [(g, j, tail_bytes) for g, b in enumerate(bodies) for j in range(len(b))]
+        pairs_total, shortfall, skipped = 0, 0, total == 0
+    else:
+        owner = [(g, k) for g, group in enumerate(groups) for k in range(len(group.pair_weights))]
+        weights = torch.tensor([w for g in groups for w in g.pair_weights], dtype=torch.float64)
+        drawn = advantage_based_batch_shuffle(
+            weights, spec.shuffle_times, step_generator(spec.seed, step)
+        )
+        for p, phi in zip(drawn.indices.tolist(), drawn.draw_probabilities.tolist(), strict=True):
+            g, k = owner[p]
+            tail_bytes = pb.SampledItem(pair_index=p, draw_probability=phi).SerializeToString()
+            picks += ((g, 2 * k, tail_bytes), (g, 2 * k + 1, tail_bytes))
+        pairs_total, shortfall, skipped = len(owner), drawn.shortfall, drawn.skipped
+    heads = [g.item_head for g in groups]
+    group_advantages = [list(g.advantages) for g in groups]
+    group_truncated = [list(g.truncated) for g in groups]
+    encoded: list[bytes] = []
+    advantage_list: list[float] = []
+    truncated_list: list[bool] = []
+    for g, j, tail_bytes in picks:
+        head, body = heads[g], bodies[g][j]
+        size = len(head) + len(body) + len(tail_bytes)
+        encoded += (_ITEM_TAG, _varint(size), head, body, tail_bytes)
+        advantage_list.append(group_advantages[g][j])
+        truncated_list.append(group_truncated[g][j])
+    advantages = torch.tensor(advantage_list, dtype=torch.float64)
+    truncated = torch.tensor(truncated_list, dtype=torch.bool)
+    return DrawnBatch(
+        encoded=encoded,
+        item_count=len(picks),
+        groups=groups,
+        pairs_total=pairs_total,
+        shortfall=shortfall,
+        skipped=skipped,
+        rollout_silence_ratio=rollout_silence_ratio(advantages, truncated),
+        advantage_collapse_share=advantage_collapse_share(advantages, collapse_tau),
+    )
+
+
+def _varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

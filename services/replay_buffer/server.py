@@ -1,0 +1,529 @@
+"""The replay buffer's gRPC server: validates requests, calls the logic and the store.
+
+Status codes: INVALID_ARGUMENT for a malformed request (the message names the field);
+NOT_FOUND for an unknown run or an empty step; FAILED_PRECONDITION for a spec that
+differs from the run's, an evicted step or fewer groups than expected; ALREADY_EXISTS for
+a key that holds different content; RESOURCE_EXHAUSTED beyond the message size limit;
+UNAUTHENTICATED without the shared token; UNAVAILABLE when Redis fails (retry: every
+write is idempotent); ABORTED when a step's groups were evicted or dropped while a Sample
+read them (retry).
+
+Stale data (ALGORITHM.md; DESIGN.md "Weight versions"): a group whose oldest rollout's
+weight_version is below the run's newest version minus ``max_staleness`` is *dropped and
+counted* at put (status PUT_STATUS_STALE, not an error: a lagging rollout worker is normal
+operation and the other groups of the request still count), and dropped (deleted) and
+counted at sample for the request's policy_version.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar, cast
+
+import grpc
+import redis
+import torch
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from protos import replay_buffer_pb2 as pb
+from services.embedded_redis import EmbeddedRedis
+from services.replay_buffer import logic
+from services.replay_buffer.store import (
+    DUPLICATE,
+    EVICTED,
+    RUN_ID_PATTERN,
+    STALE,
+    STORED,
+    BufferStore,
+    ChangedError,
+    ConflictError,
+    NotFoundError,
+    PreconditionError,
+    SpecChangedError,
+    redact,
+)
+from shuffle_r1.algos import advantage_collapse_share, advantage_histogram, rollout_silence_ratio
+from shuffle_r1.config import AlgorithmConfig, BufferConfig
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReplayBuffer"].full_name
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class BufferMetrics:
+    """Prometheus metrics of one server (``shuffle_r1_buffer_*``), in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = "shuffle_r1_buffer_"
+        self.requests = Counter(p + "requests", "RPCs answered", ["method", "code"], registry=r)
+        self.latency = Histogram(
+            p + "request_seconds", "RPC handling time", ["method"], buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.groups = Counter(
+            p + "groups_put", "Groups received by PutGroups, by outcome", ["outcome"], registry=r
+        )
+        self.pairs_kept = Counter(p + "pairs_kept", "Pairs kept by PTS (stored groups)", registry=r)
+        self.pairs_dropped = Counter(p + "pairs_dropped", "Pairs dropped by PTS", registry=r)
+        self.stale = Counter(
+            p + "stale_dropped", "Groups dropped as stale, at put or sample", ["where"], registry=r
+        )
+        self.evicted_steps = Counter(p + "evicted_steps", "Steps evicted", registry=r)
+        self.evicted_groups = Counter(
+            p + "evicted_groups", "Groups deleted by eviction", registry=r
+        )
+        self.samples = Counter(p + "samples", "Batches served by Sample", registry=r)
+        self.items = Counter(p + "items_sampled", "Items (rollouts) served by Sample", registry=r)
+        self.shortfall = Counter(p + "abs_shortfall", "Pairs ABS could not draw (§3)", registry=r)
+        self.skipped = Counter(p + "skipped_batches", "Empty batches (all weights 0)", registry=r)
+        self.redis_errors = Counter(p + "redis_errors", "Failed Redis calls", ["op"], registry=r)
+        self.silence = Gauge(
+            p + "rollout_silence_ratio", "Silent share of the last batch's items (§5)", registry=r
+        )
+        self.collapse = Gauge(
+            p + "advantage_collapse_share", "Share of the last batch with |A| < tau", registry=r
+        )
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ReplayBufferServicer:
+    """The four RPCs of ``shuffle_r1.buffer.v1.ReplayBuffer`` over a :class:`BufferStore`.
+
+    Requests arrive as bytes and are parsed here, so a request that does not parse, or
+    carries fields of the wrong type, is answered INVALID_ARGUMENT naming the field.
+    """
+
+    def __init__(
+        self,
+        store: BufferStore,
+        algo: AlgorithmConfig,
+        metrics: BufferMetrics,
+        max_message_bytes: int,
+    ) -> None:
+        self.store = store
+        self.algo = algo
+        self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        methods: dict[str, Callable[[bytes], bytes]] = {
+            "PutGroups": self.put_groups,
+            "Sample": self.sample,
+            "Stats": self.stats,
+            "DropRun": self.drop_run,
+        }
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                name: grpc.unary_unary_rpc_method_handler(self._wrap(name, fn))
+                for name, fn in methods.items()
+            },
+        )
+
+    def _wrap(self, method: str, fn: Callable[[bytes], bytes]) -> Callable[..., bytes]:
+        latency = self.metrics.latency.labels(method)
+
+        def handle(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            start = time.perf_counter()
+            code, message = grpc.StatusCode.OK, ""
+            try:
+                return fn(raw)
+            except _Abort as exc:
+                code, message = exc.code, exc.message
+            except redis.RedisError as exc:
+                self.metrics.redis_errors.labels(method).inc()
+                code = grpc.StatusCode.UNAVAILABLE
+                message = (
+                    f"Redis at {redact(self.store.url)} failed during {method}: "
+                    f"{type(exc).__name__}: {exc}; retry (puts are idempotent)"
+                )
+                log.warning("%s", message)
+            except Exception:
+                log.exception("%s failed", method)
+                code, message = grpc.StatusCode.INTERNAL, f"{method} failed; see the server log"
+            finally:
+                latency.observe(time.perf_counter() - start)
+                self.metrics.requests.labels(method, code.name).inc()
+            context.abort(code, message)
+            raise AssertionError("unreachable: abort raises")
+
+        return handle
+
+    # ---- PutGroups ----
+
+    def put_groups(self, raw: bytes) -> bytes:
+        request = _parse(pb.PutGroupsRequest, raw)
+        try:
+            run_id = logic.validate_put(request)
+            requested = (
+                logic.resolve_spec(request.spec, self.algo, run_id)
+                if request.HasField("spec")
+                else None
+            )
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        stored = self.store.get_spec(run_id)
+        spec = self._run_spec(run_id, requested, stored)
+        for _attempt in range(2):
+            try:
+                logic.check_group_sizes(request.groups, spec)
+            except ValueError as exc:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            records = logic.prepare_groups(request.groups, spec)
+            try:
+                outcome = self.store.put(run_id, spec.SerializeToString(), records)
+                break
+            except ConflictError as exc:
+                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+            except SpecChangedError as exc:
+                # The run was created by a concurrent put since we read its spec.
+                spec = self._run_spec(run_id, requested, exc.stored_spec)
+        else:
+            raise _Abort(grpc.StatusCode.ABORTED, f"run {run_id!r} changed during the put; retry")
+
+        statuses = cast("list[pb.PutStatus]", outcome.statuses)  # the same numbers
+        response = pb.PutGroupsResponse(statuses=statuses, spec=spec)
+        for record, status in zip(records, outcome.statuses, strict=True):
+            if status == STORED:
+                response.stored += 1
+                response.pairs_kept += record.pairs_kept
+                response.pairs_dropped += record.pairs_dropped
+        response.duplicates = outcome.statuses.count(DUPLICATE)
+        response.stale = outcome.statuses.count(STALE)
+        response.evicted = outcome.statuses.count(EVICTED)
+        response.evicted_steps = len(outcome.evicted_steps)
+        m = self.metrics
+        for outcome_name, count in (
+            ("stored", response.stored),
+            ("duplicate", response.duplicates),
+            ("stale", response.stale),
+            ("evicted", response.evicted),
+        ):
+            m.groups.labels(outcome_name).inc(count)
+        m.stale.labels("put").inc(response.stale)
+        m.pairs_kept.inc(response.pairs_kept)
+        m.pairs_dropped.inc(response.pairs_dropped)
+        m.evicted_steps.inc(len(outcome.evicted_steps))
+        m.evicted_groups.inc(outcome.evicted_groups)
+        return response.SerializeToString()
+
+    def _run_spec(
+        self, run_id: str, requested: pb.RunSpec | None, stored: bytes | None
+    ) -> pb.RunSpec:
+        """The spec a request runs under: the stored one, else the requested or default one.
+
+        Raises:
+            _Abort: FAILED_PRECONDITION if the request asks for settings the run lacks.
+        """
+        if stored is None:
+            return requested or logic.resolve_spec(None, self.algo, run_id)
+        spec = pb.RunSpec.FromString(stored)
+        if requested is not None and requested != spec:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run_id!r} runs with spec {logic.spec_text(spec)}, the request asks "
+                f"for {logic.spec_text(requested)}: use the run's settings, or a new run id",
+            )
+        return spec
+
+    # ---- Sample ----
+
+    def sample(self, raw: bytes) -> bytes:
+        request = _parse(pb.SampleRequest, raw)
+        run_id = request.run_id
+        try:
+            logic.check_known_fields(request, "")
+            _check_run_id(run_id, "run_id")
+            if not 0 <= request.step < logic.MAX_COUNTER:
+                raise ValueError(f"step={request.step} must be in [0, {logic.MAX_COUNTER})")
+            if not 0 <= request.policy_version < logic.MAX_COUNTER:
+                raise ValueError(
+                    f"policy_version={request.policy_version} must be in [0, {logic.MAX_COUNTER})"
+                )
+            if request.expected_groups < 0:
+                raise ValueError(f"expected_groups={request.expected_groups} must be >= 0")
+            requested = (
+                logic.resolve_spec(request.spec, self.algo, run_id)
+                if request.HasField("spec")
+                else None
+            )
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        try:
+            snapshot = self.store.sample(
+                run_id, request.step, request.policy_version, request.expected_groups
+            )
+        except NotFoundError as exc:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+        except PreconditionError as exc:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+        except ChangedError as exc:
+            raise _Abort(grpc.StatusCode.ABORTED, str(exc)) from exc
+        spec = self._run_spec(run_id, requested, snapshot.spec)
+        batch = logic.draw_batch(snapshot.payloads, spec, request.step, self.algo.collapse_tau)
+        header = pb.SampleResponse(
+            run_id=run_id,
+            step=request.step,
+            groups=len(batch.groups),
+            pairs_total=batch.pairs_total,
+            shortfall=batch.shortfall,
+            skipped=batch.skipped,
+            stale_dropped=snapshot.stale_dropped,
+            spec=spec,
+            rollout_silence_ratio=batch.rollout_silence_ratio,
+            advantage_collapse_share=batch.advantage_collapse_share,
+        )
+        for g in batch.groups:
+            if g.images:
+                prompt_id = pb.SampledItem.FromString(g.item_head).prompt_id
+                header.images[prompt_id].images.extend(g.images)
+        body = b"".join([header.SerializeToString(), *batch.encoded])
+        if len(body) > self.max_message_bytes:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the batch of step {request.step} is {len(body) / 2**20:.1f} MiB, over the "
+                f"server's max message size of {self.max_message_bytes / 2**20:.0f} MiB "
+                "(buffer.max_message_mb)",
+            )
+        m = self.metrics
+        m.samples.inc()
+        m.items.inc(batch.item_count)
+        m.stale.labels("sample").inc(snapshot.stale_dropped)
+        m.shortfall.inc(batch.shortfall)
+        m.skipped.inc(int(batch.skipped))
+        if batch.item_count:
+            m.silence.set(batch.rollout_silence_ratio)
+            m.collapse.set(batch.advantage_collapse_share)
+        return body
+
+    # ---- Stats ----
+
+    def stats(self, raw: bytes) -> bytes:
+        request = _parse(pb.StatsRequest, raw)
+        try:
+            logic.check_known_fields(request, "")
+            _check_run_id(request.run_id, "run_id")
+            if request.histogram_bins < 0:
+                raise ValueError(f"histogram_bins={request.histogram_bins} must be >= 0")
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        try:
+            contents = self.store.contents(request.run_id)
+        except NotFoundError as exc:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+        response = pb.StatsResponse(
+            run_id=request.run_id,
+            spec=pb.RunSpec.FromString(contents.spec),
+            policy_version=contents.policy_version,
+            cursor=pb.Cursor(
+                last_sampled_step=contents.last_sampled_step,
+                samples_served=contents.samples_served,
+            ),
+            counters=pb.Counters(**contents.counters),
+        )
+        wanted = request.step if request.HasField("step") else None
+        chosen = None
+        for step in contents.steps:
+            summaries = [pb.GroupSummary.FromString(s) for s in step.summaries]
+            response.steps.append(
+                pb.StepStats(
+                    step=step.step,
+                    groups_stored=step.groups_stored,
+                    groups_accepted=step.groups_accepted,
+                    rollouts_put=sum(len(s.advantages) for s in summaries),
+                    rollouts_stored=sum(len(s.kept) for s in summaries),
+                    pairs_kept=sum(s.pairs_kept for s in summaries),
+                    bytes=step.memory_bytes,
+                )
+            )
+            if wanted is None or step.step == wanted:  # None: the newest (steps ascend)
+                chosen = (step.step, summaries)
+        if chosen is None and wanted is not None:
+            raise _Abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"run {request.run_id!r} holds no step {request.step}; it holds "
+                f"{[s.step for s in contents.steps]}",
+            )
+        if chosen is not None:
+            self._diagnostics(response, *chosen, request.histogram_bins or 24)
+        return response.SerializeToString()
+
+    def _diagnostics(
+        self, response: pb.StatsResponse, step: int, summaries: list[pb.GroupSummary], bins: int
+    ) -> None:
+        """Fill the §5 diagnostics of ``step`` from its group summaries."""
+        advantages = torch.tensor([a for s in summaries for a in s.advantages], dtype=torch.float64)
+        truncated = torch.tensor([t for s in summaries for t in s.truncated], dtype=torch.bool)
+        kept = torch.tensor(
+            [offset + j for offset, s in zip(_offsets(summaries), summaries, strict=True)
+             for j in s.kept],
+            dtype=torch.long,
+        )  # fmt: skip
+        counts, edges = advantage_histogram(advantages, bins=bins)
+        response.diagnostics_step = step
+        response.histogram_counts.extend(counts.tolist())
+        response.histogram_edges.extend(edges.tolist())
+        response.rollout_silence_ratio = rollout_silence_ratio(advantages, truncated)
+        response.advantage_collapse_share = advantage_collapse_share(
+            advantages, self.algo.collapse_tau
+        )
+        response.kept_rollout_silence_ratio = rollout_silence_ratio(
+            advantages[kept], truncated[kept]
+        )
+
+    # ---- DropRun ----
+
+    def drop_run(self, raw: bytes) -> bytes:
+        request = _parse(pb.DropRunRequest, raw)
+        try:
+            logic.check_known_fields(request, "")
+            _check_run_id(request.run_id, "run_id")
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        existed, groups = self.store.drop(request.run_id)
+        log.info("dropped run %r (%d groups)", request.run_id, groups)
+        return pb.DropRunResponse(existed=existed, groups_deleted=groups).SerializeToString()
+
+
+def _offsets(summaries: list[pb.GroupSummary]) -> list[int]:
+    out, total = [], 0
+    for s in summaries:
+        out.append(total)
+        total += len(s.advantages)
+    return out
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _parse(cls: type[_M], raw: bytes) -> _M:
+    try:
+        return cls.FromString(raw)
+    except DecodeError as exc:
+        raise _Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {cls.DESCRIPTOR.full_name}: {exc}",
+        ) from exc
+
+
+def _check_run_id(run_id: str, field: str) -> None:
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise ValueError(f"{field}={run_id!r} must match {RUN_ID_PATTERN.pattern}")
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Requires metadata ``authorization: Bearer <token>`` on every call but Health."""
+
+    def __init__(self, token: str, metrics: BufferMetrics) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
+
+        def deny(raw: bytes, context: grpc.ServicerContext) -> None:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong token: send metadata 'authorization: Bearer <token>'",
+            )
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        if details.method.startswith(_HEALTH_PREFIX):
+            return continuation(details)
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization" and hmac.compare_digest(
+                value.encode() if isinstance(value, str) else value, self._expected
+            ):
+                return continuation(details)
+        method = details.method.rsplit("/", 1)[-1]
+        self._metrics.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        return self._deny
+
+
+def serve(
+    cfg: BufferConfig,
+    algo: AlgorithmConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    max_workers: int = 16,
+) -> tuple[grpc.Server, int]:
+    """Start a replay buffer server; return it (started) and its port.
+
+    Binds ``cfg.host:cfg.port`` (port 0 = a free one), with TLS if ``cfg.tls_cert`` and
+    ``cfg.tls_key`` (PEM file paths) are set, and the shared token ``cfg.auth_token`` if
+    set. Algorithm defaults of new runs come from ``algo``. Metrics go to ``registry`` (a
+    private one if None). Stop it with ``server.stop(grace)``.
+
+    Raises:
+        RuntimeError: Redis does not answer at ``cfg.redis_url``, or the port is taken.
+    """
+    store = BufferStore(cfg.redis_url, keep_steps=cfg.keep_steps, max_staleness=cfg.max_staleness)
+    try:
+        store.ping()
+    except redis.RedisError as exc:
+        raise RuntimeError(
+            f"the replay buffer cannot reach Redis at {redact(cfg.redis_url)}: {exc}; "
+            "start one or pass --redis-url (or 'embedded')"
+        ) from exc
+    metrics = BufferMetrics(registry)
+    max_bytes = cfg.max_message_mb * 2**20
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="buffer"),
+        interceptors=[_TokenInterceptor(cfg.auth_token, metrics)] if cfg.auth_token else [],
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+        ],
+    )
+    server.add_generic_rpc_handlers(
+        (ReplayBufferServicer(store, algo, metrics, max_bytes).handlers(),)
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"the replay buffer cannot bind {address}")
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "replay buffer on %s:%d (Redis %s, keep_steps=%d, max_staleness=%d, tls=%s, token=%s)",
+        cfg.host, port, redact(cfg.redis_url), cfg.keep_steps, cfg.max_staleness,
+        bool(cfg.tls_cert), bool(cfg.auth_token),
+    )  # fmt: skip
+    return server, port
+
+
+def start_embedded_redis(cfg: BufferConfig) -> tuple[BufferConfig, EmbeddedRedis | None]:
+    """For ``redis_url == "embedded"``: start a private Redis; return the config pointing at
+    it and the handle (stop it with ``close()``). Otherwise ``(cfg, None)``. The embedded
+    Redis keeps no data on disk: it lives as long as its owner.
+    """
+    if cfg.redis_url != "embedded":
+        return cfg, None
+    embedded = EmbeddedRedis().start()
+    return replace(cfg, redis_url=embedded.url), embedded

@@ -1,0 +1,555 @@
+"""Redis storage of the replay buffer: one Lua script per operation, so each is atomic.
+
+Keys of a run share the prefix ``shuffle_r1:buffer:{<run_id>}:`` (the braces are a Redis
+Cluster hash tag: a run lives in one slot):
+
+| key | type | holds |
+|---|---|---|
+| ``run`` | hash | ``spec`` (RunSpec bytes), ``policy_version``, ``evicted_below``, counters |
+| ``steps`` | sorted set | the steps held, score = step |
+| ``cursor`` | hash | ``last_sampled_step``, ``samples_served`` |
+| ``step:<s>:groups`` | hash | prompt_id → StoredGroup bytes (what Sample reads) |
+| ``step:<s>:summary`` | hash | prompt_id → GroupSummary bytes (what Stats reads) |
+| ``step:<s>:digest`` | hash | prompt_id → SHA-256 of the group as put (idempotency) |
+| ``step:<s>:wv`` | hash | prompt_id → the group's oldest weight version (staleness) |
+
+Values are protobuf bytes or decimal numbers, never pickle. Redis failures surface as
+``redis.RedisError``; the server turns them into UNAVAILABLE. Redis is the only state:
+the in-process :class:`PayloadCache` only saves reading back what this process just wrote.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+# Outcome of one group of a put; the numbers are PutStatus values in the proto.
+STORED, DUPLICATE, STALE, EVICTED = 1, 2, 3, 4
+
+COUNTERS = (
+    "groups_stored",
+    "duplicates",
+    "stale_at_put",
+    "evicted_at_put",
+    "stale_at_sample",
+    "evicted_steps",
+    "evicted_groups",
+    "pairs_kept",
+    "pairs_dropped",
+)
+
+# ARGV: prefix, spec, keep_steps, max_staleness, count, newest weight version in the
+# request, then per group: step, prompt_id, digest, oldest weight version,
+# pairs kept, pairs dropped, StoredGroup bytes, GroupSummary bytes.
+_PUT = """
+local prefix = ARGV[1]
+local run, steps = prefix .. 'run', prefix .. 'steps'
+local spec = ARGV[2]
+local stored_spec = redis.call('HGET', run, 'spec')
+if stored_spec and stored_spec ~= spec then
+  return {'spec', stored_spec}
+end
+local keep, max_stale, count = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local W, B = 8, 7
+for i = 0, count - 1 do
+  local b = B + i * W
+  local d = redis.call('HGET', prefix .. 'step:' .. ARGV[b] .. ':digest', ARGV[b + 1])
+  if d and d ~= ARGV[b + 2] then
+    return {'conflict', i}
+  end
+end
+if not stored_spec then
+  redis.call('HSET', run, 'spec', spec)
+end
+local policy = tonumber(redis.call('HGET', run, 'policy_version') or '-1')
+if tonumber(ARGV[6]) > policy then
+  policy = tonumber(ARGV[6])
+  redis.call('HSET', run, 'policy_version', ARGV[6])
+end
+local evicted_below = tonumber(redis.call('HGET', run, 'evicted_below') or '0')
+local statuses, evicted_steps = {}, {}
+local n = {stored = 0, dup = 0, stale = 0, evicted = 0, kept = 0, dropped = 0,
+           esteps = 0, egroups = 0}
+for i = 0, count - 1 do
+  local b = B + i * W
+  local step, pid = tonumber(ARGV[b]), ARGV[b + 1]
+  local sk = prefix .. 'step:' .. ARGV[b] .. ':'
+  local status
+  if redis.call('HEXISTS', sk .. 'digest', pid) == 1 then
+    status = 2
+    n.dup = n.dup + 1
+  elseif step < evicted_below then
+    status = 4
+  elseif tonumber(ARGV[b + 3]) < policy - max_stale then
+    status = 3
+    n.stale = n.stale + 1
+  elseif not redis.call('ZSCORE', steps, ARGV[b]) and redis.call('ZCARD', steps) >= keep
+      and step < tonumber(redis.call('ZRANGE', steps, 0, 0, 'WITHSCORES')[2]) then
+    status = 4
+  else
+    status = 1
+    redis.call('HSET', sk .. 'groups', pid, ARGV[b + 6])
+    redis.call('HSET', sk .. 'summary', pid, ARGV[b + 7])
+    redis.call('HSET', sk .. 'digest', pid, ARGV[b + 2])
+    redis.call('HSET', sk .. 'wv', pid, ARGV[b + 3])
+    redis.call('ZADD', steps, step, ARGV[b])
+    n.stored = n.stored + 1
+    n.kept = n.kept + tonumber(ARGV[b + 4])
+    n.dropped = n.dropped + tonumber(ARGV[b + 5])
+    while redis.call('ZCARD', steps) > keep do
+      local oldest = redis.call('ZPOPMIN', steps)
+      local ok = prefix .. 'step:' .. oldest[1] .. ':'
+      evicted_steps[#evicted_steps + 1] = oldest[1]
+      n.egroups = n.egroups + redis.call('HLEN', ok .. 'groups')
+      n.esteps = n.esteps + 1
+      redis.call('DEL', ok .. 'groups', ok .. 'summary', ok .. 'digest', ok .. 'wv')
+      if tonumber(oldest[2]) + 1 > evicted_below then
+        evicted_below = tonumber(oldest[2]) + 1
+      end
+    end
+  end
+  if status == 4 then
+    n.evicted = n.evicted + 1
+  end
+  statuses[#statuses + 1] = status
+end
+redis.call('HSET', run, 'evicted_below', evicted_below)
+redis.call('HINCRBY', run, 'groups_stored', n.stored)
+redis.call('HINCRBY', run, 'duplicates', n.dup)
+redis.call('HINCRBY', run, 'stale_at_put', n.stale)
+redis.call('HINCRBY', run, 'evicted_at_put', n.evicted)
+redis.call('HINCRBY', run, 'pairs_kept', n.kept)
+redis.call('HINCRBY', run, 'pairs_dropped', n.dropped)
+redis.call('HINCRBY', run, 'evicted_steps', n.esteps)
+redis.call('HINCRBY', run, 'evicted_groups', n.egroups)
+return {'ok', statuses, n.egroups, evicted_steps}
+"""
+
+# ARGV: prefix, step, policy_version, max_staleness, expected_groups. Returns the step's
+# members (prompt_id, digest), not the payloads: copying megabytes through Lua is slow, and
+# the payloads may be in this process's cache.
+_SAMPLE = """
+local prefix = ARGV[1]
+local run = prefix .. 'run'
+local spec = redis.call('HGET', run, 'spec')
+if not spec then
+  return {'norun'}
+end
+local step, expected = tonumber(ARGV[2]), tonumber(ARGV[5])
+local sk = prefix .. 'step:' .. ARGV[2] .. ':'
+local accepted = redis.call('HLEN', sk .. 'digest')
+if accepted == 0 then
+  local evicted_below = tonumber(redis.call('HGET', run, 'evicted_below') or '0')
+  if step < evicted_below then
+    return {'evicted', evicted_below}
+  end
+  if expected == 0 then
+    return {'nostep'}
+  end
+end
+if accepted < expected then
+  return {'toofew', accepted}
+end
+local policy = tonumber(ARGV[3])
+if policy > tonumber(redis.call('HGET', run, 'policy_version') or '-1') then
+  redis.call('HSET', run, 'policy_version', ARGV[3])
+end
+local threshold = policy - tonumber(ARGV[4])
+local versions = redis.call('HGETALL', sk .. 'wv')
+local dropped = 0
+for i = 1, #versions, 2 do
+  if tonumber(versions[i + 1]) < threshold then
+    redis.call('HDEL', sk .. 'groups', versions[i])
+    redis.call('HDEL', sk .. 'summary', versions[i])
+    redis.call('HDEL', sk .. 'wv', versions[i])
+    dropped = dropped + 1
+  end
+end
+redis.call('HINCRBY', run, 'stale_at_sample', dropped)
+redis.call('HSET', prefix .. 'cursor', 'last_sampled_step', ARGV[2])
+redis.call('HINCRBY', prefix .. 'cursor', 'samples_served', 1)
+local ids = redis.call('HKEYS', sk .. 'wv')
+local digests = {}
+for i, id in ipairs(ids) do
+  digests[i] = redis.call('HGET', sk .. 'digest', id)
+end
+return {'ok', spec, dropped, ids, digests}
+"""
+
+# ARGV: prefix.
+_DROP = """
+local prefix = ARGV[1]
+local run = prefix .. 'run'
+if redis.call('EXISTS', run) == 0 then
+  return {0, 0}
+end
+local groups = 0
+for _, s in ipairs(redis.call('ZRANGE', prefix .. 'steps', 0, -1)) do
+  local sk = prefix .. 'step:' .. s .. ':'
+  groups = groups + redis.call('HLEN', sk .. 'groups')
+  redis.call('DEL', sk .. 'groups', sk .. 'summary', sk .. 'digest', sk .. 'wv')
+end
+redis.call('DEL', run, prefix .. 'steps', prefix .. 'cursor')
+return {1, groups}
+"""
+
+
+class NotFoundError(LookupError):
+    """The run, or the step of a run, holds nothing (gRPC NOT_FOUND)."""
+
+
+class PreconditionError(RuntimeError):
+    """The request contradicts the stored state (gRPC FAILED_PRECONDITION)."""
+
+
+class ConflictError(RuntimeError):
+    """A key already holds a group with different content (gRPC ALREADY_EXISTS)."""
+
+
+class ChangedError(RuntimeError):
+    """The step changed between two reads of one call (gRPC ABORTED); retry the call."""
+
+
+class SpecChangedError(RuntimeError):
+    """The run's stored spec differs from the one the request was computed with."""
+
+    def __init__(self, stored_spec: bytes) -> None:
+        super().__init__("the run's stored spec changed")
+        self.stored_spec = stored_spec
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """One group as written by :meth:`BufferStore.put`: its key, identity and values."""
+
+    step: int
+    prompt_id: str
+    digest: bytes  # SHA-256 of the group as put
+    oldest_weight_version: int
+    pairs_kept: int
+    pairs_dropped: int
+    payload: bytes  # StoredGroup
+    summary: bytes  # GroupSummary
+
+
+@dataclass(frozen=True)
+class PutOutcome:
+    statuses: list[int]  # STORED | DUPLICATE | STALE | EVICTED, one per record
+    evicted_steps: list[int]
+    evicted_groups: int
+
+
+@dataclass(frozen=True)
+class StepSnapshot:
+    """The groups of one step as Sample reads them, after stale groups were dropped."""
+
+    spec: bytes
+    stale_dropped: int
+    payloads: list[bytes]  # StoredGroup bytes in ascending prompt_id order
+
+
+@dataclass(frozen=True)
+class StepContents:
+    step: int
+    groups_stored: int
+    groups_accepted: int
+    memory_bytes: int
+    summaries: list[bytes]  # GroupSummary bytes in ascending prompt_id order
+
+
+@dataclass(frozen=True)
+class RunContents:
+    spec: bytes
+    policy_version: int
+    last_sampled_step: int
+    samples_served: int
+    counters: dict[str, int]
+    steps: list[StepContents]  # ascending step
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages and logs."""
+    return re.sub(r"//([^@/]*)@", "//***@", url)
+
+
+def _prefix(run_id: str) -> str:
+    return f"shuffle_r1:buffer:{{{run_id}}}:"
+
+
+class PayloadCache:
+    """StoredGroup payloads this process wrote or read lately, by (run, step): the bytes of
+    a step's batch need not come back from Redis for the sample that follows the put.
+
+    Never stale: an entry holds the bytes this process wrote to, or read from, Redis for
+    (run, step, prompt_id), with the group's digest and the run's spec. A key's content
+    cannot change while it exists (a put with other content is refused), and an entry is
+    used only when Redis lists its prompt_id with the same digest and the run has the same
+    spec. Bounded like Redis (the newest ``keep_steps`` steps per run) and by ``max_bytes``
+    in all (least recently used steps go first).
+    """
+
+    def __init__(self, keep_steps: int, max_bytes: int) -> None:
+        self.keep_steps = keep_steps
+        self.max_bytes = max_bytes
+        self._steps: OrderedDict[tuple[str, int], tuple[bytes, dict[str, tuple[bytes, bytes]]]]
+        self._steps = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(
+        self, run_id: str, spec: bytes, step: int, entries: Iterable[tuple[str, bytes, bytes]]
+    ) -> None:
+        """Remember ``(prompt_id, digest, payload)`` entries of one step."""
+        with self._lock:
+            key = (run_id, step)
+            held = self._steps.get(key)
+            if held is None or held[0] != spec:
+                self._discard(key)
+                held = self._steps[key] = (spec, {})
+            self._steps.move_to_end(key)
+            for prompt_id, digest, payload in entries:
+                old = held[1].get(prompt_id)
+                self._bytes += len(payload) - (len(old[1]) if old else 0)
+                held[1][prompt_id] = (digest, payload)
+            run_steps = sorted(s for r, s in self._steps if r == run_id)
+            for old_step in run_steps[: max(0, len(run_steps) - self.keep_steps)]:
+                self._discard((run_id, old_step))
+            while self._bytes > self.max_bytes and self._steps:
+                self._discard(next(iter(self._steps)))
+
+    def get(
+        self, run_id: str, spec: bytes, step: int, members: Sequence[tuple[str, bytes]]
+    ) -> dict[str, bytes]:
+        """The cached payloads of ``members`` (Redis's (prompt_id, digest) of the step);
+        entries of prompt ids no longer in the step are forgotten."""
+        with self._lock:
+            held = self._steps.get((run_id, step))
+            if held is None or held[0] != spec:
+                return {}
+            self._steps.move_to_end((run_id, step))
+            wanted = dict(members)
+            for prompt_id in [p for p in held[1] if p not in wanted]:
+                self._bytes -= len(held[1].pop(prompt_id)[1])
+            return {p: payload for p, (d, payload) in held[1].items() if wanted[p] == d}
+
+    def forget(self, run_id: str, steps: Iterable[int] | None = None) -> None:
+        """Forget ``steps`` of the run (all of them if None)."""
+        with self._lock:
+            for key in [k for k in self._steps if k[0] == run_id]:
+                if steps is None or key[1] in steps:
+                    self._discard(key)
+
+    def _discard(self, key: tuple[str, int]) -> None:
+        held = self._steps.pop(key, None)
+        if held is not None:
+            self._bytes -= sum(len(payload) for _, payload in held[1].values())
+
+
+class BufferStore:
+    """The replay buffer's state in Redis (redis-py). Thread-safe: one connection pool.
+
+    Args:
+        url: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS).
+        keep_steps: steps held per run; a put that makes a run hold more evicts the oldest.
+        max_staleness: weight versions; a group older than the run's newest version minus
+            this is refused at put and dropped at sample.
+        timeout_s: socket timeout of each Redis command.
+        cache_mb: bound of the in-process :class:`PayloadCache`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        keep_steps: int,
+        max_staleness: int,
+        timeout_s: float = 10.0,
+        cache_mb: int = 1024,
+    ) -> None:
+        self.url = url
+        self.keep_steps = keep_steps
+        self.max_staleness = max_staleness
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=min(timeout_s, 2.0),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            # A step's groups are megabytes: reading them in 64 KiB chunks (the default)
+            # costs more than the transfer; small replies are not slower with this.
+            socket_read_size=4 * 2**20,
+        )
+        self._cache = PayloadCache(keep_steps, cache_mb * 2**20)
+        self._put = self._redis.register_script(_PUT)
+        self._sample = self._redis.register_script(_SAMPLE)
+        self._drop = self._redis.register_script(_DROP)
+
+    def ping(self) -> None:
+        """Raises ``redis.RedisError`` if Redis does not answer."""
+        self._redis.ping()
+
+    def get_spec(self, run_id: str) -> bytes | None:
+        """The run's stored RunSpec bytes, or None for a run that holds nothing."""
+        return self._redis.hget(_prefix(run_id) + "run", "spec")  # type: ignore[return-value]
+
+    def put(self, run_id: str, spec: bytes, records: Sequence[GroupRecord]) -> PutOutcome:
+        """Write ``records`` in one atomic script; store ``spec`` if the run is new.
+
+        Per record, in order: a key that holds the same digest is a DUPLICATE (untouched);
+        a step below the evicted ones, or older than every held step while ``keep_steps``
+        are held, is EVICTED; an oldest weight version below the run's newest version
+        (this request's included) minus ``max_staleness`` is STALE; otherwise STORED, and
+        steps beyond ``keep_steps`` are evicted. Dropped groups are counted in the run.
+
+        Raises:
+            SpecChangedError: the run holds another spec; nothing was written.
+            ConflictError: a key holds different content; nothing was written.
+        """
+        argv: list[bytes | str | int] = [
+            _prefix(run_id),
+            spec,
+            self.keep_steps,
+            self.max_staleness,
+            len(records),
+            max(r.oldest_weight_version for r in records),
+        ]
+        for r in records:
+            argv += [
+                str(r.step), r.prompt_id, r.digest, r.oldest_weight_version,
+                r.pairs_kept, r.pairs_dropped, r.payload, r.summary,
+            ]  # fmt: skip
+        reply = self._put(args=argv)
+        if reply[0] == b"spec":
+            raise SpecChangedError(reply[1])
+        if reply[0] == b"conflict":
+            r = records[int(reply[1])]
+            raise ConflictError(
+                f"run {run_id!r} already holds a different group at step {r.step}, "
+                f"prompt_id {r.prompt_id!r}; a put is idempotent only with identical "
+                "content: send the original group or use a new prompt_id"
+            )
+        statuses = [int(s) for s in reply[1]]
+        evicted = [int(s) for s in reply[3]]
+        if evicted:
+            self._cache.forget(run_id, evicted)
+        held: dict[int, list[tuple[str, bytes, bytes]]] = {}
+        for r, status in zip(records, statuses, strict=True):
+            if status == STORED:  # exactly the bytes written
+                held.setdefault(r.step, []).append((r.prompt_id, r.digest, r.payload))
+        for step, entries in held.items():
+            if step not in evicted:
+                self._cache.add(run_id, spec, step, entries)
+        return PutOutcome(statuses, evicted, int(reply[2]))
+
+    def sample(
+        self, run_id: str, step: int, policy_version: int, expected_groups: int
+    ) -> StepSnapshot:
+        """Read the groups of ``step`` for a draw, atomically with the cursor update.
+
+        Groups whose oldest weight version is below ``policy_version - max_staleness`` are
+        deleted first and counted (their digest stays: they still count as accepted). The
+        run's cursor records ``step`` as the last sampled and counts the call.
+
+        Raises:
+            NotFoundError: the run holds nothing, or the step never held a group.
+            PreconditionError: the step was evicted, or fewer than ``expected_groups``
+                groups of it were accepted (data loss, e.g. a Redis restart without
+                persistence).
+        """
+        prefix = _prefix(run_id)
+        reply = self._sample(
+            args=[prefix, str(step), policy_version, self.max_staleness, expected_groups]
+        )
+        kind = reply[0]
+        if kind == b"norun":
+            raise NotFoundError(f"run {run_id!r} holds no data: put groups first")
+        if kind == b"nostep":
+            raise NotFoundError(f"run {run_id!r} holds no groups for step {step}")
+        if kind == b"evicted":
+            raise PreconditionError(
+                f"step {step} of run {run_id!r} was evicted: the run holds steps >= "
+                f"{int(reply[1])} (buffer keep_steps={self.keep_steps})"
+            )
+        if kind == b"toofew":
+            raise PreconditionError(
+                f"run {run_id!r} holds {int(reply[1])} groups of step {step} but the "
+                f"trainer expects {expected_groups}: groups were lost (was Redis restarted "
+                "without persistence?); re-generate the step's groups"
+            )
+        spec = reply[1]
+        members = [(p.decode(), d) for p, d in zip(reply[3], reply[4], strict=True)]
+        payloads = self._cache.get(run_id, spec, step, members)
+        missing = [(p, d) for p, d in members if p not in payloads]
+        if missing:
+            key = f"{prefix}step:{step}:groups"
+            fetched: list[bytes | None] = self._redis.hmget(key, [p for p, _ in missing])  # type: ignore[assignment]
+            if any(v is None for v in fetched):
+                raise ChangedError(
+                    f"groups of step {step} of run {run_id!r} were deleted during this "
+                    "Sample (evicted or dropped by another call); retry"
+                )
+            entries = [(p, d, v) for (p, d), v in zip(missing, fetched, strict=True) if v]
+            self._cache.add(run_id, spec, step, entries)
+            payloads.update((p, v) for p, _, v in entries)
+        return StepSnapshot(
+            spec=spec,
+            stale_dropped=int(reply[2]),
+            payloads=[payloads[p] for p in sorted(payloads)],
+        )
+
+    def contents(self, run_id: str) -> RunContents:
+        """Everything Stats reports, read in two transactions (MULTI/EXEC).
+
+        Raises:
+            NotFoundError: the run holds nothing.
+        """
+        prefix = _prefix(run_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hgetall(prefix + "run")
+        pipe.zrange(prefix + "steps", 0, -1)
+        pipe.hgetall(prefix + "cursor")
+        run, steps, cursor = pipe.execute()
+        if b"spec" not in run:
+            raise NotFoundError(f"run {run_id!r} holds no data: put groups first")
+        pipe = self._redis.pipeline(transaction=True)
+        for s in steps:
+            sk = prefix + f"step:{s.decode()}:"
+            pipe.hlen(sk + "groups")
+            pipe.hlen(sk + "digest")
+            pipe.memory_usage(sk + "groups", samples=0)
+            pipe.hgetall(sk + "summary")
+        replies = pipe.execute()
+        contents = []
+        for i, s in enumerate(steps):
+            stored, accepted, size, summary = replies[4 * i : 4 * i + 4]
+            contents.append(
+                StepContents(
+                    step=int(s),
+                    groups_stored=int(stored),
+                    groups_accepted=int(accepted),
+                    memory_bytes=int(size or 0),
+                    summaries=[summary[k] for k in sorted(summary)],
+                )
+            )
+        return RunContents(
+            spec=run[b"spec"],
+            policy_version=int(run.get(b"policy_version", -1)),
+            last_sampled_step=int(cursor.get(b"last_sampled_step", -1)),
+            samples_served=int(cursor.get(b"samples_served", 0)),
+            counters={c: int(run.get(c.encode(), 0)) for c in COUNTERS},
+            steps=contents,
+        )
+
+    def drop(self, run_id: str) -> tuple[bool, int]:
+        """Delete every key of the run atomically; (whether it existed, groups deleted)."""
+        existed, groups = self._drop(args=[_prefix(run_id)])
+        self._cache.forget(run_id)
+        return bool(existed), int(groups)

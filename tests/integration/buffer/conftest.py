@@ -1,0 +1,98 @@
+"""Fixtures of the replay buffer tests: a real Redis, real gRPC servers on loopback.
+
+``redis_url`` is the Redis every test shares ($SHUFFLE_R1_REDIS_URL, else
+redis://127.0.0.1:6379/0, else an embedded one for the session). Each test gets a unique
+``run_id`` whose keys are deleted afterwards (found by SCAN, so a bug in DropRun cannot
+leave them behind).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import grpc
+import pytest
+import redis
+from buffer_helpers import run_keys
+from prometheus_client import CollectorRegistry
+
+from services.embedded_redis import EmbeddedRedis, ping
+from services.replay_buffer.client import ReplayBufferClient
+from services.replay_buffer.server import serve
+from shuffle_r1.config import AlgorithmConfig, BufferConfig
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("SHUFFLE_R1_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if ping(url):
+        yield url
+        return
+    with EmbeddedRedis() as embedded:
+        yield embedded.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def run_id(redis_client: redis.Redis) -> Iterator[str]:
+    run = f"test-{uuid.uuid4().hex[:12]}"
+    yield run
+    keys = run_keys(redis_client, run)
+    if keys:
+        redis_client.delete(*keys)
+
+
+@dataclass
+class Buffer:
+    """A running server, a client of it and its metrics."""
+
+    server: grpc.Server
+    port: int
+    client: ReplayBufferClient
+    registry: CollectorRegistry
+    cfg: BufferConfig
+    algo: AlgorithmConfig
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def start_buffer(redis_url: str) -> Iterator[Callable[..., Buffer]]:
+    """``start_buffer(algo=AlgorithmConfig(...), token=..., **BufferConfig fields)``."""
+    started: list[Buffer] = []
+
+    def start(algo: AlgorithmConfig | None = None, token: str | None = None, **fields) -> Buffer:
+        cfg = replace(BufferConfig(redis_url=redis_url, keep_steps=100), **fields)
+        algo = algo or AlgorithmConfig()
+        registry = CollectorRegistry()
+        server, port = serve(cfg, algo, registry=registry)
+        client = ReplayBufferClient(f"127.0.0.1:{port}", token=token or cfg.auth_token or None,
+                                    timeout_s=10, retries=0)  # fmt: skip
+        buffer = Buffer(server, port, client, registry, cfg, algo)
+        started.append(buffer)
+        return buffer
+
+    yield start
+    for buffer in started:
+        buffer.client.close()
+        buffer.server.stop(0).wait()
+
+
+@pytest.fixture
+def buffer(start_buffer: Callable[..., Buffer]) -> Buffer:
+    """A server with the default algorithm (shuffle_r1, α = 0.5, S = 8), keep_steps=100."""
+    return start_buffer()
