@@ -10,7 +10,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from services.embedded_redis import ping, redis_server_binary  # noqa: E402
+from services.embedded_redis import ping, redis_server_binary
 
 url = os.environ.get("SHUFFLE_R1_REDIS_URL", "redis://127.0.0.1:6379/0")
 if ping(url):

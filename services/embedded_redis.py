@@ -44,7 +44,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def ping(url: str, timeout_s: float = 1.0) -> bool:
     """True if a Redis answers PING at ``url``."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
         try:
             return bool(client.ping())
         finally:
@@ -98,7 +100,11 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                err = (
+                    self.process.stderr.read().decode(errors="replace")
+                    if self.process.stderr
+                    else ""
+                )
                 raise RuntimeError(f"redis-server on port {self.port} exited at start: {err}")
             if ping(self.url, timeout_s=0.2):
                 log.info("embedded Redis up at %s (data in %s)", self.url, self.data_dir)

@@ -1,5 +1,7 @@
 """The ``shuffle-r1`` command.
 
+    shuffle-r1 train --config configs/X.yaml [--resume] [key=value ...]   train a recipe
+    shuffle-r1 eval --config configs/X.yaml [--checkpoint DIR]          evaluate
     shuffle-r1 config --config configs/X.yaml [key=value ...]   print the resolved recipe
     shuffle-r1 buffer serve --redis-url URL --port P ...        run the replay buffer service
 
@@ -19,10 +21,11 @@ from omegaconf import OmegaConf
 
 from shuffle_r1.config import ConfigError, load_config
 
-# subcommand -> module that provides `add_parser(subparsers)` and `main(args) -> int`
-SERVICE_COMMANDS = {
-    "buffer": "services.replay_buffer.cli",
-}
+# modules whose `add_parser(subparsers)` registers commands whose `func(args)` returns an int
+SERVICE_COMMANDS = (
+    "services.trainer.cli",  # train, eval
+    "services.replay_buffer.cli",  # buffer serve
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
-    for module_name in SERVICE_COMMANDS.values():
+    for module_name in SERVICE_COMMANDS:
         importlib.import_module(module_name).add_parser(sub)
     return parser
 

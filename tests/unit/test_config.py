@@ -104,7 +104,7 @@ def test_cli_prints_resolved_config_and_reports_errors() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
-    assert "n: 8" in ok.stdout and "model_path: tiny-llama" in ok.stdout
+    assert "'n': 8" in ok.stdout and "model_path: tiny-llama" in ok.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "shuffle_r1.cli", "config", "rollout.temperature=hot"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,

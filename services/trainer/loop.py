@@ -1,0 +1,462 @@
+"""The trainer: one controller that drives every role through a training step (DESIGN.md).
+
+One step:
+
+1. the data sampler draws ``trainer.rollout_batch_size`` prompts;
+2. the rollout pool generates ``rollout.n`` rollouts per prompt, first syncing every worker
+   to the newest weight version;
+3. the reward pool scores them (ALGORITHM.md §6);
+4. the groups go to the replay buffer service over gRPC, which computes GRPO advantages
+   and runs PTS (§1, §2); the trainer then samples the step's ABS batch (§3);
+5. the learner group recomputes old-policy log-probs on that batch and updates the policy
+   (§3.4, §4), then publishes the new weights once into the object store.
+
+Metrics go to ``<output_dir>/metrics.jsonl`` (and Prometheus when ``trainer.metrics_port``
+is set); a checkpoint every ``trainer.save_every`` steps lets ``--resume`` continue with the
+same data order; evaluation on the held-out split every ``trainer.eval_every`` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from tqdm import tqdm
+
+from actors.learner import LearnerGroup
+from actors.reward import RewardPool, ScoreRequest
+from actors.rollout import GenerationRequest, RolloutPool, SamplingSpec
+from protos import replay_buffer_pb2 as pb
+from services.embedded_redis import EmbeddedRedis, ping
+from services.replay_buffer.actor import start_replay_buffer_actor
+from services.replay_buffer.client import ReplayBufferClient
+from services.trainer.metrics import MetricsWriter, plot_metrics
+from services.trainer.state import (
+    TrainerState,
+    checkpoint_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_state,
+    write_state,
+)
+from shuffle_r1.algos import advantage_collapse_share, grpo_advantages
+from shuffle_r1.config import Config, save_config
+from shuffle_r1.data import Example, PromptSampler, load_examples, render_prompt
+from shuffle_r1.models import resolve_model_path
+from shuffle_r1.training import TrainBatch
+
+logger = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A dataset example with its rendered, tokenised prompt."""
+
+    example: Example
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    steps: int
+    output_dir: Path
+    metrics_path: Path
+    plot_path: Path | None
+    checkpoint: Path | None
+    wall_s: float
+    last_metrics: dict[str, Any]
+
+
+def tokenize_prompts(
+    tokenizer: Any, examples: list[Example], max_len: int, policy: str
+) -> tuple[list[Prompt], int]:
+    """Render and tokenise every example; returns the prompts and how many were over
+    ``max_len`` tokens. ``policy``: ``skip`` drops those, ``truncate`` keeps their last
+    ``max_len`` tokens (the end of the problem and the generation prompt), ``error`` raises
+    ``ValueError`` naming the first one."""
+    prompts, overlong = [], 0
+    for ex in examples:
+        ids = tokenizer(render_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]
+        if len(ids) > max_len:
+            overlong += 1
+            if policy == "error":
+                raise ValueError(
+                    f"prompt {ex.uid!r} has {len(ids)} tokens, over data.max_prompt_length="
+                    f"{max_len}; set data.overlong_prompt=skip or truncate"
+                )
+            if policy == "skip":
+                continue
+            ids = ids[-max_len:]
+        prompts.append(Prompt(ex, list(ids)))
+    return prompts, overlong
+
+
+def init_ray(cfg: Config) -> None:
+    """Join ``cluster.ray_address`` or start a local Ray (``RAY_AUTH_MODE`` set explicitly)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", cfg.cluster.auth_mode)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": repo, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
+    if cfg.cluster.ray_address == "local":
+        ray.init(
+            num_cpus=cfg.cluster.num_cpus or None,
+            include_dashboard=False,
+            namespace=cfg.cluster.namespace,
+            runtime_env={"env_vars": env},
+            logging_level="WARNING",
+        )
+    else:
+        ray.init(address=cfg.cluster.ray_address, namespace=cfg.cluster.namespace)
+
+
+class Trainer:
+    """Builds every role for ``cfg`` and runs the step loop; see the module doc.
+
+    ``resume=True`` continues from the newest complete checkpoint in
+    ``trainer.output_dir`` (model, optimizer, sampler position, RNG, weight version).
+    Call :meth:`close` (or use as a context manager) to stop the roles.
+    """
+
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.trainer.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "config.yaml")
+        self.run_id = cfg.trainer.run_name
+        self.state = TrainerState()
+        self._redis: EmbeddedRedis | None = None
+        self.counters: dict[str, float] = {}
+        self.last_prompt_ids: list[str] = []
+        torch.manual_seed(cfg.trainer.seed)
+
+        init_ray(cfg)
+        redis_url = self._redis_url()
+        self.model_path = resolve_model_path(cfg.learner.model_path)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.train_prompts, self.val_prompts = self._load_data()
+        self.sampler = PromptSampler(
+            len(self.train_prompts),
+            cfg.trainer.rollout_batch_size,
+            seed=cfg.data.seed,
+            shuffle=cfg.data.shuffle,
+        )
+        self.buffer_actor = start_replay_buffer_actor(
+            dataclasses.replace(cfg.buffer, redis_url=redis_url), cfg.algorithm
+        )
+        self.buffer = ReplayBufferClient(
+            ray.get(self.buffer_actor.address.remote()),
+            token=cfg.buffer.auth_token or None,
+            max_message_mb=cfg.buffer.max_message_mb,
+        )
+        self.spec = pb.RunSpec(
+            algorithm=cfg.algorithm.name,
+            keep_ratio=cfg.algorithm.keep_ratio,
+            shuffle_times=cfg.algorithm.shuffle_times,
+            seed=cfg.trainer.seed,
+        )
+        self.rollout = RolloutPool(
+            cfg.rollout, self.model_path, cfg.rollout.num_workers, seed=cfg.trainer.seed
+        )
+        self.reward = RewardPool(cfg.reward)
+        self.learner = LearnerGroup(cfg, self.model_path)
+        self.metrics_path = self.out / "metrics.jsonl"
+        if resume:
+            self._resume()
+        else:
+            self.buffer.drop_run(self.run_id)
+            self.metrics_path.unlink(missing_ok=True)
+        self.metrics = MetricsWriter(self.metrics_path, port=cfg.trainer.metrics_port)
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def _redis_url(self) -> str:
+        url = self.cfg.buffer.redis_url
+        if url == "embedded" or not ping(url):
+            if url != "embedded":
+                logger.warning("no Redis answers at %s; starting an embedded one", url)
+            self._redis = EmbeddedRedis(appendonly=True, data_dir=self.out / "redis").start()
+            return self._redis.url
+        return url
+
+    def _load_data(self) -> tuple[list[Prompt], list[Prompt]]:
+        d = self.cfg.data
+        out = []
+        for path in (d.train_path, d.val_path):
+            result = load_examples(
+                path,
+                problem_key=d.problem_key,
+                answer_key=d.answer_key,
+                image_key=d.image_key,
+                id_key=d.id_key or None,
+                answer_format=d.answer_format,
+                image_root=d.image_root or None,
+            )
+            for row in result.skipped[:5]:
+                logger.warning("skipped %s row %d: %s", row.path, row.row, row.reason)
+            prompts, overlong = tokenize_prompts(
+                self.tokenizer, list(result.examples), d.max_prompt_length, d.overlong_prompt
+            )
+            self.counters["data/skipped_rows"] = self.counters.get("data/skipped_rows", 0) + len(
+                result.skipped
+            )
+            self.counters["data/overlong_prompts"] = (
+                self.counters.get("data/overlong_prompts", 0) + overlong
+            )
+            if not prompts:
+                raise ValueError(f"{path}: no usable prompt (all rows skipped or overlong)")
+            out.append(prompts)
+        train, val = out
+        if d.val_size:
+            val = val[: d.val_size]
+        logger.info("data: %d train prompts, %d validation prompts", len(train), len(val))
+        return train, val
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"--resume: no complete checkpoint under {self.out / 'checkpoints'}"
+            )
+        self.learner.load_checkpoint(ckpt / "learner")
+        self.state = read_state(ckpt)
+        self.sampler.load_state_dict(self.state.sampler)
+        self.counters.update(self.state.counters)
+        # Steps after the checkpoint are regenerated; their stored groups would clash.
+        self.buffer.drop_run(self.run_id)
+        logger.info(
+            "resumed from %s at step %d, weight version %d",
+            ckpt,
+            self.state.step,
+            self.learner.version,
+        )
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def _weights(self) -> tuple[int, ray.ObjectRef] | None:
+        return self.learner.publish_weights() if self.learner.version > 0 else None
+
+    def _generate(self, prompts: list[Prompt], sampling: SamplingSpec, tag: str) -> Any:
+        requests = [GenerationRequest(f"{tag}/{p.example.uid}", p.token_ids) for p in prompts]
+        return self.rollout.generate(requests, sampling, self._weights())
+
+    def _score(self, prompts: list[Prompt], completions: list[Any], n: int) -> list[Any]:
+        texts = self.tokenizer.batch_decode(
+            [c.token_ids for c in completions], skip_special_tokens=True
+        )
+        answers = [p.example.answer for p in prompts for _ in range(n)]
+        return self.reward.score([ScoreRequest(t, a) for t, a in zip(texts, answers, strict=True)])
+
+    def step(self, step: int) -> dict[str, float]:
+        """Run training step ``step`` (0-based) and return its metrics."""
+        cfg, n = self.cfg, self.cfg.rollout.n
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prompts = [self.train_prompts[i] for i in self.sampler.next_batch()]
+        self.last_prompt_ids = [p.example.uid for p in prompts]
+        sampling = SamplingSpec(
+            n=n,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_tokens=cfg.rollout.max_response_length,
+            seed=cfg.trainer.seed * 1_000_003 + step,
+        )
+        gen = self._generate(prompts, sampling, f"s{step}")
+        times["generate"], times["rollout_sync"] = gen.generate_s, gen.sync_s
+
+        t = time.perf_counter()
+        scores = self._score(prompts, gen.completions, n)
+        times["reward"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        groups = []
+        for g, p in enumerate(prompts):
+            rollouts = [
+                pb.Rollout(
+                    token_ids=c.token_ids,
+                    logprobs=c.logprobs,
+                    reward=s.reward,
+                    weight_version=c.weight_version,
+                    truncated=c.finish_reason == "length",
+                )
+                for c, s in zip(
+                    gen.completions[g * n : (g + 1) * n], scores[g * n : (g + 1) * n], strict=True
+                )
+            ]
+            groups.append(
+                pb.Group(
+                    run_id=self.run_id,
+                    step=step,
+                    prompt_id=p.example.uid,
+                    prompt_token_ids=p.token_ids,
+                    answer=p.example.answer,
+                    rollouts=rollouts,
+                )
+            )
+        put = self.buffer.put_groups(groups, spec=self.spec)
+        sample = self.buffer.sample(
+            self.run_id,
+            step,
+            policy_version=self.learner.version,
+            expected_groups=len(groups),
+            spec=self.spec,
+        )
+        times["buffer"] = time.perf_counter() - t
+
+        rewards = torch.tensor([s.reward for s in scores], dtype=torch.float64).view(-1, n)
+        m: dict[str, float] = {
+            "reward/mean": rewards.mean().item(),
+            "reward/accuracy": sum(s.accuracy for s in scores) / len(scores),
+            "reward/format": sum(s.format for s in scores) / len(scores),
+            "reward/errors": float(sum(s.error is not None for s in scores)),
+            "rollout/tokens": float(gen.tokens),
+            "rollout/tokens_per_s": gen.tokens / max(gen.generate_s, 1e-9),
+            "rollout/response_len_mean": gen.tokens / len(gen.completions),
+            "rollout/truncated_share": sum(c.finish_reason == "length" for c in gen.completions)
+            / len(gen.completions),
+            "rollout/weight_version": float(min(c.weight_version for c in gen.completions)),
+            "rollout/resent": float(gen.resent),
+            "buffer/pairs_kept": float(put.pairs_kept),
+            "buffer/pairs_dropped": float(put.pairs_dropped),
+            "buffer/batch_rollouts": float(len(sample.items)),
+            "buffer/shortfall": float(sample.shortfall),
+            "buffer/stale_dropped": float(put.stale + sample.stale_dropped),
+            "diag/collapse_share_before_pts": advantage_collapse_share(
+                grpo_advantages(rewards).flatten(), cfg.algorithm.collapse_tau
+            ),
+            "diag/collapse_share_after_abs": sample.advantage_collapse_share,
+            "diag/silence_ratio": sample.rollout_silence_ratio,
+        }
+
+        if sample.skipped or not sample.items:
+            self.counters["learner/skipped_updates"] = (
+                self.counters.get("learner/skipped_updates", 0) + 1
+            )
+            logger.warning("step %d: every kept pair has weight 0; update skipped", step)
+        else:
+            batch = TrainBatch(
+                prompt_token_ids=[list(it.prompt_token_ids) for it in sample.items],
+                response_token_ids=[list(it.rollout.token_ids) for it in sample.items],
+                advantages=torch.tensor([it.advantage for it in sample.items]),
+            )
+            t = time.perf_counter()
+            old = self.learner.compute_logprobs(batch)
+            times["old_logprobs"] = time.perf_counter() - t
+            t = time.perf_counter()
+            m.update({f"learner/{k}": v for k, v in self.learner.update(batch, old).items()})
+            times["update"] = time.perf_counter() - t
+            t = time.perf_counter()
+            self.learner.publish_weights()
+            times["publish"] = time.perf_counter() - t
+        m["weight_version"] = float(self.learner.version)
+        m["time/weight_sync_s"] = times.get("publish", 0.0) + times["rollout_sync"]
+        for k, v in times.items():
+            m[f"time/{k}_s"] = v
+        m["time/step_s"] = time.perf_counter() - t0
+        m.update(self.counters)
+        return m
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean pass@1 on the validation prompts at ``rollout.val_temperature`` with
+        ``rollout.val_n`` samples each (ALGORITHM.md §7)."""
+        cfg = self.cfg.rollout
+        sampling = SamplingSpec(
+            n=cfg.val_n,
+            temperature=max(cfg.val_temperature, 1e-3),
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_response_length,
+            seed=self.cfg.trainer.seed,
+        )
+        t = time.perf_counter()
+        gen = self._generate(self.val_prompts, sampling, "val")
+        scores = self._score(self.val_prompts, gen.completions, cfg.val_n)
+        return {
+            "val/accuracy": sum(s.accuracy for s in scores) / len(scores),
+            "val/reward": sum(s.reward for s in scores) / len(scores),
+            "val/format": sum(s.format for s in scores) / len(scores),
+            "time/eval_s": time.perf_counter() - t,
+        }
+
+    def save(self) -> Path:
+        folder = checkpoint_dir(self.out, self.state.step)
+        self.learner.save_checkpoint(folder / "learner")
+        self.state.weight_version = self.learner.version
+        self.state.sampler = self.sampler.state_dict()
+        self.state.counters = dict(self.counters)
+        write_state(folder, self.state)
+        prune_checkpoints(self.out, KEEP_CHECKPOINTS)
+        return folder
+
+    def run(self) -> RunSummary:
+        """Train until ``trainer.total_steps``; returns where everything was written."""
+        cfg = self.cfg.trainer
+        started = time.perf_counter()
+        last: dict[str, Any] = {}
+        ckpt = latest_checkpoint(self.out)
+        bar = tqdm(
+            range(self.state.step, cfg.total_steps),
+            initial=self.state.step,
+            total=cfg.total_steps,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            metrics = self.step(step)
+            self.state.step = step + 1
+            self.state.buffer_cursor = step
+            if cfg.eval_every and (
+                self.state.step % cfg.eval_every == 0 or self.state.step == cfg.total_steps
+            ):
+                metrics.update(self.evaluate())
+            self.metrics.write(step, metrics)
+            last = metrics
+            bar.set_postfix(
+                reward=f"{metrics['reward/mean']:.3f}",
+                acc=f"{metrics['reward/accuracy']:.3f}",
+                loss=f"{metrics.get('learner/policy_loss', math.nan):.4f}",
+                step_s=f"{metrics['time/step_s']:.1f}",
+            )
+            if cfg.save_every and (
+                self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps
+            ):
+                ckpt = self.save()
+        plot = plot_metrics(self.metrics_path, self.out / "metrics.png") if last else None
+        return RunSummary(
+            steps=self.state.step,
+            output_dir=self.out,
+            metrics_path=self.metrics_path,
+            plot_path=plot,
+            checkpoint=ckpt,
+            wall_s=time.perf_counter() - started,
+            last_metrics=last,
+        )
+
+    def close(self) -> None:
+        for role in (self.rollout, self.reward, self.learner):
+            try:
+                role.shutdown()
+            except Exception as exc:  # shutting down: report and go on
+                logger.warning("shutdown of %s: %s", type(role).__name__, exc)
+        self.buffer.close()
+        ray.kill(self.buffer_actor, no_restart=True)
+        if self._redis is not None:
+            self._redis.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

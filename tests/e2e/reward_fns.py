@@ -1,0 +1,13 @@
+"""A reward with variance on a random tiny model's output, so PTS/ABS have pairs to draw.
+
+math_reward is 0 for every rollout of an untrained random model (no group has contrast and
+every update would be skipped, as ALGORITHM.md §3 specifies). This one scores the share of
+distinct characters in the response, which varies between rollouts of one prompt.
+"""
+
+from shuffle_r1.rewards import RewardResult
+
+
+def distinct_char_share(response: str, reference_answer: str, **_: object) -> RewardResult:
+    share = len(set(response)) / max(len(response), 1)
+    return RewardResult(reward=share, accuracy=0.0, format=0.0)
