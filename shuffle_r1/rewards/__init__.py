@@ -9,8 +9,10 @@ from shuffle_r1.rewards.math import (
     default_verifier,
     extract_last_boxed,
     format_reward,
+    last_number,
     load_reward_fn,
     math_reward,
+    math_reward_last_number_fallback,
 )
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "default_verifier",
     "extract_last_boxed",
     "format_reward",
+    "last_number",
     "load_reward_fn",
     "math_reward",
+    "math_reward_last_number_fallback",
 ]

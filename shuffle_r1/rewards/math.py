@@ -348,8 +348,21 @@ def default_verifier() -> MathVerifier:
         return _default_verifier
 
 
-def _accuracy(response: str, reference_answer: str, timeout_s: float) -> tuple[float, str | None]:
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` (thousands commas removed), or None."""
+    found = _LAST_NUMBER.findall(text)
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+def _accuracy(
+    response: str, reference_answer: str, timeout_s: float, fallback_last_number: bool = False
+) -> tuple[float, str | None]:
     boxed = extract_last_boxed(response)
+    if (boxed is None or not boxed.strip()) and fallback_last_number:
+        boxed = last_number(response)
     if boxed is None or not boxed.strip():
         return 0.0, None
     equal, error = default_verifier().equivalent(boxed, reference_answer, timeout_s)
@@ -378,6 +391,31 @@ def math_reward(
     This signature is the contract for pluggable reward functions (:func:`load_reward_fn`).
     """
     accuracy, error = _accuracy(response, reference_answer, timeout_s)
+    fmt = format_reward(response)
+    return RewardResult(
+        reward=accuracy_weight * accuracy + format_weight * fmt,
+        accuracy=accuracy,
+        format=fmt,
+        error=error,
+    )
+
+
+def math_reward_last_number_fallback(
+    response: str,
+    reference_answer: str,
+    accuracy_weight: float = 0.9,
+    format_weight: float = 0.1,
+    timeout_s: float = 5.0,
+) -> RewardResult:
+    """:func:`math_reward`, except that a response with no ``\\boxed{}`` is judged by the
+    last number it writes.
+
+    Not the paper's recipe (§6 judges only the last box): it is for small models that
+    never write a box — SmolLM2-135M-Instruct, the embedded CPU default, answers GSM8K in
+    prose ("The correct answer is: 72.") and would otherwise give every rollout reward 0,
+    i.e. no group with any advantage contrast and no update at all.
+    """
+    accuracy, error = _accuracy(response, reference_answer, timeout_s, fallback_last_number=True)
     fmt = format_reward(response)
     return RewardResult(
         reward=accuracy_weight * accuracy + format_weight * fmt,

@@ -227,3 +227,17 @@ def test_load_reward_fn_errors(path: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         load_reward_fn(path)
     assert repr(path) in str(info.value)
+
+
+def test_last_number_fallback_judges_prose_answers_only_without_a_box() -> None:
+    from shuffle_r1.rewards import last_number, math_reward_last_number_fallback
+
+    assert last_number("so 1,234 clips, then 72.") == "72"
+    assert last_number("no digits here") is None
+    prose = "The correct answer is: 72."
+    assert math_reward(prose, "72").reward == 0.0
+    assert math_reward_last_number_fallback(prose, "72").accuracy == 1.0
+    assert math_reward_last_number_fallback("It is 71, not 72. So 71", "72").accuracy == 0.0
+    # a box, when present, still decides, even if a later number is right
+    boxed_wrong = "<think>t</think> \\boxed{70} and maybe 72"
+    assert math_reward_last_number_fallback(boxed_wrong, "72").reward == pytest.approx(0.1)
