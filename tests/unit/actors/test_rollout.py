@@ -7,7 +7,6 @@ every completion runs to ``max_tokens`` unless a test makes a token the EOS.
 
 import importlib.util
 import json
-import os
 import shutil
 import threading
 import time
@@ -159,15 +158,7 @@ def test_hf_load_weights_in_place(tiny, tiny_other, other_state):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def pool(ray_local, tiny):
+def pool(ray_cluster, tiny):
     pool = RolloutPool(HF, tiny, num_workers=2, seed=0)
     yield pool
     pool.shutdown()
@@ -224,7 +215,7 @@ def test_pool_resends_the_requests_of_a_worker_killed_mid_generation(pool, other
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_vllm_in_place_update_matches_a_fresh_engine(
-    ray_local, pool, tiny, tiny_other, other_state
+    ray_cluster, pool, tiny, tiny_other, other_state
 ):
     """FACTS.md: after the in-place update, log-probs equal a fresh engine's on the new
     weights (bitwise on SmolLM2). Both engines run as RolloutWorker actors."""
