@@ -17,6 +17,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
@@ -111,8 +112,8 @@ class RewardPool:
     def __init__(self, cfg: RewardConfig, max_resends: int = 3) -> None:
         self.cfg = cfg
         self.max_resends = max_resends
-        self._actor = ray.remote(RewardWorker).options(num_cpus=0)
-        self.workers = [self._actor.remote(cfg) for _ in range(cfg.num_workers)]
+        self._actor: Any = ray.remote(RewardWorker).options(num_cpus=0)
+        self.workers: list[Any] = [self._actor.remote(cfg) for _ in range(cfg.num_workers)]
         self.resent = 0
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:

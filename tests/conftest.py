@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ def ray_cluster() -> Iterator[None]:
             include_dashboard=False,
             namespace="shuffle-r1-tests",
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}},
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
         )
     yield
     ray.shutdown()

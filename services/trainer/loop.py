@@ -114,7 +114,7 @@ def init_ray(cfg: Config) -> None:
             include_dashboard=False,
             namespace=cfg.cluster.namespace,
             runtime_env={"env_vars": env},
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
         )
     else:
         ray.init(address=cfg.cluster.ray_address, namespace=cfg.cluster.namespace)
