@@ -390,7 +390,18 @@ def math_reward(
 
     This signature is the contract for pluggable reward functions (:func:`load_reward_fn`).
     """
-    accuracy, error = _accuracy(response, reference_answer, timeout_s)
+    return _weighted(response, reference_answer, accuracy_weight, format_weight, timeout_s)
+
+
+def _weighted(
+    response: str,
+    reference_answer: str,
+    accuracy_weight: float,
+    format_weight: float,
+    timeout_s: float,
+    fallback_last_number: bool = False,
+) -> RewardResult:
+    accuracy, error = _accuracy(response, reference_answer, timeout_s, fallback_last_number)
     fmt = format_reward(response)
     return RewardResult(
         reward=accuracy_weight * accuracy + format_weight * fmt,
@@ -415,14 +426,7 @@ def math_reward_last_number_fallback(
     prose ("The correct answer is: 72.") and would otherwise give every rollout reward 0,
     i.e. no group with any advantage contrast and no update at all.
     """
-    accuracy, error = _accuracy(response, reference_answer, timeout_s, fallback_last_number=True)
-    fmt = format_reward(response)
-    return RewardResult(
-        reward=accuracy_weight * accuracy + format_weight * fmt,
-        accuracy=accuracy,
-        format=fmt,
-        error=error,
-    )
+    return _weighted(response, reference_answer, accuracy_weight, format_weight, timeout_s, True)
 
 
 def load_reward_fn(path: str) -> RewardFn:
