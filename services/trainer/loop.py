@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import ray
 import torch
 from tqdm import tqdm
@@ -156,11 +157,7 @@ class Trainer:
         self.buffer_actor = start_replay_buffer_actor(
             dataclasses.replace(cfg.buffer, redis_url=redis_url), cfg.algorithm
         )
-        self.buffer = ReplayBufferClient(
-            ray.get(self.buffer_actor.address.remote()),
-            token=cfg.buffer.auth_token or None,
-            max_message_mb=cfg.buffer.max_message_mb,
-        )
+        self.buffer = self._connect_buffer()
         self.spec = pb.RunSpec(
             algorithm=cfg.algorithm.name,
             keep_ratio=cfg.algorithm.keep_ratio,
@@ -190,6 +187,43 @@ class Trainer:
             self._redis = EmbeddedRedis(appendonly=True, data_dir=self.out / "redis").start()
             return self._redis.url
         return url
+
+    def _connect_buffer(self) -> ReplayBufferClient:
+        """A client for the buffer actor's current address (it changes when Ray restarts
+        the actor: the server binds a new free port)."""
+        return ReplayBufferClient(
+            ray.get(self.buffer_actor.address.remote()),
+            token=self.cfg.buffer.auth_token or None,
+            max_message_mb=self.cfg.buffer.max_message_mb,
+        )
+
+    def _put_and_sample(self, groups: list[pb.Group], step: int) -> tuple[Any, Any]:
+        """Put the step's groups and draw its batch. If the buffer is unreachable (its actor
+        died and Ray restarted it elsewhere), reconnect once and redo both: a put is
+        idempotent and the draw is deterministic per step, so nothing is lost or doubled."""
+        for attempt in range(2):
+            try:
+                put = self.buffer.put_groups(groups, spec=self.spec)
+                sample = self.buffer.sample(
+                    self.run_id,
+                    step,
+                    policy_version=self.learner.version,
+                    expected_groups=len(groups),
+                    spec=self.spec,
+                )
+                return put, sample
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt:
+                    raise
+                logger.warning(
+                    "replay buffer at %s unreachable (%s); reconnecting",
+                    self.buffer.address,
+                    exc.details(),
+                )
+                self.buffer.close()
+                self.buffer = self._connect_buffer()
+                self.counters["buffer/reconnects"] = self.counters.get("buffer/reconnects", 0) + 1
+        raise AssertionError("unreachable")
 
     def _load_data(self) -> tuple[list[Prompt], list[Prompt]]:
         d = self.cfg.data
@@ -305,14 +339,7 @@ class Trainer:
                     rollouts=rollouts,
                 )
             )
-        put = self.buffer.put_groups(groups, spec=self.spec)
-        sample = self.buffer.sample(
-            self.run_id,
-            step,
-            policy_version=self.learner.version,
-            expected_groups=len(groups),
-            spec=self.spec,
-        )
+        put, sample = self._put_and_sample(groups, step)
         times["buffer"] = time.perf_counter() - t
 
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float64).view(-1, n)
