@@ -1,0 +1,47 @@
+"""The user's commands, as a user runs them: `shuffle-r1 train`, then `shuffle-r1 eval` on
+the checkpoint it wrote (each starts its own local Ray)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "shuffle_r1.cli"]
+TINY = [
+    "--config",
+    "configs/tiny_cpu.yaml",
+    "reward.function=tests.e2e.reward_fns:distinct_char_share",
+]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        CLI + args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_train_then_eval_from_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    trained = run(["train", *TINY, f"trainer.output_dir={out}", "trainer.total_steps=2"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "trained 2 steps" in trained.stdout
+    ckpt = out / "checkpoints" / "step_000002"
+    for line in (f"metrics:    {out / 'metrics.jsonl'}", f"checkpoint: {ckpt}"):
+        assert line in trained.stdout
+    assert (out / "metrics.png").stat().st_size > 0
+
+    evaluated = run(["eval", *TINY, f"trainer.output_dir={out}", "--checkpoint", str(ckpt)])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert 0.0 <= result["val/accuracy"] <= 1.0 and result["time/eval_s"] > 0
+    # evaluation writes beside the run, never over its metrics
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+    missing = run(["eval", *TINY, "--checkpoint", str(tmp_path / "nope")])
+    assert missing.returncode != 0 and "not a checkpoint" in missing.stderr
