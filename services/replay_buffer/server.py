@@ -173,11 +173,7 @@ class ReplayBufferServicer:
         request = _parse(pb.PutGroupsRequest, raw)
         try:
             run_id = logic.validate_put(request)
-            requested = (
-                logic.resolve_spec(request.spec, self.algo, run_id)
-                if request.HasField("spec")
-                else None
-            )
+            requested = self._requested_spec(request, run_id)
         except ValueError as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         stored = self.store.get_spec(run_id)
@@ -225,6 +221,15 @@ class ReplayBufferServicer:
         m.evicted_groups.inc(outcome.evicted_groups)
         return response.SerializeToString()
 
+    def _requested_spec(
+        self, request: pb.PutGroupsRequest | pb.SampleRequest, run_id: str
+    ) -> pb.RunSpec | None:
+        """The request's RunSpec resolved against the server defaults, or None if it has
+        none. Raises ``ValueError`` for an invalid spec."""
+        if not request.HasField("spec"):
+            return None
+        return logic.resolve_spec(request.spec, self.algo, run_id)
+
     def _run_spec(
         self, run_id: str, requested: pb.RunSpec | None, stored: bytes | None
     ) -> pb.RunSpec:
@@ -260,11 +265,7 @@ class ReplayBufferServicer:
                 )
             if request.expected_groups < 0:
                 raise ValueError(f"expected_groups={request.expected_groups} must be >= 0")
-            requested = (
-                logic.resolve_spec(request.spec, self.algo, run_id)
-                if request.HasField("spec")
-                else None
-            )
+            requested = self._requested_spec(request, run_id)
         except ValueError as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         try:
