@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from actors.metrics import ray_metric
 from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.training import (
@@ -76,6 +77,11 @@ class LearnerWorker:
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         self.model: Any = None  # the FSDP2 module or the DeepSpeed engine, called alike
         self.optimizer: Any = None
+        self._m_micro = ray_metric("shuffle_r1_learner_worker_microbatches_total")
+        self._m_tokens = ray_metric("shuffle_r1_learner_worker_tokens_total")
+        self._m_step = ray_metric("shuffle_r1_learner_worker_step_seconds")
+        for metric in (self._m_micro, self._m_tokens, self._m_step):
+            metric.set_default_tags({"rank": str(rank)})
 
     def master_address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port for the process group's rendezvous (rank 0)."""
@@ -195,6 +201,7 @@ class LearnerWorker:
         out = torch.zeros(len(shard), shard.max_response_len)
         start = 0
         for real, micro in self._micro_batches(shard, count):
+            self._m_micro.inc(1, tags={"kind": "logprobs"})
             logprobs = self._logprobs(self._inputs(micro)).cpu()
             if real:
                 width = min(out.shape[1], logprobs.shape[1])
@@ -217,9 +224,11 @@ class LearnerWorker:
             only); ``grad_norm`` (float, before clipping); ``lr``; ``stepped`` (bool).
         """
         alg = self.cfg.algorithm
+        started = time.perf_counter()
         self.model.train()
         records = []
         for real, micro in self._micro_batches(shard, count):
+            self._m_micro.inc(1, tags={"kind": "train"})
             inputs = self._inputs(micro)
             out = policy_loss(
                 self._logprobs(inputs),
@@ -244,6 +253,10 @@ class LearnerWorker:
                     {k: float(v.detach()) for k, v in zip(LOSS_METRICS, values, strict=True)}
                 )
         grad_norm, stepped = self._optimizer_step()
+        tokens = sum(len(r) for r in shard.response_token_ids)
+        if tokens:
+            self._m_tokens.inc(tokens)
+        self._m_step.observe(time.perf_counter() - started)
         lr = self.optimizer.param_groups[0]["lr"]
         return {"micro": records, "grad_norm": grad_norm, "lr": lr, "stepped": stepped}
 
@@ -433,7 +446,9 @@ class LearnerGroup:
         self.last_publish_s = 0.0
         self._published: tuple[int, ray.ObjectRef] | None = None
         le = cfg.learner
-        actor = ray.remote(LearnerWorker).options(num_cpus=1, num_gpus=le.num_gpus_per_rank)
+        actor = ray.remote(LearnerWorker).options(
+            num_cpus=1, num_gpus=le.num_gpus_per_rank, resources=dict(le.ray_resources) or None
+        )
         # Actor handles: their methods are typed by Ray at run time only.
         self.workers: list[Any] = [
             actor.remote(rank, le.num_ranks, cfg, self.model_path) for rank in range(le.num_ranks)

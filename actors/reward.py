@@ -7,21 +7,29 @@ it returns a :class:`shuffle_r1.rewards.RewardResult` (or a plain float, taken a
 reward and accuracy). A function that raises, returns garbage, or runs past
 ``timeout_s + grace`` gives reward 0 and a counted error: the run never crashes or hangs on
 a reward. (A hung call's thread cannot be killed; it is abandoned and counted.)
+
+The role is a Ray Serve application (:class:`RewardPool`): the trainer scores through a
+deployment handle, and outside verifiers and evaluation scripts through its HTTP endpoint
+(``POST`` JSON to ``reward.http_route`` on Serve's proxy, ``reward.http_host:http_port``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import math
+import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import ray
-from ray.exceptions import RayActorError
-
+from actors.metrics import ray_metric
+from actors.rollout import HEALTH_CHECK_PERIOD_S
+from actors.serving import worker_id
 from shuffle_r1.config import RewardConfig
 from shuffle_r1.rewards import RewardResult, load_reward_fn
 
@@ -39,12 +47,19 @@ class ScoreRequest:
 
 
 class RewardWorker:
-    """Scores :class:`ScoreRequest` s with the configured reward function (a Ray actor)."""
+    """Scores :class:`ScoreRequest` s with the configured reward function: a replica of the
+    reward Serve application (:class:`RewardPool`), or a plain Ray actor in tests."""
 
     def __init__(self, cfg: RewardConfig) -> None:
         self.cfg = cfg
         self.fn = load_reward_fn(cfg.function)
         self.errors: Counter[str] = Counter()
+        self.worker_id = worker_id()
+        self._m_scored = ray_metric("shuffle_r1_reward_worker_scored_total")
+        self._m_errors = ray_metric("shuffle_r1_reward_worker_errors_total")
+        self._m_seconds = ray_metric("shuffle_r1_reward_worker_seconds")
+        for metric in (self._m_scored, self._m_errors, self._m_seconds):
+            metric.set_default_tags({"worker": self.worker_id})
 
     def _call(self, req: ScoreRequest) -> RewardResult:
         out = self.fn(
@@ -91,70 +106,126 @@ class RewardWorker:
             self.errors[outcome.error.split(":", 1)[0]] += 1
         return outcome
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
+    def _score(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
+        start = time.perf_counter()
+        results = [self._call_with_deadline(r) for r in requests]
+        self._m_seconds.observe(time.perf_counter() - start)
+        self._m_scored.inc(len(results))
+        for r in results:
+            if r.error is not None:
+                self._m_errors.inc(1, tags={"kind": r.error.split(":", 1)[0]})
+        return results
+
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
         """One :class:`RewardResult` per request, in order; failures give reward 0."""
-        return [self._call_with_deadline(r) for r in requests]
+        return await asyncio.to_thread(self._score, requests)
+
+    async def __call__(self, request: Any) -> Any:
+        """``POST <reward.http_route>`` (Ray Serve's HTTP proxy) with a JSON body
+        ``{"response": str, "reference_answer": str}`` → ``{"reward", "accuracy", "format",
+        "error"}``, or ``{"items": [{...}, ...]}`` → ``{"results": [...]}`` in order. A body
+        that is not such JSON answers 400 naming what was wrong."""
+        from starlette.responses import JSONResponse
+
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
+        try:
+            items, single = parse_score_body(body)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        results = [dataclasses.asdict(r) for r in await self.score(items)]
+        return JSONResponse(results[0] if single else {"results": results})
 
     def error_counts(self) -> dict[str, int]:
         return dict(self.errors)
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> dict[str, Any]:
+        return {"worker": self.worker_id, "pid": os.getpid()}
+
+
+def parse_score_body(body: Any) -> tuple[list[ScoreRequest], bool]:
+    """The requests of an HTTP scoring body (see :meth:`RewardWorker.__call__`) and whether it
+    held a single item. Raises ``ValueError`` naming the field (``items[3].response``)."""
+    single = isinstance(body, dict) and "items" not in body
+    if single:
+        raw = [body]
+    elif isinstance(body, dict) and isinstance(body["items"], list) and body["items"]:
+        raw = body["items"]
+    else:
+        raise ValueError(
+            'expected {"response": ..., "reference_answer": ...} or {"items": [...]} '
+            "with at least one item"
+        )
+    items = []
+    for i, item in enumerate(raw):
+        where = "" if single else f"items[{i}]."
+        if not isinstance(item, dict):
+            raise ValueError(f"{where or 'the body'} must be an object, got {type(item).__name__}")
+        for key in ("response", "reference_answer"):
+            if not isinstance(item.get(key), str):
+                raise ValueError(f"{where}{key} must be a string")
+        items.append(ScoreRequest(item["response"], item["reference_answer"]))
+    return items, single
+
+
+REWARD_DEPLOYMENT = "RewardWorker"
 
 
 class RewardPool:
-    """``cfg.num_workers`` :class:`RewardWorker` actors (no CPU reserved: scoring is light).
+    """The reward role: a Ray Serve application of ``cfg.num_workers`` :class:`RewardWorker`
+    replicas (no CPU reserved: scoring is light), reachable by handle from the trainer and over
+    HTTP at ``<url>`` (``POST``, JSON; see :meth:`RewardWorker.__call__`) from outside
+    verifiers and evaluation scripts.
 
-    :meth:`score` splits requests into contiguous chunks, one per worker; a worker that dies
-    is replaced and its chunk re-sent (at most ``max_resends`` times).
+    :meth:`score` splits the requests into contiguous chunks, one per replica; the chunk of a
+    replica that dies is re-sent (at most ``max_resends`` times) and Serve replaces it.
     """
 
-    def __init__(self, cfg: RewardConfig, max_resends: int = 3) -> None:
+    def __init__(self, cfg: RewardConfig, run_id: str, max_resends: int = 3) -> None:
+        from ray import serve
+
+        from actors.serving import ensure_serve
+
         self.cfg = cfg
+        self.app = f"{run_id}-reward"
         self.max_resends = max_resends
-        self._actor: Any = ray.remote(RewardWorker).options(num_cpus=0)
-        self.workers: list[Any] = [self._actor.remote(cfg) for _ in range(cfg.num_workers)]
         self.resent = 0
+        base = ensure_serve(cfg.http_host, cfg.http_port)
+        deployment = serve.deployment(
+            name=REWARD_DEPLOYMENT,
+            num_replicas=cfg.num_workers,
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=1,  # one chunk per replica at a time: an even spread
+            health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        )(RewardWorker)
+        self.handle = serve.run(deployment.bind(cfg), name=self.app, route_prefix=cfg.http_route)
+        self.url = base + cfg.http_route
+        logger.info("reward: %d workers, HTTP endpoint %s", cfg.num_workers, self.url)
+
+    @property
+    def num_workers(self) -> int:
+        from actors.serving import running_replicas
+
+        return running_replicas(self.app, REWARD_DEPLOYMENT)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
-        n = len(self.workers)
-        size = math.ceil(len(requests) / n) if requests else 0
-        chunks = [
-            list(range(i, min(i + size, len(requests)))) for i in range(0, len(requests), size or 1)
-        ]
-        out: list[RewardResult | None] = [None] * len(requests)
-        pending = [(slot % n, chunk) for slot, chunk in enumerate(chunks)]
-        for attempt in range(self.max_resends + 1):
-            calls = [
-                (slot, chunk, self.workers[slot].score.remote([requests[i] for i in chunk]))
-                for slot, chunk in pending
-            ]
-            lost = []
-            for slot, chunk, ref in calls:
-                try:
-                    for i, result in zip(chunk, ray.get(ref), strict=True):
-                        out[i] = result
-                except RayActorError:
-                    logger.warning("reward worker %d died; replacing it and re-sending", slot)
-                    self.workers[slot] = self._actor.remote(self.cfg)
-                    lost.append((slot, chunk))
-            if not lost:
-                break
-            if attempt == self.max_resends:
-                raise RuntimeError(
-                    f"reward workers died {self.max_resends + 1} times on the same requests"
-                )
-            self.resent += sum(len(c) for _, c in lost)
-            pending = lost
-        return [r for r in out if r is not None]
+        from actors.serving import dispatch, split
+
+        chunks = split(list(requests), max(1, min(self.cfg.num_workers, len(requests))))
+        sent = dispatch(self.handle.score.remote, chunks, self.max_resends, "reward")
+        self.resent += sent.resent_items
+        return [r for chunk in sent.results if chunk for r in chunk]
 
     def error_counts(self) -> dict[str, int]:
+        """Errors per kind summed over the running replicas (a replaced one's are gone)."""
         total: Counter[str] = Counter()
-        for counts in ray.get([w.error_counts.remote() for w in self.workers]):
+        for counts in self.handle.broadcast("error_counts").results():
             total.update(counts)
         return dict(total)
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
-        self.workers.clear()
+        from ray import serve
+
+        serve.delete(self.app)

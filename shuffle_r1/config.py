@@ -69,6 +69,7 @@ class RolloutConfig:
     target_prompts_per_worker: int = 64
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 60.0
+    drain_timeout_s: float = 600.0  # a removed worker finishes its requests within this
     threads_per_worker: int = 1
     num_gpus_per_worker: float = 0.0
     gpu_memory_utilization: float = 0.6
@@ -90,10 +91,11 @@ class RewardConfig:
     format_weight: float = 0.1
     timeout_s: float = 5.0
     num_workers: int = 1
-    # The reward role is a Ray Serve application; its HTTP endpoint (POST /reward) serves
+    # The reward role is a Ray Serve application; its HTTP endpoint (POST http_route) serves
     # outside verifiers too. http_port 0 = a free port; http_host 0.0.0.0 to expose it.
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    http_route: str = "/reward"
 
 
 @dataclass
@@ -261,6 +263,7 @@ def validate(cfg: Config) -> Config:
     _at_least("rollout.target_prompts_per_worker", r.target_prompts_per_worker, 1)
     _at_least("rollout.upscale_delay_s", r.upscale_delay_s, 0.0)
     _at_least("rollout.downscale_delay_s", r.downscale_delay_s, 0.0)
+    _at_least("rollout.drain_timeout_s", r.drain_timeout_s, 1.0)
     _resources("rollout.ray_resources", r.ray_resources)
     _at_least("rollout.threads_per_worker", r.threads_per_worker, 1)
     _at_least("rollout.num_gpus_per_worker", r.num_gpus_per_worker, 0.0)
@@ -279,6 +282,8 @@ def validate(cfg: Config) -> Config:
     _between("reward.timeout_s", cfg.reward.timeout_s, 0.0, 3600.0, low_open=True)
     _at_least("reward.num_workers", cfg.reward.num_workers, 1)
     _between("reward.http_port", cfg.reward.http_port, 0, 65535)
+    if not cfg.reward.http_route.startswith("/"):
+        raise ConfigError(f"reward.http_route={cfg.reward.http_route!r} must start with '/'")
 
     _choice("algorithm.name", a.name, ALGORITHMS)
     _between("algorithm.keep_ratio", a.keep_ratio, 0.0, 1.0, low_open=True)

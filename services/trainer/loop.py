@@ -35,11 +35,12 @@ from tqdm import tqdm
 from actors.learner import LearnerGroup
 from actors.reward import RewardPool, ScoreRequest
 from actors.rollout import GenerationRequest, RolloutPool, SamplingSpec
+from actors.serving import ensure_serve
 from protos import replay_buffer_pb2 as pb
 from services.embedded_redis import EmbeddedRedis, ping
 from services.replay_buffer.actor import start_replay_buffer_actor
 from services.replay_buffer.client import ReplayBufferClient
-from services.trainer.metrics import MetricsWriter, plot_metrics
+from services.trainer.metrics import MetricsWriter, TrainerExporter, plot_metrics
 from services.trainer.state import (
     TrainerState,
     checkpoint_dir,
@@ -110,12 +111,16 @@ def init_ray(cfg: Config) -> None:
     repo = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": repo, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
     if cfg.cluster.ray_address == "local":
+        extra: dict[str, Any] = {}
+        if cfg.cluster.metrics_export_port:
+            extra["_metrics_export_port"] = cfg.cluster.metrics_export_port
         ray.init(
             num_cpus=cfg.cluster.num_cpus or None,
             include_dashboard=False,
             namespace=cfg.cluster.namespace,
             runtime_env={"env_vars": env},
             logging_level=logging.WARNING,
+            **extra,
         )
     else:
         ray.init(address=cfg.cluster.ray_address, namespace=cfg.cluster.namespace)
@@ -164,10 +169,15 @@ class Trainer:
             shuffle_times=cfg.algorithm.shuffle_times,
             seed=cfg.trainer.seed,
         )
+        ensure_serve(cfg.reward.http_host, cfg.reward.http_port)
         self.rollout = RolloutPool(
-            cfg.rollout, self.model_path, cfg.rollout.num_workers, seed=cfg.trainer.seed
+            cfg.rollout,
+            self.model_path,
+            self.run_id,
+            cfg.cluster.namespace,
+            seed=cfg.trainer.seed,
         )
-        self.reward = RewardPool(cfg.reward)
+        self.reward = RewardPool(cfg.reward, self.run_id)
         self.learner = LearnerGroup(cfg, self.model_path)
         self.metrics_path = self.out / "metrics.jsonl"
         if resume:
@@ -175,7 +185,14 @@ class Trainer:
         else:
             self.buffer.drop_run(self.run_id)
             self.metrics_path.unlink(missing_ok=True)
-        self.metrics = MetricsWriter(self.metrics_path, port=cfg.trainer.metrics_port)
+        self.metrics = MetricsWriter(self.metrics_path)
+        self.exporter = TrainerExporter(cfg.trainer.metrics_port, cfg.trainer.metrics_host)
+        self.exporter.set_live_workers("rollout", lambda: self.rollout.num_workers)
+        self.exporter.set_live_workers("reward", lambda: self.reward.num_workers)
+        self.exporter.set_live_workers("learner", lambda: len(self.learner.workers))
+        self.exporter.track_queue_depth(lambda: self.rollout.pending)
+        for kind in ("skipped_rows", "overlong_prompts"):
+            self.exporter.count_error("data", kind, self.counters.get(f"data/{kind}", 0))
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -223,6 +240,7 @@ class Trainer:
                 self.buffer.close()
                 self.buffer = self._connect_buffer()
                 self.counters["buffer/reconnects"] = self.counters.get("buffer/reconnects", 0) + 1
+                self.exporter.count_error("buffer", "reconnect")
         raise AssertionError("unreachable")
 
     def _load_data(self) -> tuple[list[Prompt], list[Prompt]]:
@@ -343,6 +361,10 @@ class Trainer:
         times["buffer"] = time.perf_counter() - t
 
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float64).view(-1, n)
+        advantages = grpo_advantages(rewards).flatten()
+        pair_draws = [0] * sample.pairs_total  # how often ABS drew each kept pair (§3)
+        for item in sample.items[::2] if sample.pairs_total else ():
+            pair_draws[item.pair_index] += 1
         m: dict[str, float] = {
             "reward/mean": rewards.mean().item(),
             "reward/accuracy": sum(s.accuracy for s in scores) / len(scores),
@@ -358,15 +380,17 @@ class Trainer:
             "buffer/pairs_kept": float(put.pairs_kept),
             "buffer/pairs_dropped": float(put.pairs_dropped),
             "buffer/batch_rollouts": float(len(sample.items)),
+            "buffer/pairs_drawn": float(len(sample.items) // 2 if sample.pairs_total else 0),
             "buffer/shortfall": float(sample.shortfall),
             "buffer/stale_dropped": float(put.stale + sample.stale_dropped),
             "diag/collapse_share_before_pts": advantage_collapse_share(
-                grpo_advantages(rewards).flatten(), cfg.algorithm.collapse_tau
+                advantages, cfg.algorithm.collapse_tau
             ),
             "diag/collapse_share_after_abs": sample.advantage_collapse_share,
             "diag/silence_ratio": sample.rollout_silence_ratio,
         }
 
+        m["learner/skipped_update"] = float(sample.skipped or not sample.items)
         if sample.skipped or not sample.items:
             self.counters["learner/skipped_updates"] = (
                 self.counters.get("learner/skipped_updates", 0) + 1
@@ -393,6 +417,10 @@ class Trainer:
             m[f"time/{k}_s"] = v
         m["time/step_s"] = time.perf_counter() - t0
         m.update(self.counters)
+        self.exporter.observe_step(step + 1, m, advantages.tolist(), pair_draws)
+        for error in (s.error for s in scores if s.error is not None):
+            self.exporter.count_error("reward", error.split(":", 1)[0])
+        self.exporter.count_error("rollout", "resent", gen.resent)
         return m
 
     def evaluate(self) -> dict[str, float]:
@@ -409,12 +437,14 @@ class Trainer:
         t = time.perf_counter()
         gen = self._generate(self.val_prompts, sampling, "val")
         scores = self._score(self.val_prompts, gen.completions, cfg.val_n)
-        return {
+        result = {
             "val/accuracy": sum(s.accuracy for s in scores) / len(scores),
             "val/reward": sum(s.reward for s in scores) / len(scores),
             "val/format": sum(s.format for s in scores) / len(scores),
             "time/eval_s": time.perf_counter() - t,
         }
+        self.exporter.observe_step(self.state.step, result)
+        return result
 
     def save(self) -> Path:
         folder = checkpoint_dir(self.out, self.state.step)
@@ -460,6 +490,8 @@ class Trainer:
                 self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps
             ):
                 ckpt = self.save()
+        if self.learner.version > 0:  # every rollout worker ends on the newest weights
+            self.rollout.sync(self.learner.publish_weights())
         plot = plot_metrics(self.metrics_path, self.out / "metrics.png") if last else None
         return RunSummary(
             steps=self.state.step,
@@ -477,6 +509,7 @@ class Trainer:
                 role.shutdown()
             except Exception as exc:  # shutting down: report and go on
                 logger.warning("shutdown of %s: %s", type(role).__name__, exc)
+        self.exporter.close()
         self.buffer.close()
         ray.kill(self.buffer_actor, no_restart=True)
         if self._redis is not None:

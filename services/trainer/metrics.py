@@ -1,7 +1,8 @@
-"""Per-step metrics of a run: a JSONL file, Prometheus gauges, and PNG plots at the end.
+"""Per-step metrics of a run: a JSONL file, the trainer's Prometheus exporter, PNG plots.
 
-Every metric is a flat ``name -> float`` pair; Prometheus names are ``shuffle_r1_<name>``
-with ``/`` and ``.`` turned into ``_``.
+Every step's metrics are a flat ``name -> float`` dict, one JSON line per step. The
+Prometheus metrics are the ``trainer`` role of ``shuffle_r1.metric_catalog`` (fixed names,
+the ones the Grafana dashboard queries), set from that dict.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -28,37 +29,162 @@ PLOTTED = (
 )
 
 
-def prometheus_name(key: str) -> str:
-    return "shuffle_r1_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
-
-
 class MetricsWriter:
-    """Appends one JSON object per step to ``path``; optionally serves Prometheus gauges.
+    """Appends one JSON object per step (flat ``name -> float``) to ``path``."""
 
-    ``port > 0`` starts an HTTP exporter on ``host:port`` (loopback by default).
-    """
-
-    def __init__(self, path: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.registry = CollectorRegistry()
-        self._gauges: dict[str, Gauge] = {}
-        self.port = port
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
-            log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if isinstance(value, float | int) and not isinstance(value, bool):
-                gauge = self._gauges.get(key)
-                if gauge is None:
-                    gauge = Gauge(prometheus_name(key), key, registry=self.registry)
-                    self._gauges[key] = gauge
-                gauge.set(value)
+
+
+# step-metrics keys -> (catalog name, labels) of the gauges set from them each step
+_GAUGES = {
+    "rollout/tokens_per_s": ("shuffle_r1_rollout_tokens_per_second", {}),
+    "rollout/truncated_share": ("shuffle_r1_rollout_truncated_share", {}),
+    "reward/mean": ("shuffle_r1_reward_mean", {"split": "train"}),
+    "reward/accuracy": ("shuffle_r1_reward_accuracy", {"split": "train"}),
+    "reward/format": ("shuffle_r1_reward_format", {"split": "train"}),
+    "val/reward": ("shuffle_r1_reward_mean", {"split": "val"}),
+    "val/accuracy": ("shuffle_r1_reward_accuracy", {"split": "val"}),
+    "val/format": ("shuffle_r1_reward_format", {"split": "val"}),
+    "diag/collapse_share_before_pts": (
+        "shuffle_r1_advantage_collapse_share",
+        {"stage": "before_pts"},
+    ),
+    "diag/collapse_share_after_abs": (
+        "shuffle_r1_advantage_collapse_share",
+        {"stage": "after_abs"},
+    ),
+    "diag/silence_ratio": ("shuffle_r1_rollout_silence_ratio", {}),
+    "weight_version": ("shuffle_r1_weight_version", {}),
+    "learner/policy_loss": ("shuffle_r1_learner_policy_loss", {}),
+    "learner/grad_norm": ("shuffle_r1_learner_grad_norm", {}),
+    "learner/clip_fraction": ("shuffle_r1_learner_clip_fraction", {}),
+    "learner/kl": ("shuffle_r1_learner_kl", {}),
+}
+# step-metrics keys -> catalog counters incremented by their value each step
+_COUNTERS = {
+    "rollout/tokens": "shuffle_r1_rollout_tokens_total",
+    "buffer/pairs_kept": "shuffle_r1_pts_pairs_kept_total",
+    "buffer/pairs_dropped": "shuffle_r1_pts_pairs_dropped_total",
+    "buffer/pairs_drawn": "shuffle_r1_abs_pairs_drawn_total",
+    "buffer/shortfall": "shuffle_r1_abs_shortfall_total",
+    "learner/skipped_update": "shuffle_r1_skipped_updates_total",
+}
+PHASES = (
+    "generate",
+    "rollout_sync",
+    "reward",
+    "buffer",
+    "old_logprobs",
+    "update",
+    "publish",
+    "eval",
+)
+
+
+class TrainerExporter:
+    """The trainer's Prometheus metrics (the ``trainer`` role of
+    ``shuffle_r1.metric_catalog``), served on ``http://host:port/metrics``.
+
+    :meth:`observe_step` sets them from a step's metrics dict (the keys the trainer writes to
+    ``metrics.jsonl``) plus the per-rollout advantages and per-pair ABS draw counts;
+    :meth:`count_error` counts a handled failure; :meth:`set_live_workers` and
+    :meth:`track_queue_depth` read live values at scrape time. ``port`` 0 exports nothing
+    (the metrics still exist in the registry, for tests).
+    """
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        from shuffle_r1.metric_catalog import ADVANTAGE_BUCKETS, SECONDS_BUCKETS, by_role
+
+        self.registry = CollectorRegistry()
+        self.metrics: dict[str, Any] = {}
+        for spec in by_role("trainer"):
+            kw: dict[str, Any] = {"labelnames": spec.labels, "registry": self.registry}
+            if spec.kind == "counter":
+                metric: Any = Counter(spec.name, spec.help, **kw)
+            elif spec.kind == "gauge":
+                metric = Gauge(spec.name, spec.help, **kw)
+            else:
+                buckets = {
+                    "shuffle_r1_advantage": ADVANTAGE_BUCKETS,
+                    "shuffle_r1_abs_pair_draws": tuple(range(0, 17)),
+                }.get(spec.name, SECONDS_BUCKETS)
+                metric = Histogram(spec.name, spec.help, buckets=buckets, **kw)
+            self.metrics[spec.name] = metric
+        self._server: Any = None
+        if port:
+            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+            log.info("trainer metrics on http://%s:%d/metrics", host, port)
+
+    def observe_step(
+        self,
+        steps_done: int,
+        metrics: Mapping[str, float],
+        advantages: Sequence[float] = (),
+        pair_draws: Sequence[int] = (),
+    ) -> None:
+        """Set the metrics from a step's (or an evaluation's) metrics dict; ``steps_done`` is
+        the number of training steps completed, ``advantages`` the step's per-rollout GRPO
+        advantages before PTS, ``pair_draws`` how often ABS drew each of its kept pairs."""
+        m = self.metrics
+        m["shuffle_r1_trainer_step"].set(steps_done)
+        if "time/step_s" in metrics:
+            m["shuffle_r1_step_seconds"].observe(metrics["time/step_s"])
+        for phase in PHASES:
+            value = metrics.get(f"time/{phase}_s")
+            if value is not None:
+                m["shuffle_r1_phase_seconds"].labels(phase).observe(value)
+        if "time/weight_sync_s" in metrics:
+            m["shuffle_r1_weight_sync_seconds"].observe(metrics["time/weight_sync_s"])
+        for key, (name, labels) in _GAUGES.items():
+            value = metrics.get(key)
+            if value is not None and math.isfinite(value):
+                (m[name].labels(**labels) if labels else m[name]).set(value)
+        for key, name in _COUNTERS.items():
+            value = metrics.get(key)
+            if value:
+                m[name].inc(value)
+        for a in advantages:
+            m["shuffle_r1_advantage"].observe(a)
+        for draws in pair_draws:
+            m["shuffle_r1_abs_pair_draws"].observe(draws)
+
+    def count_error(self, role: str, kind: str, amount: float = 1.0) -> None:
+        if amount > 0:
+            self.metrics["shuffle_r1_errors_total"].labels(role, kind).inc(amount)
+
+    def set_live_workers(self, role: str, read: Callable[[], float]) -> None:
+        """Report ``read()`` as the live workers of ``role`` at each scrape."""
+        self.metrics["shuffle_r1_live_workers"].labels(role).set_function(_safe(read))
+
+    def track_queue_depth(self, read: Callable[[], float]) -> None:
+        self.metrics["shuffle_r1_rollout_queue_depth"].set_function(_safe(read))
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _safe(read: Callable[[], float]) -> Callable[[], float]:
+    """A scrape-time reader that reports NaN instead of failing the whole scrape."""
+
+    def value() -> float:
+        try:
+            return float(read())
+        except Exception:  # a role being restarted: say "unknown", keep serving the rest
+            return math.nan
+
+    return value
 
 
 def _plain(value: object) -> object:

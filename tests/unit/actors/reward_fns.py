@@ -23,3 +23,10 @@ def returns_float(response: str, reference_answer: str, **_: object) -> float:
 
 def returns_nan(response: str, reference_answer: str, **_: object) -> float:
     return float("nan")
+
+
+def slow_exact(response: str, reference_answer: str, **_: object) -> RewardResult:
+    """1.0 when the response is the answer, after 0.4 s: a call that can be killed mid-way."""
+    time.sleep(0.4)
+    score = float(response == reference_answer)
+    return RewardResult(score, score, 0.0)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
 
 from actors.reward import GRACE_S, RewardPool, RewardWorker, ScoreRequest
+from actors.serving import wait_for_replicas
 from shuffle_r1.config import RewardConfig
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -21,8 +27,17 @@ def gsm8k_answers(k: int) -> list[str]:
     return [json.loads(r)["answer"].rsplit("####", 1)[1].strip().replace(",", "") for r in rows]
 
 
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def test_pool_scores_real_gsm8k_answers_in_order() -> None:
-    pool = RewardPool(RewardConfig(num_workers=2))
+    pool = RewardPool(RewardConfig(num_workers=2, http_port=0), run_id="test-reward-order")
     try:
         answers = gsm8k_answers(12)
         reqs = []
@@ -88,15 +103,56 @@ def test_unknown_function_path_fails_at_start_naming_it() -> None:
         ray.get(worker.ping.remote())
 
 
-def test_dead_worker_is_replaced_and_its_requests_resent() -> None:
-    pool = RewardPool(RewardConfig(num_workers=2))
+def test_worker_killed_mid_call_is_replaced_and_its_requests_resent() -> None:
+    cfg = RewardConfig(
+        num_workers=2, http_port=0, function="tests.unit.actors.reward_fns:slow_exact"
+    )
+    pool = RewardPool(cfg, run_id="test-reward-death")
     try:
-        answers = gsm8k_answers(6)
-        reqs = [ScoreRequest(f"<think>x</think>\\boxed{{{a}}}", a) for a in answers]
-        assert [r.reward for r in pool.score(reqs)] == [1.0] * 6
-        ray.kill(pool.workers[1], no_restart=True)
-        results = pool.score(reqs)
-        assert [r.reward for r in results] == [1.0] * 6
+        reqs = [ScoreRequest(str(i), str(i % 3)) for i in range(6)]
+        expected = [float(i == i % 3) for i in range(6)]
+        assert [r.reward for r in pool.score(reqs)] == expected
+        victim = pool.handle.broadcast("ping").results()[1]["pid"]
+        killer = threading.Timer(0.5, os.kill, args=(victim, signal.SIGKILL))
+        killer.start()
+        results = pool.score(reqs)  # each replica holds one chunk of 3 (1.2 s) when it dies
+        killer.join()
+        assert [r.reward for r in results] == expected
         assert pool.resent == 3
+        wait_for_replicas(pool.app, "RewardWorker", 2, timeout_s=60, handle=pool.handle)
+        assert victim not in {p["pid"] for p in pool.handle.broadcast("ping").results()}
+    finally:
+        pool.shutdown()
+
+
+def test_http_endpoint_scores_for_outside_callers_and_refuses_bad_bodies() -> None:
+    pool = RewardPool(
+        RewardConfig(num_workers=1, http_port=0, http_route="/test-reward"), run_id="test-http"
+    )
+    try:
+        answers = gsm8k_answers(2)
+        good = {
+            "response": f"<think>x</think> \\boxed{{{answers[0]}}}",
+            "reference_answer": answers[0],
+        }
+        status, one = post(pool.url, json.dumps(good).encode())
+        assert status == 200
+        assert (one["reward"], one["accuracy"], one["format"], one["error"]) == (
+            1.0,
+            1.0,
+            1.0,
+            None,
+        )
+        wrong = [{"response": "\\boxed{0}", "reference_answer": a} for a in answers]
+        status, many = post(pool.url, json.dumps({"items": wrong}).encode())
+        assert status == 200 and [r["reward"] for r in many["results"]] == [0.0, 0.0]
+        for body, fragment in (
+            (b"not json", "not JSON"),
+            (json.dumps({"items": []}).encode(), "at least one item"),
+            (json.dumps({"items": [{"response": "x"}]}).encode(), "items[0].reference_answer"),
+            (json.dumps({"response": 3, "reference_answer": "1"}).encode(), "response must be"),
+        ):
+            status, error = post(pool.url, body)
+            assert status == 400 and fragment in error["error"], (body, error)
     finally:
         pool.shutdown()

@@ -7,7 +7,9 @@ every completion runs to ``max_tokens`` unless a test makes a token the EOS.
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 
@@ -157,11 +159,18 @@ def test_hf_load_weights_in_place(tiny, tiny_other, other_state):
     assert engine.weight_version == 3
 
 
+POOL = RolloutConfig(engine="hf", threads_per_worker=1, num_workers=2, max_workers=2)
+
+
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny):
-    pool = RolloutPool(HF, tiny, num_workers=2, seed=0)
+    pool = RolloutPool(POOL, tiny, run_id="test-rollout-pool", namespace="shuffle-r1-tests")
     yield pool
     pool.shutdown()
+
+
+def versions(pool):
+    return sorted(w["weight_version"] for w in pool.workers())
 
 
 def test_pool_syncs_every_worker_and_keeps_request_order(pool, tiny_other, other_state):
@@ -171,16 +180,18 @@ def test_pool_syncs_every_worker_and_keeps_request_order(pool, tiny_other, other
     assert keys(first.completions) == [(r.request_id, i) for r in reqs for i in range(2)]
     assert {c.weight_version for c in first.completions} == {0}
     assert first.tokens == 5 * 2 * 8 and first.resent == 0 and first.sync_s == 0.0
+    assert sorted(first.served.values()) == [2, 3]  # one chunk per worker
 
     ref = ray.put(other_state)
     result = pool.generate(reqs, spec, weights=(1, ref))
-    assert ray.get([w.weight_version.remote() for w in pool.workers]) == [1, 1]
+    assert versions(pool) == [1, 1]
     assert {c.weight_version for c in result.completions} == {1}
     assert result.sync_s > 0 and result.generate_s > 0
     # exactly what one engine on the new weights gives, request by request
     fresh = HFEngine(tiny_other, HF, seed=0).generate(reqs, spec)
     assert [c.token_ids for c in result.completions] == [c.token_ids for c in fresh]
     assert [c.logprobs for c in result.completions] == [c.logprobs for c in fresh]
+    assert pool.generate(reqs, spec, weights=(1, ref)).sync_s == 0.0  # already there
 
     with pytest.raises(ValueError, match="unique"):
         pool.generate(reqs + reqs[:1], spec)
@@ -189,27 +200,44 @@ def test_pool_syncs_every_worker_and_keeps_request_order(pool, tiny_other, other
 def test_pool_resends_the_requests_of_a_worker_killed_mid_generation(pool, other_state):
     ref = ray.put(other_state)
     pool.generate(requests(2), SamplingSpec(1, 1.0, 1.0, 1), weights=(1, ref))  # both warm
-    victim = pool.workers[0]
-    pid = ray.get(victim.ping.remote())["pid"]
+    victim = pool.workers()[0]
     spec = SamplingSpec(n=4, temperature=1.0, top_p=1.0, max_tokens=48, seed=2)
     reqs = requests(8, prefix="k")
-    killer = threading.Timer(0.5, ray.kill, args=(victim,))
+    killer = threading.Timer(0.5, os.kill, args=(victim["pid"], signal.SIGKILL))
     killer.start()
     result = pool.generate(reqs, spec, weights=(1, ref))
     killer.join()
     assert result.resent == 4  # the victim's contiguous half
     assert keys(result.completions) == [(r.request_id, i) for r in reqs for i in range(4)]
     assert all(len(c.token_ids) == 48 for c in result.completions)
+    # what the workers did: the survivor's chunk once, the victim's chunk once more by the
+    # survivor (the victim died before it finished, so it recorded nothing)
+    ledger = ray.get(pool.store.generated.remote("k"))
+    assert sorted(ledger) == sorted(r.request_id for r in reqs)
+    assert set(ledger.values()) == {1}
 
-    # the replacement joins: it is synced to the requested version before it serves
-    assert pool.workers[0] is not victim
+    # Serve replaces the victim; the newcomer loads the newest weights before it serves
+    pool.wait_for_workers(2, timeout_s=60)
+    assert victim["worker"] not in {w["worker"] for w in pool.workers()}
+    assert versions(pool) == [1, 1]
     again = pool.generate(reqs[:4], spec, weights=(1, ref))
-    assert ray.get(pool.workers[0].ping.remote())["pid"] != pid
-    assert ray.get([w.weight_version.remote() for w in pool.workers]) == [1, 1]
-    assert again.sync_s > 0
     assert [c.token_ids for c in again.completions] == [
         c.token_ids for c in result.completions[:16]
     ]
+
+
+def test_pool_scales_by_hand_within_its_bounds(pool, other_state):
+    with pytest.raises(
+        ValueError, match=r"outside \[rollout.min_workers=1, rollout.max_workers=2\]"
+    ):
+        pool.scale(3)
+    pool.scale(1)
+    pool.wait_for_workers(1, timeout_s=60)
+    spec = SamplingSpec(n=1, temperature=1.0, top_p=1.0, max_tokens=4, seed=0)
+    assert len(pool.generate(requests(3), spec).served) == 1
+    pool.scale(2)
+    pool.wait_for_workers(2, timeout_s=60)
+    assert len(pool.generate(requests(3), spec).served) == 2
 
 
 @pytest.mark.slow
@@ -219,7 +247,7 @@ def test_vllm_in_place_update_matches_a_fresh_engine(
 ):
     """FACTS.md: after the in-place update, log-probs equal a fresh engine's on the new
     weights (bitwise on SmolLM2). Both engines run as RolloutWorker actors."""
-    pool.shutdown()  # frees the CPUs for two vLLM workers
+    pool.shutdown()  # frees the CPUs for two vLLM workers (the pool is not used after this)
     cfg = RolloutConfig(engine="vllm", threads_per_worker=1, kv_cache_gb=1)
     actor = ray.remote(RolloutWorker).options(num_cpus=1)
     updated, fresh = actor.remote(tiny, cfg, 0), actor.remote(tiny_other, cfg, 0)
@@ -233,10 +261,13 @@ def test_vllm_in_place_update_matches_a_fresh_engine(
         # 12 sequences × 401 prompt tokens > vLLM's 4096-token step: seeded requests
         # whose prefill got chunked crashed vLLM on CPU (see VLLMEngine)
         reqs = [GenerationRequest(f"v{i}", [1, *range(1000 + i, 1400 + i)]) for i in range(3)]
-        before = ray.get(updated.generate.remote(reqs, spec))
+        before = ray.get(updated.generate.remote(reqs, spec)).completions
         seconds = ray.get(updated.load_weights.remote(1, ray.put(other_state)))
-        after, expected = ray.get(
-            [updated.generate.remote(reqs, spec), fresh.generate.remote(reqs, spec)]
+        after, expected = (
+            reply.completions
+            for reply in ray.get(
+                [updated.generate.remote(reqs, spec), fresh.generate.remote(reqs, spec)]
+            )
         )
     finally:
         ray.kill(updated)
