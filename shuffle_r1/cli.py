@@ -3,6 +3,7 @@
     shuffle-r1 train --config configs/X.yaml [--resume] [key=value ...]   train a recipe
     shuffle-r1 eval --config configs/X.yaml [--checkpoint DIR]          evaluate
     shuffle-r1 config --config configs/X.yaml [key=value ...]   print the resolved recipe
+    shuffle-r1 scale rollout N [--run R] [--address A]       resize a running job's rollout workers
     shuffle-r1 buffer serve --redis-url URL --port P ...        run the replay buffer service
 
 Commands that run a service import it when they are called, so the library itself does not
@@ -23,7 +24,7 @@ from shuffle_r1.config import ConfigError, load_config
 
 # modules whose `add_parser(subparsers)` registers commands whose `func(args)` returns an int
 SERVICE_COMMANDS = (
-    "services.trainer.cli",  # train, eval
+    "services.trainer.cli",  # train, eval, scale
     "services.replay_buffer.cli",  # buffer serve
 )
 

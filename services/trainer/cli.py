@@ -1,4 +1,4 @@
-"""``shuffle-r1 train`` and ``shuffle-r1 eval``."""
+"""``shuffle-r1 train``, ``shuffle-r1 eval`` and ``shuffle-r1 scale rollout N``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the recipe's model)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("scale", help="change the number of workers of a running job's role")
+    p.add_argument("role", choices=["rollout"], help="the role to scale")
+    p.add_argument("num_workers", type=int, help="workers to run")
+    p.add_argument("--run", help="the run (trainer.run_name); default: the only running one")
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument("--namespace", default="shuffle-r1", help="the job's cluster.namespace")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the workers")
+    p.set_defaults(func=scale)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -70,3 +78,60 @@ def evaluate(args: argparse.Namespace) -> int:
         result = trainer.evaluate()
     print(json.dumps(result))
     return 0
+
+
+def scale(args: argparse.Namespace) -> int:
+    """Ask a running job's rollout deployment for ``num_workers`` replicas. The bounds are the
+    job's ``rollout.min_workers`` / ``max_workers`` (read from its weight store); a job whose
+    rollout deployment autoscales refuses. Joining workers load the newest weights before
+    their first request; leaving ones finish their requests first."""
+    import os
+    import sys
+
+    import ray
+    from ray import serve
+
+    from actors.rollout import check_scale
+    from actors.serving import set_num_replicas, wait_for_replicas
+    from actors.weights import weight_store_name
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=args.address, namespace=args.namespace, logging_level=logging.WARNING)
+    try:
+        stores = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == args.namespace and a["name"].endswith("-weights")
+        ]
+        if args.run:
+            name = weight_store_name(args.run)
+            if name not in stores:
+                running = sorted(s.removesuffix("-weights") for s in stores)
+                print(f"shuffle-r1 scale: no run {args.run!r} in namespace {args.namespace!r}; "
+                      f"running: {running}", file=sys.stderr)  # fmt: skip
+                return 2
+        elif len(stores) == 1:
+            name = stores[0]
+        else:
+            running = sorted(s.removesuffix("-weights") for s in stores)
+            print(f"shuffle-r1 scale: {len(stores)} runs in namespace {args.namespace!r} "
+                  f"({running}); name one with --run", file=sys.stderr)  # fmt: skip
+            return 2
+        store: Any = ray.get_actor(name, namespace=args.namespace)
+        info: dict[str, Any] = ray.get(store.scaling.remote())
+        try:
+            check_scale(
+                args.num_workers, info["min_workers"], info["max_workers"], info["autoscaling"]
+            )
+            set_num_replicas(info["app"], info["deployment"], args.num_workers)
+        except ValueError as exc:
+            print(f"shuffle-r1 scale: {exc}", file=sys.stderr)
+            return 2
+        print(f"{info['app']}: asked for {args.num_workers} rollout workers", flush=True)
+        if args.wait:
+            handle = serve.get_deployment_handle(info["deployment"], info["app"])
+            wait_for_replicas(info["app"], info["deployment"], args.num_workers, args.wait, handle)
+            print(f"{info['app']}: {args.num_workers} rollout workers running", flush=True)
+        return 0
+    finally:
+        ray.shutdown()

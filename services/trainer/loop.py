@@ -377,6 +377,7 @@ class Trainer:
             / len(gen.completions),
             "rollout/weight_version": float(min(c.weight_version for c in gen.completions)),
             "rollout/resent": float(gen.resent),
+            "rollout/workers": float(len(gen.served)),
             "buffer/pairs_kept": float(put.pairs_kept),
             "buffer/pairs_dropped": float(put.pairs_dropped),
             "buffer/batch_rollouts": float(len(sample.items)),
