@@ -32,6 +32,8 @@ RAY_PREFIX_RELABEL = {"regex": "ray_(shuffle_r1_.*)", "replacement": "$1"}
 # Bucket edges shared by exporters and dashboards.
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
 ADVANTAGE_BUCKETS = tuple(round(-3 + 0.25 * i, 2) for i in range(25))  # -3 .. 3
+# Histograms with negative bucket edges: exported without ``_sum`` (MetricSpec.series).
+NEGATIVE_HISTOGRAMS = ("shuffle_r1_advantage",)
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,12 @@ class MetricSpec:
 
     @property
     def series(self) -> tuple[str, ...]:
-        """The sample names a scrape shows for it (histograms: bucket, sum, count)."""
+        """The sample names a scrape shows for it: histograms have ``_bucket`` and ``_count``,
+        and ``_sum`` unless a bucket edge is negative (OpenMetrics, which prometheus-client
+        follows, omits the sum of a histogram that may observe negative values)."""
         if self.kind == "histogram":
-            return (f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count")
+            with_sum = self.name not in NEGATIVE_HISTOGRAMS
+            return (f"{self.name}_bucket", *([f"{self.name}_sum"] * with_sum), f"{self.name}_count")
         return (self.name,)
 
 
@@ -246,6 +251,6 @@ def spec_of_series(series: str) -> MetricSpec | None:
         return BY_NAME[name]
     for suffix in ("_bucket", "_sum", "_count"):
         base = name.removesuffix(suffix)
-        if base != name and base in BY_NAME and BY_NAME[base].kind == "histogram":
+        if base != name and base in BY_NAME and name in BY_NAME[base].series:
             return BY_NAME[base]
     return None

@@ -309,7 +309,12 @@ class Trainer:
             [c.token_ids for c in completions], skip_special_tokens=True
         )
         answers = [p.example.answer for p in prompts for _ in range(n)]
-        return self.reward.score([ScoreRequest(t, a) for t, a in zip(texts, answers, strict=True)])
+        scores = self.reward.score(
+            [ScoreRequest(t, a) for t, a in zip(texts, answers, strict=True)]
+        )
+        for error in (s.error for s in scores if s.error is not None):
+            self.exporter.count_error("reward", error.split(":", 1)[0])
+        return scores
 
     def step(self, step: int) -> dict[str, float]:
         """Run training step ``step`` (0-based) and return its metrics."""
@@ -419,8 +424,6 @@ class Trainer:
         m["time/step_s"] = time.perf_counter() - t0
         m.update(self.counters)
         self.exporter.observe_step(step + 1, m, advantages.tolist(), pair_draws)
-        for error in (s.error for s in scores if s.error is not None):
-            self.exporter.count_error("reward", error.split(":", 1)[0])
         self.exporter.count_error("rollout", "resent", gen.resent)
         return m
 

@@ -86,6 +86,17 @@ PHASES = (
     "publish",
     "eval",
 )
+# The handled failures the trainer counts (role, kind); their series exist from the start at 0.
+ERROR_KINDS = (
+    ("data", "skipped_rows"),
+    ("data", "overlong_prompts"),
+    ("rollout", "resent"),
+    ("reward", "hung"),
+    ("reward", "raised"),
+    ("buffer", "reconnect"),
+    ("buffer", "regenerated_step"),
+    ("learner", "rebuilt"),
+)
 
 
 class TrainerExporter:
@@ -119,6 +130,10 @@ class TrainerExporter:
                 }.get(spec.name, SECONDS_BUCKETS)
                 metric = Histogram(spec.name, spec.help, buckets=buckets, **kw)
             self.metrics[spec.name] = metric
+        for phase in PHASES:  # labelled series exist from the start, at 0
+            self.metrics["shuffle_r1_phase_seconds"].labels(phase)
+        for role, kind in ERROR_KINDS:
+            self.metrics["shuffle_r1_errors_total"].labels(role, kind)
         self._server: Any = None
         if port:
             self._server, _ = start_http_server(port, addr=host, registry=self.registry)

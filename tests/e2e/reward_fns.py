@@ -11,3 +11,13 @@ from shuffle_r1.rewards import RewardResult
 def distinct_char_share(response: str, reference_answer: str, **_: object) -> RewardResult:
     share = len(set(response)) / max(len(response), 1)
     return RewardResult(reward=share, accuracy=0.0, format=0.0)
+
+
+def distinct_char_share_some_raise(
+    response: str, reference_answer: str, **_: object
+) -> RewardResult:
+    """As :func:`distinct_char_share`, but raises for about a quarter of the responses
+    (deterministic in the response), so the reward workers count errors."""
+    if sum(map(ord, response)) % 4 == 0:
+        raise RuntimeError("this reward function raises on purpose")
+    return distinct_char_share(response, reference_answer)
