@@ -32,6 +32,7 @@ from jsonschema import Draft4Validator
 
 from shuffle_r1.cli import build_parser
 from shuffle_r1.config import Config, load_config
+from shuffle_r1.metric_catalog import RAY_PREFIX_RELABEL
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "shuffle-r1"
@@ -343,3 +344,18 @@ def assert_trainer_matches_pods(cfg: Config, objects: tuple[dict[str, Any], ...]
         )
     for path in (cfg.data.train_path, cfg.data.val_path):
         assert (ROOT / path).is_file(), f"{path} is not in the image (/app/{path})"
+
+
+def assert_relabel_rule(rules: list[dict[str, Any]], camel: bool) -> None:
+    """``rules`` contain shuffle_r1.metric_catalog.RAY_PREFIX_RELABEL on ``__name__``."""
+    src, target = ("sourceLabels", "targetLabel") if camel else ("source_labels", "target_label")
+    matching = [
+        r
+        for r in rules
+        if r.get(src) == ["__name__"]
+        and r.get(target) == "__name__"
+        and r.get("regex") == RAY_PREFIX_RELABEL["regex"]
+        and r.get("replacement") == RAY_PREFIX_RELABEL["replacement"]
+        and r.get("action", "replace").lower() == "replace"
+    ]
+    assert matching, f"no {RAY_PREFIX_RELABEL} rule in {rules}"

@@ -19,6 +19,7 @@ from k8s_offline import (
     CHART,
     InvalidObject,
     Render,
+    assert_relabel_rule,
     assert_trainer_matches_pods,
     container,
     groups,
@@ -27,8 +28,6 @@ from k8s_offline import (
     trainer_config,
     validate_object,
 )
-
-from shuffle_r1.metric_catalog import RAY_PREFIX_RELABEL
 
 SECRET_NAME = re.compile(r"(?i)(password|token|secret|credential|apikey|api_key)")
 
@@ -157,21 +156,6 @@ def test_service_monitor_scrapes_every_exporter(rendered: Render) -> None:
 
 def port_names(service: dict[str, Any]) -> set[str]:
     return {p["name"] for p in service["spec"]["ports"]}
-
-
-def assert_relabel_rule(rules: list[dict[str, Any]], camel: bool) -> None:
-    """``rules`` contain shuffle_r1.metric_catalog.RAY_PREFIX_RELABEL on ``__name__``."""
-    src, target = ("sourceLabels", "targetLabel") if camel else ("source_labels", "target_label")
-    matching = [
-        r
-        for r in rules
-        if r.get(src) == ["__name__"]
-        and r.get(target) == "__name__"
-        and r.get("regex") == RAY_PREFIX_RELABEL["regex"]
-        and r.get("replacement") == RAY_PREFIX_RELABEL["replacement"]
-        and r.get("action", "replace").lower() == "replace"
-    ]
-    assert matching, f"no {RAY_PREFIX_RELABEL} rule in {rules}"
 
 
 def test_no_secret_value_in_manifests(rendered: Render) -> None:
