@@ -48,17 +48,18 @@ def mean(histogram: str, by: str = "") -> str:
 
 
 Target = tuple[str, str]  # (PromQL, legend)
+JSON = dict[str, Any]  # a Grafana JSON object (panel spec, panel, dashboard)
 
 
-def ts(title: str, targets: list[Target], unit: str = "short", w: int = 8, **opts: Any) -> dict:
+def ts(title: str, targets: list[Target], unit: str = "short", w: int = 8, **opts: Any) -> JSON:
     return {"type": "timeseries", "title": title, "targets": targets, "unit": unit, "w": w, **opts}
 
 
-def stat(title: str, expr: str, unit: str = "short", w: int = 4) -> dict:
+def stat(title: str, expr: str, unit: str = "short", w: int = 4) -> JSON:
     return {"type": "stat", "title": title, "targets": [(expr, "")], "unit": unit, "w": w}
 
 
-def heatmap(title: str, histogram: str, w: int = 8) -> dict:
+def heatmap(title: str, histogram: str, w: int = 8) -> JSON:
     expr = f"sum by (le) (increase({m(histogram + '_bucket')}{RATE}))"
     return {
         "type": "heatmap",
@@ -69,7 +70,7 @@ def heatmap(title: str, histogram: str, w: int = 8) -> dict:
     }
 
 
-ROWS: list[tuple[str, list[dict]]] = [
+ROWS: list[tuple[str, list[JSON]]] = [
     (
         "Overview",
         [
@@ -321,7 +322,7 @@ ROWS: list[tuple[str, list[dict]]] = [
 ]
 
 
-def panel(spec: dict, pid: int, x: int, y: int) -> dict:
+def panel(spec: JSON, pid: int, x: int, y: int) -> JSON:
     """A Grafana panel from a spec of :func:`ts`, :func:`stat` or :func:`heatmap`."""
     targets = [
         {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(ord("A") + i)}
@@ -346,9 +347,9 @@ def panel(spec: dict, pid: int, x: int, y: int) -> dict:
     return out
 
 
-def dashboard() -> dict:
+def dashboard() -> JSON:
     """The dashboard as Grafana's JSON model (schemaVersion 39)."""
-    panels: list[dict] = []
+    panels: list[JSON] = []
     y = 0
     for title, specs in ROWS:
         panels.append(

@@ -49,7 +49,7 @@ class InvalidObject(ValueError):
     """An object the API server would refuse; the message names it and the failing field."""
 
 
-def server_schema(node: Any) -> Any:
+def server_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A CRD's ``openAPIV3Schema`` as the API server applies it, for a Draft 4 validator.
 
     Three adjustments, at every level: objects that declare ``properties`` get
@@ -58,24 +58,25 @@ def server_schema(node: Any) -> Any:
     ``default`` leave ``required`` (the server fills them in); ``nullable: true`` adds the
     ``null`` type. Objects marked ``x-kubernetes-preserve-unknown-fields`` keep what they have.
     """
-    if isinstance(node, list):
-        return [server_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: server_schema(value) for key, value in node.items()}
-    props = out.get("properties")
-    if isinstance(props, dict):
+    out = dict(schema)
+    if "properties" in out:
+        props = {name: server_schema(sub) for name, sub in out["properties"].items()}
+        out["properties"] = props
         if "additionalProperties" not in out and not out.get(
             "x-kubernetes-preserve-unknown-fields"
         ):
             out["additionalProperties"] = False
-        if "required" in out:
-            defaulted = {name for name, sub in props.items() if "default" in sub}
-            required = [name for name in out["required"] if name not in defaulted]
-            if required:
-                out["required"] = required
-            else:
-                del out["required"]
+        required = [n for n in out.get("required", []) if "default" not in props.get(n, {})]
+        out.pop("required", None)
+        if required:
+            out["required"] = required
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = server_schema(out["additionalProperties"])
+    if isinstance(out.get("items"), dict):
+        out["items"] = server_schema(out["items"])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in out:
+            out[key] = [server_schema(sub) for sub in out[key]]
     if out.get("nullable") is True and "type" in out:
         types = out["type"] if isinstance(out["type"], list) else [out["type"]]
         out["type"] = [*types, "null"]

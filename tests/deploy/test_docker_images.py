@@ -164,7 +164,7 @@ def test_runs_as_the_charts_user_with_the_project_on_path(name: str) -> None:
     assert "runAsUser: 1000" in chart and "runAsGroup: 1000" in chart
     (workdir,) = [c.value[0] for c in cmds if c.cmd == "WORKDIR"]
     assert workdir == "/app"
-    env = {}
+    env: dict[str, str] = {}
     for c in cmds:
         if c.cmd == "ENV":
             env.update(zip(c.value[::2], c.value[1::2], strict=True))

@@ -73,8 +73,11 @@ def check_query(title: str, query: str) -> set[str]:
 
     def grouping(node: Any) -> None:
         if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
-            below = selectors(node.expr)
-            have = set().union(*(allowed_labels(s.name, spec_of_series(s.name)) for s in below))
+            have: set[str] = set()
+            for s in selectors(node.expr):
+                spec = spec_of_series(s.name)
+                assert spec is not None, f"{title}: {s.name} is not in the metric catalog"
+                have |= allowed_labels(s.name, spec)
             unknown = set(node.modifier.labels) - have
             assert not unknown, f"{title}: grouping by {sorted(unknown)}, which {query} lacks"
 

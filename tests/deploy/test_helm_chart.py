@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import helm_python
 import pytest
 import yaml
+from jsonschema import Draft4Validator
 from k8s_offline import (
     CHART,
     InvalidObject,
@@ -25,6 +26,7 @@ from k8s_offline import (
     groups,
     ray_cluster_spec,
     render_chart,
+    server_schema,
     trainer_config,
     validate_object,
 )
@@ -100,6 +102,30 @@ def test_validator_rejects_a_typo() -> None:
     bad_name["metadata"]["name"] = "Shuffle_R1"
     with pytest.raises(InvalidObject, match="not a valid name"):
         validate_object(bad_name)
+
+
+def test_server_schema_reads_a_crd_as_the_api_server_does() -> None:
+    """The three adjustments: unknown fields refused (also inside maps and lists, not where
+    a CRD preserves unknown fields), defaulted fields optional, nullable fields nullable."""
+    crd = {
+        "type": "object",
+        "required": ["a", "b"],
+        "properties": {
+            "a": {"type": "string"},
+            "b": {"type": "integer", "default": 1},
+            "c": {"type": "string", "nullable": True},
+            "m": {"type": "object", "additionalProperties": {"properties": {"x": {}}}},
+            "l": {"type": "array", "items": {"properties": {"x": {}}}},
+            "p": {"x-kubernetes-preserve-unknown-fields": True, "properties": {"x": {}}},
+        },
+    }
+    check = Draft4Validator(server_schema(crd)).is_valid
+    assert check({"a": "s"}) and not check({"b": 1})
+    assert check({"a": "s", "c": None})
+    assert not check({"a": "s", "typo": 1})
+    assert check({"a": "s", "m": {"k": {"x": 1}}}) and not check({"a": "s", "m": {"k": {"y": 1}}})
+    assert check({"a": "s", "l": [{"x": 1}]}) and not check({"a": "s", "l": [{"y": 1}]})
+    assert check({"a": "s", "p": {"anything": 1}})
 
 
 def test_worker_groups_within_bounds(rendered: Render) -> None:
@@ -195,7 +221,13 @@ def test_no_secret_value_in_manifests(rendered: Render) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [CHART / "values.yaml", *sorted((CHART / "ci").glob("*.yaml"))], ids=lambda p: p.name
+    "path",
+    [
+        CHART / "values.yaml",
+        *sorted((CHART / "ci").glob("*.yaml")),
+        CHART.parents[1] / "deploy" / "kuberay" / "values.yaml",
+    ],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_values_files_hold_no_secret(path: Path) -> None:
     """A secret-looking key in a values file names a Secret or a key in it, never a value."""
