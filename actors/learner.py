@@ -59,6 +59,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json
 _PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
+class LearnerFailedError(RuntimeError):
+    """A rank of a :class:`LearnerGroup` failed (raised, or its process died); the group has
+    killed every rank. Build a new group (from a checkpoint) to go on."""
+
+
 class LearnerWorker:
     """Rank ``rank`` of ``world_size``: one shard of the policy model and its optimizer.
 
@@ -427,7 +432,8 @@ class LearnerGroup:
 
     Needs a running Ray with ``learner.num_ranks`` free CPUs (and GPUs when
     ``learner.num_gpus_per_rank > 0``). If a rank fails, the group kills every rank (the
-    others would wait on it in a collective) and raises; build a new group to go on.
+    others would wait on it in a collective) and raises :class:`LearnerFailedError`; build a
+    new group to go on.
 
     Attributes:
         version: the weight version: 0 as loaded (or the checkpoint's), +1 per :meth:`update`
@@ -482,7 +488,7 @@ class LearnerGroup:
                 ray.get(done)
         except Exception as exc:
             self.shutdown(graceful=False)
-            raise RuntimeError(
+            raise LearnerFailedError(
                 f"a learner rank failed; the learner group is shut down: {exc}"
             ) from exc
         return ray.get(refs)

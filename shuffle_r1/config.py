@@ -181,6 +181,8 @@ class TrainerConfig:
     eval_every: int = 5
     seed: int = 1
     resume: bool = False
+    # a learner rank that dies: rebuild the group from the last checkpoint, this many times
+    max_learner_restarts: int = 3
     metrics_port: int = 0  # Prometheus /metrics of the trainer; 0 = off
     metrics_host: str = "127.0.0.1"
 
@@ -335,6 +337,7 @@ def validate(cfg: Config) -> Config:
     _at_least("trainer.rollout_batch_size", t.rollout_batch_size, 1)
     _at_least("trainer.save_every", t.save_every, 0)
     _at_least("trainer.eval_every", t.eval_every, 0)
+    _at_least("trainer.max_learner_restarts", t.max_learner_restarts, 0)
     _between("trainer.metrics_port", t.metrics_port, 0, 65535)
     _choice("cluster.auth_mode", cfg.cluster.auth_mode, ("disabled", "token"))
     _at_least("cluster.num_cpus", cfg.cluster.num_cpus, 0)

@@ -32,7 +32,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from actors.learner import LearnerGroup
+from actors.learner import LearnerFailedError, LearnerGroup
 from actors.reward import RewardPool, ScoreRequest
 from actors.rollout import GenerationRequest, RolloutPool, SamplingSpec
 from actors.serving import ensure_serve
@@ -215,12 +215,23 @@ class Trainer:
         )
 
     def _put_and_sample(self, groups: list[pb.Group], step: int) -> tuple[Any, Any]:
-        """Put the step's groups and draw its batch. If the buffer is unreachable (its actor
-        died and Ray restarted it elsewhere), reconnect once and redo both: a put is
-        idempotent and the draw is deterministic per step, so nothing is lost or doubled."""
-        for attempt in range(2):
+        """Put the step's groups and draw its batch; survive the buffer's two failures:
+
+        - the buffer is unreachable (its actor died and Ray restarted it, on a new port):
+          reconnect and redo both — a put is idempotent and the draw is deterministic per
+          step, so nothing is lost or doubled;
+        - the buffer lost groups it had acknowledged (Redis restarted without persistence):
+          Sample refuses the short step (``expected_groups``), the buffer's stats confirm
+          fewer groups than were put, and the trainer puts the step's groups again from its
+          memory, never training on a partial batch.
+
+        Each recovery is tried once per call, then the error propagates.
+        """
+        recovered: set[str] = set()
+        put = None  # the first acknowledged put: a retry finds the groups there (duplicates)
+        while True:
             try:
-                put = self.buffer.put_groups(groups, spec=self.spec)
+                put = put or self.buffer.put_groups(groups, spec=self.spec)
                 sample = self.buffer.sample(
                     self.run_id,
                     step,
@@ -230,18 +241,47 @@ class Trainer:
                 )
                 return put, sample
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt:
+                kind = self._buffer_failure(exc, step, len(groups))
+                if kind is None or kind in recovered:
                     raise
-                logger.warning(
-                    "replay buffer at %s unreachable (%s); reconnecting",
-                    self.buffer.address,
-                    exc.details(),
-                )
-                self.buffer.close()
-                self.buffer = self._connect_buffer()
-                self.counters["buffer/reconnects"] = self.counters.get("buffer/reconnects", 0) + 1
-                self.exporter.count_error("buffer", "reconnect")
-        raise AssertionError("unreachable")
+                recovered.add(kind)
+                if kind == "regenerated_step":
+                    put = None  # the buffer lost it: put again
+                self.counters[f"buffer/{kind}s"] = self.counters.get(f"buffer/{kind}s", 0) + 1
+                self.exporter.count_error("buffer", kind)
+
+    def _buffer_failure(self, exc: grpc.RpcError, step: int, expected: int) -> str | None:
+        """``"reconnect"`` (after reconnecting) or ``"regenerated_step"`` when ``exc`` is a
+        failure :meth:`_put_and_sample` recovers from, else None."""
+        code = exc.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            logger.warning(
+                "replay buffer at %s unreachable (%s); reconnecting",
+                self.buffer.address,
+                exc.details(),  # type: ignore[attr-defined]
+            )
+            self.buffer.close()
+            self.buffer = self._connect_buffer()
+            return "reconnect"
+        if code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+            return None
+        try:
+            stats = self.buffer.stats(self.run_id)
+            held = next((s.groups_accepted for s in stats.steps if s.step == step), 0)
+        except grpc.RpcError as stats_exc:
+            if stats_exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                raise
+            held = 0  # the buffer does not know the run any more
+        if held >= expected:
+            return None  # not a loss: a real precondition failure (another spec, ...)
+        logger.warning(
+            "replay buffer holds %d of step %d's %d groups (%s); putting them again",
+            held,
+            step,
+            expected,
+            exc.details(),  # type: ignore[attr-defined]
+        )
+        return "regenerated_step"
 
     def _load_data(self) -> tuple[list[Prompt], list[Prompt]]:
         d = self.cfg.data
@@ -467,33 +507,40 @@ class Trainer:
         last: dict[str, Any] = {}
         ckpt = latest_checkpoint(self.out)
         bar = tqdm(
-            range(self.state.step, cfg.total_steps),
             initial=self.state.step,
             total=cfg.total_steps,
             desc="train",
             unit="step",
             dynamic_ncols=True,
         )
-        for step in bar:
-            metrics = self.step(step)
-            self.state.step = step + 1
-            self.state.buffer_cursor = step
-            if cfg.eval_every and (
-                self.state.step % cfg.eval_every == 0 or self.state.step == cfg.total_steps
-            ):
-                metrics.update(self.evaluate())
-            self.metrics.write(step, metrics)
+        while self.state.step < cfg.total_steps:
+            step = self.state.step
+            try:
+                metrics = self.step(step)
+                self.state.step = step + 1
+                self.state.buffer_cursor = step
+                if cfg.eval_every and (
+                    self.state.step % cfg.eval_every == 0 or self.state.step == cfg.total_steps
+                ):
+                    metrics.update(self.evaluate())
+                self.metrics.write(step, metrics)
+                if cfg.save_every and (
+                    self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps
+                ):
+                    ckpt = self.save()
+            except LearnerFailedError as exc:
+                self._rebuild_learner(exc)
+                bar.n = self.state.step
+                continue
             last = metrics
+            bar.update(1)
             bar.set_postfix(
                 reward=f"{metrics['reward/mean']:.3f}",
                 acc=f"{metrics['reward/accuracy']:.3f}",
                 loss=f"{metrics.get('learner/policy_loss', math.nan):.4f}",
                 step_s=f"{metrics['time/step_s']:.1f}",
             )
-            if cfg.save_every and (
-                self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps
-            ):
-                ckpt = self.save()
+        bar.close()
         if self.learner.version > 0:  # every rollout worker ends on the newest weights
             self.rollout.sync(self.learner.publish_weights())
         plot = plot_metrics(self.metrics_path, self.out / "metrics.png") if last else None
@@ -505,6 +552,51 @@ class Trainer:
             checkpoint=ckpt,
             wall_s=time.perf_counter() - started,
             last_metrics=last,
+        )
+
+    def _rebuild_learner(self, failure: LearnerFailedError) -> None:
+        """A learner rank died: start a new learner group, restore it and the driver's state
+        (data sampler, RNG, counters) from the newest checkpoint (or from the start without
+        one), and let :meth:`run` continue from there — the steps after the checkpoint are
+        trained again on the same prompts. At most ``trainer.max_learner_restarts`` times,
+        then ``failure`` propagates.
+
+        The restored weights get a new, higher weight version than any published before, so
+        every rollout worker reloads them (a worker never keeps weights the learner lost).
+        """
+        rebuilt = int(self.counters.get("learner/rebuilt", 0)) + 1
+        if rebuilt > self.cfg.trainer.max_learner_restarts:
+            raise failure
+        logger.error(
+            "learner failed at step %d (%s); rebuilding it (%d of at most %d)",
+            self.state.step,
+            failure,
+            rebuilt,
+            self.cfg.trainer.max_learner_restarts,
+        )
+        newest = self.learner.version
+        self.learner.shutdown(graceful=False)
+        self.learner = LearnerGroup(self.cfg, self.model_path)
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            logger.error("no checkpoint under %s: training restarts from step 0", self.out)
+            self.state = TrainerState()
+            self.sampler.load_state_dict({**self.sampler.state_dict(), "epoch": 0, "position": 0})
+            torch.manual_seed(self.cfg.trainer.seed)
+        else:
+            self.learner.load_checkpoint(ckpt / "learner")
+            self.state = read_state(ckpt)
+            self.sampler.load_state_dict(self.state.sampler)
+            self.counters.update(self.state.counters)
+        self.counters["learner/rebuilt"] = rebuilt
+        self.exporter.count_error("learner", "rebuilt")
+        self.learner.version = max(newest, self.learner.version) + 1
+        self.buffer.drop_run(self.run_id)  # the steps after the checkpoint are put again
+        logger.info(
+            "learner rebuilt from %s; continuing at step %d with weight version %d",
+            ckpt or "the initial model",
+            self.state.step,
+            self.learner.version,
         )
 
     def close(self) -> None:

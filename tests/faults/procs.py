@@ -1,0 +1,51 @@
+"""Find the real processes of this test session's Ray roles, to kill them with SIGKILL.
+
+Ray titles an actor's process ``ray::<ClassName>`` (a Serve replica
+``ray::ServeReplica:<app>:<deployment>``); only descendants of this test process count, so
+other Ray clusters on the machine are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+
+
+def ray_actor_pids(title: str) -> list[int]:
+    """PIDs of this session's Ray worker processes whose title starts with ``ray::<title>``."""
+    pids = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if child.cmdline() and child.cmdline()[0].startswith(f"ray::{title}"):
+                pids.append(child.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def kill9(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGKILL ``pid`` and wait until it is gone (``TimeoutError`` if it lingers)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} still runs {timeout_s} s after SIGKILL")
+        time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (0.0 once it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def busy(pid: int, since: float, seconds: float) -> bool:
+    """``pid`` has used more than ``seconds`` of CPU since it had used ``since``: it is
+    working on something (a request it was given), not waiting for one."""
+    return cpu_seconds(pid) - since > seconds
