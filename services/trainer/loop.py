@@ -19,6 +19,7 @@ same data order; evaluation on the held-out split every ``trainer.eval_every`` s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -50,7 +51,7 @@ from services.trainer.state import (
     write_state,
 )
 from shuffle_r1.algos import advantage_collapse_share, grpo_advantages
-from shuffle_r1.config import Config, save_config
+from shuffle_r1.config import Config, DataConfig, save_config
 from shuffle_r1.data import Example, PromptSampler, load_examples, render_prompt
 from shuffle_r1.models import resolve_model_path
 from shuffle_r1.training import TrainBatch
@@ -101,6 +102,44 @@ def tokenize_prompts(
             ids = ids[-max_len:]
         prompts.append(Prompt(ex, list(ids)))
     return prompts, overlong
+
+
+def load_prompt_splits(
+    d: DataConfig, tokenizer: Any
+) -> tuple[list[Prompt], list[Prompt], int, int]:
+    """The train and validation prompts of ``d`` (read, rendered, tokenised; the validation
+    split cut to ``d.val_size``), with the rows skipped and the prompts over
+    ``d.max_prompt_length`` over both files. The trainer's sampler indexes the train list.
+
+    Raises:
+        ValueError: a file yields no usable prompt.
+    """
+    out, skipped, overlong = [], 0, 0
+    for path in (d.train_path, d.val_path):
+        result = load_examples(
+            path,
+            problem_key=d.problem_key,
+            answer_key=d.answer_key,
+            image_key=d.image_key,
+            id_key=d.id_key or None,
+            answer_format=d.answer_format,
+            image_root=d.image_root or None,
+        )
+        for row in result.skipped[:5]:
+            logger.warning("skipped %s row %d: %s", row.path, row.row, row.reason)
+        prompts, over = tokenize_prompts(
+            tokenizer, list(result.examples), d.max_prompt_length, d.overlong_prompt
+        )
+        skipped += len(result.skipped)
+        overlong += over
+        if not prompts:
+            raise ValueError(f"{path}: no usable prompt (all rows skipped or overlong)")
+        out.append(prompts)
+    train, val = out
+    if d.val_size:
+        val = val[: d.val_size]
+    logger.info("data: %d train prompts, %d validation prompts", len(train), len(val))
+    return train, val, skipped, overlong
 
 
 def init_ray(cfg: Config) -> None:
@@ -180,11 +219,13 @@ class Trainer:
         self.reward = RewardPool(cfg.reward, self.run_id)
         self.learner = LearnerGroup(cfg, self.model_path)
         self.metrics_path = self.out / "metrics.jsonl"
+        self.prompts_path = self.out / "prompts.jsonl"  # the prompt ids each step drew
         if resume:
             self._resume()
         else:
             self.buffer.drop_run(self.run_id)
             self.metrics_path.unlink(missing_ok=True)
+            self.prompts_path.unlink(missing_ok=True)
         self.metrics = MetricsWriter(self.metrics_path)
         self.exporter = TrainerExporter(cfg.trainer.metrics_port, cfg.trainer.metrics_host)
         self.exporter.set_live_workers("rollout", lambda: self.rollout.num_workers)
@@ -284,36 +325,11 @@ class Trainer:
         return "regenerated_step"
 
     def _load_data(self) -> tuple[list[Prompt], list[Prompt]]:
-        d = self.cfg.data
-        out = []
-        for path in (d.train_path, d.val_path):
-            result = load_examples(
-                path,
-                problem_key=d.problem_key,
-                answer_key=d.answer_key,
-                image_key=d.image_key,
-                id_key=d.id_key or None,
-                answer_format=d.answer_format,
-                image_root=d.image_root or None,
-            )
-            for row in result.skipped[:5]:
-                logger.warning("skipped %s row %d: %s", row.path, row.row, row.reason)
-            prompts, overlong = tokenize_prompts(
-                self.tokenizer, list(result.examples), d.max_prompt_length, d.overlong_prompt
-            )
-            self.counters["data/skipped_rows"] = self.counters.get("data/skipped_rows", 0) + len(
-                result.skipped
-            )
-            self.counters["data/overlong_prompts"] = (
-                self.counters.get("data/overlong_prompts", 0) + overlong
-            )
-            if not prompts:
-                raise ValueError(f"{path}: no usable prompt (all rows skipped or overlong)")
-            out.append(prompts)
-        train, val = out
-        if d.val_size:
-            val = val[: d.val_size]
-        logger.info("data: %d train prompts, %d validation prompts", len(train), len(val))
+        train, val, skipped, overlong = load_prompt_splits(self.cfg.data, self.tokenizer)
+        self.counters["data/skipped_rows"] = self.counters.get("data/skipped_rows", 0) + skipped
+        self.counters["data/overlong_prompts"] = (
+            self.counters.get("data/overlong_prompts", 0) + overlong
+        )
         return train, val
 
     def _resume(self) -> None:
@@ -363,6 +379,8 @@ class Trainer:
         t0 = time.perf_counter()
         prompts = [self.train_prompts[i] for i in self.sampler.next_batch()]
         self.last_prompt_ids = [p.example.uid for p in prompts]
+        with self.prompts_path.open("a") as f:
+            f.write(json.dumps({"step": step, "prompt_ids": self.last_prompt_ids}) + "\n")
         sampling = SamplingSpec(
             n=n,
             temperature=cfg.rollout.temperature,

@@ -210,9 +210,10 @@ def _plain(value: object) -> object:
     return value
 
 
-def read_metrics(path: Path) -> list[dict[str, object]]:
-    """The rows of a metrics JSONL file; the last row of a step wins (a resumed run rewrites)."""
-    rows: dict[int, dict[str, object]] = {}
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a per-step JSONL file (``metrics.jsonl``, ``prompts.jsonl``), by step; the
+    last row of a step wins (a resumed or rebuilt run writes a step again)."""
+    rows: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)

@@ -1,0 +1,97 @@
+"""The trainer (the driver process, with the local Ray it started) killed with SIGKILL mid-run:
+`shuffle-r1 train --resume` continues from the last complete checkpoint with the same next
+batch an uninterrupted run would have drawn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from transformers import AutoTokenizer
+
+from services.trainer.loop import load_prompt_splits
+from services.trainer.metrics import read_metrics
+from services.trainer.state import COMPLETE, checkpoint_dir
+from shuffle_r1.config import load_config
+from shuffle_r1.data import PromptSampler
+from shuffle_r1.models import resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None:
+    overrides = [
+        "--config",
+        "configs/tiny_cpu.yaml",
+        f"trainer.output_dir={tmp_path}",
+        "trainer.run_name=faults-driver",
+        f"trainer.total_steps={STEPS}",
+        "trainer.save_every=1",
+        "cluster.namespace=faults-driver",
+        "reward.function=tests.e2e.reward_fns:distinct_char_share",
+    ]
+    cli = [sys.executable, "-m", "shuffle_r1.cli", "train"]
+    # its own session, so the kill takes the driver and every Ray process it started
+    driver = subprocess.Popen(
+        [*cli, *overrides], cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    first = checkpoint_dir(tmp_path, 1) / COMPLETE
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert driver.poll() is None, driver.stderr.read().decode()[-3000:] if driver.stderr else ""
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)  # mid-run: after step 1's checkpoint
+    driver.wait(timeout=30)
+    _wait_until_session_gone(driver.pid)
+    done = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")
+                  if (p / COMPLETE).exists())  # fmt: skip
+    assert done and done[-1] < STEPS, done  # killed before the end
+    resume_from = done[-1]
+
+    resumed = subprocess.run(
+        [*cli, *overrides, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"trained {STEPS} steps" in resumed.stdout
+    assert f"resumed from {checkpoint_dir(tmp_path, resume_from)}" in resumed.stderr
+
+    # the resumed run drew what an uninterrupted run draws at each step after the checkpoint
+    cfg = load_config(ROOT / overrides[1], overrides[2:])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.learner.model_path))
+    train, _, _, _ = load_prompt_splits(cfg.data, tokenizer)
+    sampler = PromptSampler(len(train), cfg.trainer.rollout_batch_size, cfg.data.seed)
+    order = [[train[i].example.uid for i in sampler.next_batch()] for _ in range(STEPS)]
+    rows = read_metrics(tmp_path / "prompts.jsonl")  # the run's own record; last row of a step
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    assert [r["prompt_ids"] for r in rows] == order
+
+
+def _wait_until_session_gone(sid: int, timeout_s: float = 30) -> None:
+    """Every process of the killed session has exited (Ray's own included)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p.pid)
+            except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+                continue
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
