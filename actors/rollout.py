@@ -593,6 +593,7 @@ class RolloutPool:
                 "target_ongoing_requests": 1,
                 "upscale_delay_s": cfg.upscale_delay_s,
                 "downscale_delay_s": cfg.downscale_delay_s,
+                "look_back_period_s": cfg.autoscale_look_back_s,
             }
         else:
             options["num_replicas"] = cfg.num_workers

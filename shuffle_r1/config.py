@@ -69,6 +69,7 @@ class RolloutConfig:
     target_prompts_per_worker: int = 64
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 60.0
+    autoscale_look_back_s: float = 30.0  # Serve averages pending requests over this window
     drain_timeout_s: float = 600.0  # a removed worker finishes its requests within this
     threads_per_worker: int = 1
     num_gpus_per_worker: float = 0.0
@@ -265,6 +266,7 @@ def validate(cfg: Config) -> Config:
     _at_least("rollout.target_prompts_per_worker", r.target_prompts_per_worker, 1)
     _at_least("rollout.upscale_delay_s", r.upscale_delay_s, 0.0)
     _at_least("rollout.downscale_delay_s", r.downscale_delay_s, 0.0)
+    _between("rollout.autoscale_look_back_s", r.autoscale_look_back_s, 0.0, 3600.0, True)
     _at_least("rollout.drain_timeout_s", r.drain_timeout_s, 1.0)
     _resources("rollout.ray_resources", r.ray_resources)
     _at_least("rollout.threads_per_worker", r.threads_per_worker, 1)

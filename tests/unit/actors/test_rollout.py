@@ -241,6 +241,32 @@ def test_pool_scales_by_hand_within_its_bounds(pool, other_state):
 
 
 @pytest.mark.slow
+def test_autoscaling_pool_grows_on_pending_prompts_and_shrinks_when_idle(ray_cluster, tiny):
+    cfg = RolloutConfig(
+        engine="hf", threads_per_worker=1, num_workers=1, max_workers=2, autoscaling=True,
+        target_prompts_per_worker=1, upscale_delay_s=0.0, downscale_delay_s=1.0,
+        autoscale_look_back_s=1.0,
+    )  # fmt: skip
+    pool = RolloutPool(cfg, tiny, run_id="test-autoscale", namespace="shuffle-r1-tests")
+    try:
+        with pytest.raises(ValueError, match="autoscales"):
+            pool.scale(2)
+        spec = SamplingSpec(n=4, temperature=1.0, top_p=1.0, max_tokens=64, seed=0)
+        seen = set()
+        for attempt in range(6):  # each call queues 8 one-prompt requests for 1 worker
+            result = pool.generate(requests(8, prefix=f"a{attempt}-"), spec)
+            seen |= set(result.served)
+            if len(result.served) == 2:
+                break
+        assert len(seen) >= 2, "Serve never added a second worker for the pending prompts"
+        ledger = ray.get(pool.store.generated.remote("a"))
+        assert set(ledger.values()) == {1}  # each request once, whichever worker ran it
+        pool.wait_for_workers(1, timeout_s=60)  # idle: back to min_workers
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_vllm_in_place_update_matches_a_fresh_engine(
     ray_cluster, pool, tiny, tiny_other, other_state
