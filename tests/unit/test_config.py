@@ -73,6 +73,7 @@ def test_algorithm_name_selects_pts_and_abs(
         ("buffer.tls_cert=/x.pem", "tls_key"),
         ("reward.function=not_a_path", "reward.function"),
         ("rollout.max_workers=0", "max_workers"),
+        ("data.train_size=-1", "data.train_size"),
         ("just-a-word", "section.key=value"),
     ],
 )
