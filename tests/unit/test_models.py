@@ -135,6 +135,7 @@ def test_prepare_smollm2_gives_a_bf16_transformers_folder():
     assert answer == "The capital of France is Paris.<|im_end|>"  # weights survived conversion
 
 
+@pytest.mark.slow
 def test_tiny_qwen2_5_vl_resolves_by_name_and_depends_only_on_seed(tmp_path, monkeypatch, tiny_vl):
     monkeypatch.setenv("SHUFFLE_R1_CACHE", str(tmp_path / "cache"))
     path = resolve_model_path("tiny-qwen2.5-vl")
