@@ -253,7 +253,7 @@ def build_tiny_qwen2_5_vl(
       tied embeddings (as Qwen2.5-VL-3B). Vision tower: ``vision_depth`` blocks of width
       ``vision_hidden`` (2 heads), the last with full attention, the others windowed (112 px).
 
-    About 3.3 M parameters at the defaults, 13 MB. The weights depend only on ``seed`` (the
+    About 3.4 M parameters at the defaults, 13 MB. The weights depend only on ``seed`` (the
     global RNG is left as it was). Idempotent: a folder built with the same arguments is
     returned as is.
     """
