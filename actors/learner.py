@@ -7,6 +7,18 @@ hands it to DeepSpeed ZeRO (``learner.backend=deepspeed``, ``learner.zero_stage`
 Parameters are float32 masters; ``learner.dtype=bfloat16`` computes in bf16 (FSDP2
 ``MixedPrecisionPolicy`` with float32 gradient reduction; DeepSpeed ``bf16``).
 
+A vision-language model (Qwen2.5-VL) is sharded the same way — its ``_no_split_modules`` name
+both the decoder layers and the vision blocks, so each gets its own FSDP2 unit; the patch
+embedding, the merger, the embeddings and the head stay in the root unit. With
+``learner.freeze_vision_tower`` (the paper's recipe) the vision tower's parameters do not
+require gradients and the optimizer holds only the trainable ones; the root unit then mixes
+frozen and trainable parameters, which FSDP2 handles (it reduces the gradients that exist).
+A rank runs the processor on the batch's image bytes itself (``pixel_values``,
+``image_grid_thw``; the model derives its 3-D mRoPE positions from them), and every forward
+runs the vision tower on every rank — a micro-batch without an image gets
+:func:`~shuffle_r1.training.vision_filler` — since each vision block all-gathers its
+parameters in its forward.
+
 :class:`LearnerGroup` is the single controller the trainer calls. It cuts a
 :class:`~shuffle_r1.training.TrainBatch` as ALGORITHM.md §3.4 says — mini-batches in order,
 each into contiguous pair-aligned shards, one per rank, each into micro-batches — and
@@ -38,6 +50,8 @@ from torch import Tensor
 from actors.metrics import ray_metric
 from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
+from shuffle_r1.data.images import vision_inputs
+from shuffle_r1.models import load_policy_model
 from shuffle_r1.training import (
     TrainBatch,
     collate,
@@ -48,12 +62,14 @@ from shuffle_r1.training import (
     pair_aligned_shards,
     rollouts_per_optimizer_step,
     token_logprobs,
+    vision_filler,
 )
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 LOSS_METRICS = ("policy_loss", "pg_loss", "kl", "clip_fraction", "approx_kl")
+VISION_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 # Files of a model folder that a checkpoint does not copy: it writes its own weights/config.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
 _PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
@@ -87,6 +103,10 @@ class LearnerWorker:
         self._m_step = ray_metric("shuffle_r1_learner_worker_step_seconds")
         for metric in (self._m_micro, self._m_tokens, self._m_step):
             metric.set_default_tags({"rank": str(rank)})
+        # vision-language models only: the image processor, <|image_pad|>'s id, the filler
+        self.image_processor: Any = None
+        self.image_token_id = -1
+        self.filler: TrainBatch | None = None
 
     def master_address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port for the process group's rendezvous (rank 0)."""
@@ -99,10 +119,9 @@ class LearnerWorker:
         """Join the process group, load the model, shard it, build the optimizer.
 
         Every rank loads the full model to CPU first (peak memory: one float32 copy per
-        rank), then keeps its shard.
+        rank), then keeps its shard. A vision-language model also gets its processor and,
+        with ``learner.freeze_vision_tower``, a frozen vision tower (module doc).
         """
-        from transformers import AutoModelForCausalLM
-
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
@@ -120,8 +139,10 @@ class LearnerWorker:
             timeout=_PROCESS_GROUP_TIMEOUT,
         )
         le = self.cfg.learner
-        model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model: Any = load_policy_model(self.model_path, dtype=torch.float32)
         model.config.use_cache = False
+        if hasattr(model.config, "vision_config"):
+            self._setup_vision(model)
         if le.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.to(self.device)
@@ -129,6 +150,23 @@ class LearnerWorker:
             self._setup_fsdp2(model)
         else:
             self._setup_deepspeed(model)
+
+    def _setup_vision(self, model: Any) -> None:
+        from shuffle_r1.processor import load_processor
+
+        config = model.config
+        self.image_processor = load_processor(self.model_path).image_processor
+        self.image_token_id = config.image_token_id
+        self.filler = vision_filler(
+            self.image_processor,
+            {
+                "vision_start": config.vision_start_token_id,
+                "image_pad": config.image_token_id,
+                "vision_end": config.vision_end_token_id,
+            },
+        )
+        if self.cfg.learner.freeze_vision_tower:
+            model.model.visual.requires_grad_(False)
 
     def _setup_fsdp2(self, model: torch.nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -149,7 +187,7 @@ class LearnerWorker:
         fully_shard(model, mesh=mesh, mp_policy=policy)
         self.model = model
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=le.lr, weight_decay=le.weight_decay
+            _trainable(model), lr=le.lr, weight_decay=le.weight_decay
         )
 
     def _setup_deepspeed(self, model: torch.nn.Module) -> None:
@@ -168,7 +206,7 @@ class LearnerWorker:
             "zero_allow_untested_optimizer": True,  # torch AdamW: runs on CPU and GPU
             "steps_per_print": 2**31 - 1,
         }
-        optimizer = torch.optim.AdamW(model.parameters(), lr=le.lr, weight_decay=le.weight_decay)
+        optimizer = torch.optim.AdamW(_trainable(model), lr=le.lr, weight_decay=le.weight_decay)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False
         )
@@ -176,17 +214,31 @@ class LearnerWorker:
     # -- log-probs and training --------------------------------------------------------------
 
     def _inputs(self, batch: TrainBatch) -> dict[str, Tensor]:
-        return {k: v.to(self.device) for k, v in collate(batch).items()}
+        """Model inputs of a micro-batch (:func:`collate`); for a vision-language model also
+        the vision inputs, after appending the filler to a micro-batch without an image
+        (module doc; its rows come last and carry no signal)."""
+        if self.filler is not None and not batch.has_images:
+            batch = batch.concat(self.filler)
+        inputs = collate(batch)
+        if self.filler is not None:
+            inputs.update(
+                vision_inputs(
+                    batch.images, inputs["input_ids"], self.image_processor, self.image_token_id
+                )
+            )
+        return {k: v.to(self.device) for k, v in inputs.items()}
 
     def _logprobs(self, inputs: dict[str, Tensor]) -> Tensor:
+        vision = {k: inputs[k] for k in VISION_KEYS if k in inputs}
         return token_logprobs(
             self.model,
             inputs["input_ids"],
             inputs["attention_mask"],
-            inputs["position_ids"],
+            None if vision else inputs["position_ids"],  # VL: the model's own mRoPE positions
             inputs["response_start"],
             inputs["response_mask"],
             temperature=self.cfg.rollout.temperature,
+            vision=vision,
         )
 
     def _micro_batches(self, shard: TrainBatch, count: int) -> list[tuple[bool, TrainBatch]]:
@@ -207,7 +259,7 @@ class LearnerWorker:
         start = 0
         for real, micro in self._micro_batches(shard, count):
             self._m_micro.inc(1, tags={"kind": "logprobs"})
-            logprobs = self._logprobs(self._inputs(micro)).cpu()
+            logprobs = self._logprobs(self._inputs(micro))[: len(micro)].cpu()
             if real:
                 width = min(out.shape[1], logprobs.shape[1])
                 out[start : start + len(micro), :width] = logprobs[:, :width]
@@ -387,12 +439,10 @@ class LearnerWorker:
             set_model_state_dict,
             set_optimizer_state_dict,
         )
-        from transformers import AutoModelForCausalLM
 
         full = {}
         if self.rank == 0:
-            saved = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
-            full = saved.state_dict()
+            full = load_policy_model(root / "model", dtype=torch.float32).state_dict()
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(self.model, full, options=options)
         optim_state = get_optimizer_state_dict(self.model, self.optimizer)
@@ -408,6 +458,11 @@ class LearnerWorker:
         """Leave the process group (collective when the group is healthy)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer updates (a frozen vision tower's are left out)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _copy_non_weight_files(source: Path, target: Path) -> None:

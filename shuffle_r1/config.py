@@ -43,6 +43,7 @@ class DataConfig:
     overlong_prompt: str = "skip"  # skip | truncate | error
     min_pixels: int = 512 * 512
     max_pixels: int = 2048 * 2048
+    train_size: int = 0  # examples read from the training file; 0 = all of them
     val_size: int = 0  # 0 = the whole validation file
     shuffle: bool = True
     seed: int = 1
@@ -248,6 +249,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"data.max_pixels={d.max_pixels} must be >= data.min_pixels={d.min_pixels}"
         )
+    _at_least("data.train_size", d.train_size, 0)
     _at_least("data.val_size", d.val_size, 0)
 
     _choice("rollout.engine", r.engine, ("vllm", "hf"))

@@ -8,6 +8,10 @@ Two models need no download:
   plain transformers folder in bf16 (``shared/FACTS.md``, "The model").
 - **tiny-llama**, a randomly initialised 2-layer Llama with SmolLM2's tokenizer and chat
   template, for fast tests (:func:`build_tiny_llama`).
+- **tiny-qwen2.5-vl**, a randomly initialised ``Qwen2_5_VLForConditionalGeneration`` (2
+  decoder layers, a 2-block vision tower) with SmolLM2's tokenizer plus Qwen2.5-VL's special
+  tokens, Qwen2-VL's chat template and the Qwen2-VL image processor: the multimodal pipeline
+  on CPU (:func:`build_tiny_qwen2_5_vl`).
 
 Both are written into a cache folder (``$SHUFFLE_R1_CACHE``, else ``<repo>/.cache/models``)
 through :func:`_build_once`: a folder is built under a temporary name, gets a marker file
@@ -26,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -34,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_LLAMA = "tiny-llama"
+TINY_QWEN2_5_VL = "tiny-qwen2.5-vl"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into a finished folder; holds the build parameters as JSON.
 MARKER = ".shuffle_r1_complete.json"
@@ -224,22 +229,162 @@ def build_tiny_llama(
     return _build_once(Path(path), params, build)
 
 
+def build_tiny_qwen2_5_vl(
+    path: Path,
+    tokenizer_from: Path | None = None,
+    hidden: int = 64,
+    layers: int = 2,
+    vision_hidden: int = 32,
+    vision_depth: int = 2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised tiny ``Qwen2_5_VLForConditionalGeneration`` (float32) with
+    its processor to ``path``, in the layout of the Qwen2.5-VL releases (``shuffle_r1.processor``).
+
+    - Tokenizer: SmolLM2's (from ``tokenizer_from``, a transformers folder, or SmolLM2's when
+      ``None``) plus Qwen2.5-VL's 11 special tokens (``<|vision_start|>``, ``<|image_pad|>``...),
+      49163 tokens; Qwen2-VL's chat template; EOS ``<|im_end|>``.
+    - Image processor: Qwen2-VL's (14-pixel patches, 2×2 merge, CLIP normalisation), with
+      ``min_pixels``/``max_pixels`` as its defaults (the pipeline passes its own sizes anyway).
+    - Language model: ``layers`` decoder layers of width ``hidden`` (2 heads of 32: vLLM's CPU
+      attention needs a supported head size), MLP ``4 * hidden``, mRoPE sections (4, 6, 6),
+      tied embeddings (as Qwen2.5-VL-3B). Vision tower: ``vision_depth`` blocks of width
+      ``vision_hidden`` (2 heads), the last with full attention, the others windowed (112 px).
+
+    About 3.4 M parameters at the defaults, 13 MB. The weights depend only on ``seed`` (the
+    global RNG is left as it was). Idempotent: a folder built with the same arguments is
+    returned as is.
+    """
+    params = {
+        "model": TINY_QWEN2_5_VL,
+        "hidden": hidden,
+        "layers": layers,
+        "vision_hidden": vision_hidden,
+        "vision_depth": vision_depth,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "seed": seed,
+        "tokenizer_from": str(tokenizer_from) if tokenizer_from is not None else None,
+    }
+
+    def build(folder: Path) -> None:
+        from transformers import (
+            AutoTokenizer,
+            GenerationConfig,
+            Qwen2_5_VLConfig,
+            Qwen2_5_VLForConditionalGeneration,
+        )
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        from shuffle_r1.processor import QWEN2_5_VL_SPECIAL_TOKENS, QWEN2_VL_CHAT_TEMPLATE
+
+        _save_tokenizer(tokenizer_from, folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": list(QWEN2_5_VL_SPECIAL_TOKENS)},
+            replace_extra_special_tokens=False,
+        )
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+        ids = {t: cast(int, tokenizer.convert_tokens_to_ids(t)) for t in QWEN2_5_VL_SPECIAL_TOKENS}
+        heads = 2
+        config = Qwen2_5_VLConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": hidden,
+                "intermediate_size": 4 * hidden,
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "num_key_value_heads": heads,
+                "max_position_embeddings": 8192,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "mrope_section": [4, 6, 6],  # sums to head_dim / 2 = 16
+                    "rope_theta": 1_000_000.0,
+                },
+                "tie_word_embeddings": True,
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            vision_config={
+                "depth": vision_depth,
+                "hidden_size": vision_hidden,
+                "intermediate_size": 2 * vision_hidden,
+                "num_heads": 2,
+                "out_hidden_size": hidden,
+                "window_size": 112,
+                "fullatt_block_indexes": [vision_depth - 1],
+            },
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=True,
+            dtype=torch.float32,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model.save_pretrained(folder)
+        tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+        tokenizer.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+        # as in the Qwen2.5-VL releases, so AutoProcessor (with torchvision) loads it too
+        preprocessor = folder / "preprocessor_config.json"
+        meta = json.loads(preprocessor.read_text())
+        meta["processor_class"] = "Qwen2_5_VLProcessor"
+        preprocessor.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    return _build_once(Path(path), params, build)
+
+
+def is_vision_language(model_path: str | Path) -> bool:
+    """Whether the model folder holds a vision-language model (its config has a
+    ``vision_config``, as Qwen2-VL/Qwen2.5-VL have)."""
+    from transformers import AutoConfig
+
+    return hasattr(AutoConfig.from_pretrained(model_path), "vision_config")
+
+
+def load_policy_model(model_path: str | Path, dtype: Any = "auto") -> Any:
+    """The policy model of a folder: ``AutoModelForImageTextToText`` for a vision-language
+    model (Qwen2.5-VL's ``Qwen2_5_VLForConditionalGeneration``, which ``AutoModelForCausalLM``
+    does not map), else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if is_vision_language(model_path) else AutoModelForCausalLM
+    return auto.from_pretrained(model_path, dtype=dtype)
+
+
 def resolve_model_path(spec: str) -> Path:
     """Turn ``learner.model_path`` into a local transformers folder.
 
     ``"smollm2-135m-instruct"`` → :func:`prepare_smollm2` (converted once);
-    ``"tiny-llama"`` → :func:`build_tiny_llama` in the cache folder; anything else must be
-    an existing local folder with a ``config.json``. Raises ``FileNotFoundError`` naming the
+    ``"tiny-llama"`` → :func:`build_tiny_llama` and ``"tiny-qwen2.5-vl"`` →
+    :func:`build_tiny_qwen2_5_vl` in the cache folder; anything else must be an existing
+    local folder with a ``config.json``. Raises ``FileNotFoundError`` naming the
     path otherwise (hub ids are not downloaded: the machines this runs on may be offline).
     """
     if spec == SMOLLM2:
         return prepare_smollm2()
     if spec == TINY_LLAMA:
         return build_tiny_llama(default_cache_dir() / TINY_LLAMA)
+    if spec == TINY_QWEN2_5_VL:
+        return build_tiny_qwen2_5_vl(default_cache_dir() / TINY_QWEN2_5_VL)
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model {spec!r} is neither a known name ({SMOLLM2!r}, {TINY_LLAMA!r}) nor a "
+            f"model {spec!r} is neither a known name ({SMOLLM2!r}, {TINY_LLAMA!r}, "
+            f"{TINY_QWEN2_5_VL!r}) nor a "
             f"local folder with a config.json ({path.resolve()} has none); download it first "
             "and pass its folder"
         )

@@ -1,10 +1,11 @@
 """The learner's batch layout and arithmetic, shared by every training backend (pure torch).
 
-A training batch is a list of rollouts (prompt token ids + response token ids) with one
-advantage each, in the order the buffer served them: both rollouts of a PTS pair are
-adjacent (ALGORITHM.md §3.4). This module
+A training batch is a list of rollouts (prompt token ids + response token ids, and the
+prompt's images for a multimodal model) with one advantage each, in the order the buffer
+served them: both rollouts of a PTS pair are adjacent (ALGORITHM.md §3.4). This module
 
-- collates rollouts into right-padded model inputs (:func:`collate`);
+- collates rollouts into right-padded model inputs (:func:`collate`; their images go through
+  ``shuffle_r1.data.images.vision_inputs``);
 - computes the log-probs of the response tokens under a model (:func:`token_logprobs`);
 - plans how a batch is cut: into optimizer mini-batches of
   :func:`rollouts_per_optimizer_step` rollouts (:func:`minibatch_slices`), each into
@@ -19,10 +20,14 @@ padding (mask 0, value 0). That is the layout :func:`shuffle_r1.algos.policy_los
 
 from __future__ import annotations
 
+import io
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from shuffle_r1.algos import pairs_kept
@@ -40,6 +45,9 @@ class TrainBatch:
         old_logprobs: optional ``(B, L)`` log-probs (nats) of the response tokens under the
             policy the batch was drawn with; ``L`` ≥ the longest response.
         ref_logprobs: optional ``(B, L)`` log-probs under the reference policy (KL loss).
+        images: B tuples of the prompts' images (``shuffle_r1.data.images`` PNG bytes, in
+            prompt order; ``()`` for a text prompt), or ``[]`` for a text-only batch. A
+            prompt's ``<|image_pad|>`` tokens are already expanded to its images' grids.
     """
 
     prompt_token_ids: list[list[int]]
@@ -47,6 +55,7 @@ class TrainBatch:
     advantages: Tensor
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    images: list[tuple[bytes, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         b = len(self.prompt_token_ids)
@@ -55,6 +64,11 @@ class TrainBatch:
                 f"TrainBatch needs B prompts, B responses and advantages of shape (B,); got "
                 f"{b} prompts, {len(self.response_token_ids)} responses, advantages of shape "
                 f"{tuple(self.advantages.shape)}"
+            )
+        if self.images and len(self.images) != b:
+            raise ValueError(
+                f"TrainBatch.images must hold one tuple per rollout (B={b}) or be empty, "
+                f"got {len(self.images)}"
             )
         empty = [i for i, p in enumerate(self.prompt_token_ids) if not p]
         if empty:
@@ -87,6 +101,33 @@ class TrainBatch:
             advantages=self.advantages[rows],
             old_logprobs=None if self.old_logprobs is None else self.old_logprobs[rows],
             ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows],
+            images=self.images[rows],
+        )
+
+    @property
+    def has_images(self) -> bool:
+        """Whether any rollout's prompt has an image."""
+        return any(self.images)
+
+    def concat(self, other: TrainBatch) -> TrainBatch:
+        """This batch's rollouts followed by ``other``'s. Log-probs are kept only when both
+        have them (widths padded with 0 to the wider)."""
+
+        def cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            if a is None or b is None:
+                return None
+            width = max(a.shape[1], b.shape[1])
+            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (a, b)])
+
+        images = self.images or [()] * len(self)
+        other_images = other.images or [()] * len(other)
+        return TrainBatch(
+            prompt_token_ids=self.prompt_token_ids + other.prompt_token_ids,
+            response_token_ids=self.response_token_ids + other.response_token_ids,
+            advantages=torch.cat([self.advantages, other.advantages]),
+            old_logprobs=cat(self.old_logprobs, other.old_logprobs),
+            ref_logprobs=cat(self.ref_logprobs, other.ref_logprobs),
+            images=images + other_images if self.images or other.images else [],
         )
 
     def with_logprobs(self, old: Tensor | None = None, ref: Tensor | None = None) -> TrainBatch:
@@ -110,6 +151,31 @@ def padding_batch(num_rows: int = 1) -> TrainBatch:
         advantages=torch.zeros(num_rows),
         old_logprobs=torch.zeros(num_rows, 1),
         ref_logprobs=torch.zeros(num_rows, 1),
+    )
+
+
+def vision_filler(image_processor: Any, token_ids: Mapping[str, int]) -> TrainBatch:
+    """One rollout that makes the vision tower run and carries no training signal: a prompt
+    ``<|vision_start|><|image_pad|>…<|vision_end|>`` with one white image of the smallest
+    grid (``factor × factor`` pixels: one token), no response, advantage 0, log-probs 0.
+
+    With FSDP2 every sharded vision block all-gathers its parameters in each forward, so all
+    ranks must run the vision tower in every micro-batch or the collectives hang; a rank
+    whose micro-batch has no image (padding, a text prompt) appends this rollout.
+    ``token_ids`` maps ``"vision_start"``, ``"image_pad"``, ``"vision_end"`` to their ids
+    (the model config's ``vision_start_token_id``, ``image_token_id``, ``vision_end_token_id``).
+    """
+    factor = image_processor.patch_size * image_processor.merge_size
+    png = io.BytesIO()
+    Image.new("RGB", (factor, factor), (255, 255, 255)).save(png, format="PNG")
+    prompt = [token_ids["vision_start"], token_ids["image_pad"], token_ids["vision_end"]]
+    return TrainBatch(
+        prompt_token_ids=[prompt],
+        response_token_ids=[[]],
+        advantages=torch.zeros(1),
+        old_logprobs=torch.zeros(1, 1),
+        ref_logprobs=torch.zeros(1, 1),
+        images=[(png.getvalue(),)],
     )
 
 
@@ -172,6 +238,7 @@ def token_logprobs(
     response_start: Tensor,
     response_mask: Tensor,
     temperature: float = 1.0,
+    vision: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Log-probs (nats) of the response tokens under ``model``: ``log_softmax(logits / T)``
     gathered at each response token (the sampling distribution at temperature ``T``).
@@ -183,11 +250,17 @@ def token_logprobs(
 
     Args:
         model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids`` and
-            ``logits_to_keep`` (transformers ``*ForCausalLM``), possibly FSDP-wrapped.
-        input_ids, attention_mask, position_ids: ``(B, T)``.
+            ``logits_to_keep`` (transformers ``*ForCausalLM``, or a vision-language
+            ``*ForConditionalGeneration``), possibly FSDP-wrapped.
+        input_ids, attention_mask: ``(B, T)``.
+        position_ids: ``(B, T)``, or None: the model computes its own (Qwen2.5-VL: 3-D mRoPE
+            from ``input_ids``, ``mm_token_type_ids`` and ``image_grid_thw``; 0..T-1 would be
+            wrong for it).
         response_start: ``(B,)`` index of response token 0 in each row (prompt length).
         response_mask: ``(B, L)`` 1 on response tokens.
         temperature: the rollout temperature, > 0.
+        vision: ``shuffle_r1.data.images.vision_inputs``'s tensors for a batch with images,
+            passed to the model.
 
     Returns:
         ``(B, L)`` float32, 0 where ``response_mask`` is 0.
@@ -204,6 +277,7 @@ def token_logprobs(
         position_ids=position_ids,
         logits_to_keep=keep,
         use_cache=False,
+        **(vision or {}),
     ).logits
     logits = logits[:, :-1].float()  # positions first-1 .. T-2 predict tokens first .. T-1
     if temperature != 1.0:

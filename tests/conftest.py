@@ -49,3 +49,14 @@ def ray_metrics_url(ray_cluster: None) -> str:
     if not RAY_METRICS_PORT:
         pytest.skip("Ray was started outside the ray_cluster fixture: no metrics port known")
     return f"http://127.0.0.1:{RAY_METRICS_PORT[-1]}/metrics"
+
+
+@pytest.fixture(scope="session")
+def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen2.5-VL-architecture model with its processor, built once per
+    session (small image bounds: 56x56 to 112x112 pixels)."""
+    from shuffle_r1.models import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(
+        tmp_path_factory.mktemp("models") / "tiny-vl", min_pixels=56 * 56, max_pixels=112 * 112
+    )

@@ -52,8 +52,15 @@ from services.trainer.state import (
 )
 from shuffle_r1.algos import advantage_collapse_share, grpo_advantages
 from shuffle_r1.config import Config, DataConfig, save_config
-from shuffle_r1.data import Example, PromptSampler, load_examples, render_prompt
-from shuffle_r1.models import resolve_model_path
+from shuffle_r1.data import (
+    Example,
+    ImageSpec,
+    PromptSampler,
+    load_examples,
+    render_prompt,
+)
+from shuffle_r1.data.images import expand_image_tokens
+from shuffle_r1.models import is_vision_language, resolve_model_path
 from shuffle_r1.training import TrainBatch
 
 logger = logging.getLogger(__name__)
@@ -63,10 +70,12 @@ KEEP_CHECKPOINTS = 2
 
 @dataclass(frozen=True)
 class Prompt:
-    """A dataset example with its rendered, tokenised prompt."""
+    """A dataset example with its rendered, tokenised prompt and its prepared images
+    (``shuffle_r1.data.images``: PNG bytes, their tokens expanded in ``token_ids``)."""
 
     example: Example
     token_ids: list[int]
+    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,15 +90,41 @@ class RunSummary:
 
 
 def tokenize_prompts(
-    tokenizer: Any, examples: list[Example], max_len: int, policy: str
+    tokenizer: Any, examples: list[Example], max_len: int, policy: str, processor: Any = None
 ) -> tuple[list[Prompt], int]:
     """Render and tokenise every example; returns the prompts and how many were over
     ``max_len`` tokens. ``policy``: ``skip`` drops those, ``truncate`` keeps their last
     ``max_len`` tokens (the end of the problem and the generation prompt), ``error`` raises
-    ``ValueError`` naming the first one."""
+    ``ValueError`` naming the first one.
+
+    ``processor`` (a vision-language model's, ``shuffle_r1.processor``) renders the chat
+    template, and each image placeholder is expanded to its image's tokens
+    (``shuffle_r1.data.images.expand_image_tokens``; the example's images are prepared bytes,
+    not resized again). A prompt with images is truncated only when every image token
+    survives the cut; otherwise it is skipped. Raises ``ValueError`` for an example with
+    images but no processor, or whose placeholders and images differ in number.
+    """
     prompts, overlong = [], 0
     for ex in examples:
-        ids = tokenizer(render_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]
+        text = render_prompt(processor or tokenizer, ex)
+        image_token = -1
+        images = tuple(image for image in ex.images if isinstance(image, bytes))
+        if ex.images:
+            if processor is None:
+                raise ValueError(f"prompt {ex.uid!r} has images but the model has no processor")
+            if len(images) != len(ex.images):
+                raise ValueError(
+                    f"prompt {ex.uid!r} has an image given as a path; load the data with an "
+                    "image_spec so that every image is prepared bytes"
+                )
+            image_token = processor.image_token_id
+            try:
+                text = expand_image_tokens(
+                    text, images, processor.image_processor, processor.image_token
+                )
+            except ValueError as exc:
+                raise ValueError(f"prompt {ex.uid!r}: {exc}") from exc
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_len:
             overlong += 1
             if policy == "error":
@@ -97,25 +132,35 @@ def tokenize_prompts(
                     f"prompt {ex.uid!r} has {len(ids)} tokens, over data.max_prompt_length="
                     f"{max_len}; set data.overlong_prompt=skip or truncate"
                 )
-            if policy == "skip":
+            if policy == "skip" or ids[-max_len:].count(image_token) != ids.count(image_token):
                 continue
             ids = ids[-max_len:]
-        prompts.append(Prompt(ex, list(ids)))
+        prompts.append(Prompt(ex, list(ids), images))
     return prompts, overlong
 
 
 def load_prompt_splits(
-    d: DataConfig, tokenizer: Any
+    d: DataConfig, tokenizer: Any, processor: Any = None, model: str | Path = "the model"
 ) -> tuple[list[Prompt], list[Prompt], int, int]:
-    """The train and validation prompts of ``d`` (read, rendered, tokenised; the validation
-    split cut to ``d.val_size``), with the rows skipped and the prompts over
-    ``d.max_prompt_length`` over both files. The trainer's sampler indexes the train list.
+    """The train and validation prompts of ``d`` (the first ``d.train_size`` / ``d.val_size``
+    examples of each file, 0 = all; read, rendered, tokenised), with the rows skipped and the
+    prompts over ``d.max_prompt_length``, over both files. The trainer's sampler indexes the
+    train list.
+
+    With a vision-language ``processor``, every image is decoded, resized
+    (``d.min_pixels``..``d.max_pixels``) and encoded here; a row whose image cannot be used is
+    skipped and counted (the first five are logged with file, row and why).
 
     Raises:
-        ValueError: a file yields no usable prompt.
+        ValueError: a file yields no usable prompt, or it has images and ``processor`` is None
+            (``model`` is text-only).
     """
+    spec = None
+    if processor is not None:
+        ip = processor.image_processor
+        spec = ImageSpec(d.min_pixels, d.max_pixels, ip.patch_size * ip.merge_size)
     out, skipped, overlong = [], 0, 0
-    for path in (d.train_path, d.val_path):
+    for path, size in ((d.train_path, d.train_size), (d.val_path, d.val_size)):
         result = load_examples(
             path,
             problem_key=d.problem_key,
@@ -124,11 +169,20 @@ def load_prompt_splits(
             id_key=d.id_key or None,
             answer_format=d.answer_format,
             image_root=d.image_root or None,
+            image_spec=spec,
+            limit=size or None,
         )
         for row in result.skipped[:5]:
-            logger.warning("skipped %s row %d: %s", row.path, row.row, row.reason)
+            logger.warning("skipped %s", row)
+        with_images = sum(bool(ex.images) for ex in result.examples)
+        if with_images and processor is None:
+            raise ValueError(
+                f"{path}: {with_images} rows have images (data.image_key={d.image_key!r}) but "
+                f"{model} is a text-only model; use a vision-language model, or set "
+                "data.image_key='' to train on the text alone"
+            )
         prompts, over = tokenize_prompts(
-            tokenizer, list(result.examples), d.max_prompt_length, d.overlong_prompt
+            tokenizer, list(result.examples), d.max_prompt_length, d.overlong_prompt, processor
         )
         skipped += len(result.skipped)
         overlong += over
@@ -136,8 +190,6 @@ def load_prompt_splits(
             raise ValueError(f"{path}: no usable prompt (all rows skipped or overlong)")
         out.append(prompts)
     train, val = out
-    if d.val_size:
-        val = val[: d.val_size]
     logger.info("data: %d train prompts, %d validation prompts", len(train), len(val))
     return train, val, skipped, overlong
 
@@ -165,6 +217,18 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=cfg.cluster.ray_address, namespace=cfg.cluster.namespace)
 
 
+def _image_bytes(prompt_id: str, images: Any) -> tuple[bytes, ...]:
+    """The encoded images of a sampled group (``SampleResponse.images[prompt_id]``). Raises
+    ``ValueError`` for an image given by URI: the trainer puts bytes, and a URI would be
+    readable only where its storage is."""
+    if any(image.WhichOneof("source") != "data" for image in images):
+        raise ValueError(
+            f"group {prompt_id!r}: the replay buffer returned an image by URI; the learner "
+            "needs the encoded bytes (put images as Image.data)"
+        )
+    return tuple(image.data for image in images)
+
+
 class Trainer:
     """Builds every role for ``cfg`` and runs the step loop; see the module doc.
 
@@ -188,9 +252,16 @@ class Trainer:
         init_ray(cfg)
         redis_url = self._redis_url()
         self.model_path = resolve_model_path(cfg.learner.model_path)
-        from transformers import AutoTokenizer
+        self.processor: Any = None  # a vision-language model's (shuffle_r1.processor)
+        if is_vision_language(self.model_path):
+            from shuffle_r1.processor import load_processor
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self.processor = load_processor(self.model_path)
+            self.tokenizer = self.processor.tokenizer
+        else:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.train_prompts, self.val_prompts = self._load_data()
         self.sampler = PromptSampler(
             len(self.train_prompts),
@@ -325,7 +396,11 @@ class Trainer:
         return "regenerated_step"
 
     def _load_data(self) -> tuple[list[Prompt], list[Prompt]]:
-        train, val, skipped, overlong = load_prompt_splits(self.cfg.data, self.tokenizer)
+        """Both splits, tokenised (:func:`load_prompt_splits`); their skipped rows and
+        overlong prompts are counted in ``data/skipped_rows`` / ``data/overlong_prompts``."""
+        train, val, skipped, overlong = load_prompt_splits(
+            self.cfg.data, self.tokenizer, self.processor, self.model_path
+        )
         self.counters["data/skipped_rows"] = self.counters.get("data/skipped_rows", 0) + skipped
         self.counters["data/overlong_prompts"] = (
             self.counters.get("data/overlong_prompts", 0) + overlong
@@ -357,7 +432,9 @@ class Trainer:
         return self.learner.publish_weights() if self.learner.version > 0 else None
 
     def _generate(self, prompts: list[Prompt], sampling: SamplingSpec, tag: str) -> Any:
-        requests = [GenerationRequest(f"{tag}/{p.example.uid}", p.token_ids) for p in prompts]
+        requests = [
+            GenerationRequest(f"{tag}/{p.example.uid}", p.token_ids, p.images) for p in prompts
+        ]
         return self.rollout.generate(requests, sampling, self._weights())
 
     def _score(self, prompts: list[Prompt], completions: list[Any], n: int) -> list[Any]:
@@ -371,6 +448,10 @@ class Trainer:
         for error in (s.error for s in scores if s.error is not None):
             self.exporter.count_error("reward", error.split(":", 1)[0])
         return scores
+
+    def _count(self, key: str, amount: float) -> None:
+        """Add to a cumulative counter (reported with every step's metrics)."""
+        self.counters[key] = self.counters.get(key, 0) + amount
 
     def step(self, step: int) -> dict[str, float]:
         """Run training step ``step`` (0-based) and return its metrics."""
@@ -418,8 +499,10 @@ class Trainer:
                     prompt_token_ids=p.token_ids,
                     answer=p.example.answer,
                     rollouts=rollouts,
+                    images=[pb.Image(data=image) for image in p.images],
                 )
             )
+        self._count("rollout/images", sum(c.images for c in gen.completions if c.index == 0))
         put, sample = self._put_and_sample(groups, step)
         times["buffer"] = time.perf_counter() - t
 
@@ -461,10 +544,13 @@ class Trainer:
             )
             logger.warning("step %d: every kept pair has weight 0; update skipped", step)
         else:
+            images = {pid: _image_bytes(pid, found.images) for pid, found in sample.images.items()}
+            self._count("buffer/images", sum(len(v) for v in images.values()))
             batch = TrainBatch(
                 prompt_token_ids=[list(it.prompt_token_ids) for it in sample.items],
                 response_token_ids=[list(it.rollout.token_ids) for it in sample.items],
                 advantages=torch.tensor([it.advantage for it in sample.items]),
+                images=[images.get(it.prompt_id, ()) for it in sample.items] if images else [],
             )
             t = time.perf_counter()
             old = self.learner.compute_logprobs(batch)

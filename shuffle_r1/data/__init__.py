@@ -1,16 +1,22 @@
-"""Prompt data: reading datasets, the prompt template and the resumable prompt sampler."""
+"""Prompt data: reading datasets, their images, the prompt template and the resumable
+prompt sampler."""
 
 from shuffle_r1.data.dataset import Example, LoadResult, SkippedRow, load_examples
+from shuffle_r1.data.images import ImageError, ImageSpec, decode_images, vision_inputs
 from shuffle_r1.data.prompt import INSTRUCTION, build_messages, render_prompt
 from shuffle_r1.data.sampler import PromptSampler
 
 __all__ = [
     "INSTRUCTION",
     "Example",
+    "ImageError",
+    "ImageSpec",
     "LoadResult",
     "PromptSampler",
     "SkippedRow",
     "build_messages",
+    "decode_images",
     "load_examples",
     "render_prompt",
+    "vision_inputs",
 ]

@@ -7,8 +7,11 @@ Parquet) raise.
 
 Images are kept as references: a path (resolved against ``image_root`` or the data file's
 folder, and checked to exist) or the raw bytes of an encoded image (Parquet files written by
-Hugging Face ``datasets`` store ``{"bytes": ..., "path": ...}``). Decoding and resizing belong
-to the multimodal pipeline (ALGORITHM.md §7: RGB, 512²–2048² pixels), not here.
+Hugging Face ``datasets`` store ``{"bytes": ..., "path": ...}``). Given an ``image_spec``, the
+loader also runs the multimodal pipeline on each row's images (``shuffle_r1.data.images``:
+decode, RGB, resize to ``data.min_pixels``–``data.max_pixels``, PNG bytes), so an image that
+cannot be used — corrupt bytes, not an image, an aspect ratio the vision tower refuses — skips
+its row here, before any training, with the file and the row named.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shuffle_r1.data.images import ImageError, ImageSpec
+
 logger = logging.getLogger(__name__)
 
 ANSWER_FORMATS = ("raw", "gsm8k")
@@ -29,7 +34,8 @@ EXTENSIONS = (".jsonl", ".json", ".parquet")
 @dataclass(frozen=True)
 class Example:
     """One prompt: ``uid`` is unique within its file; ``answer`` is the reference answer that
-    the reward compares against; ``images`` are paths (str) or encoded image bytes."""
+    the reward compares against; ``images`` are paths (str) or encoded image bytes (PNG bytes
+    on the vision grid when loaded with an ``image_spec``)."""
 
     uid: str
     problem: str
@@ -71,6 +77,8 @@ def load_examples(
     id_key: str | None = None,
     answer_format: str = "raw",
     image_root: str | Path | None = None,
+    image_spec: ImageSpec | None = None,
+    limit: int | None = None,
 ) -> LoadResult:
     """Read the examples of a ``.jsonl``, ``.json`` (a list of objects) or ``.parquet`` file.
 
@@ -78,6 +86,11 @@ def load_examples(
     - ``image_key``: optional in each row; a path, encoded bytes, a ``{"bytes", "path"}`` dict,
       or a list of those. Relative paths are resolved against ``image_root`` (default: the data
       file's folder); a missing image file skips the row.
+    - ``image_spec``: when given, every image of a row is prepared by
+      :meth:`ImageSpec.prepare <shuffle_r1.data.images.ImageSpec.prepare>` (PNG bytes on the
+      vision grid); an image it cannot use skips the row, the reason naming the image.
+    - ``limit``: stop once this many examples are loaded (the rows after them are not read,
+      nor their images prepared); ``None`` reads the whole file.
     - ``id_key``: the column that holds a unique id; without it ``uid`` is ``"<stem>-<row>"``.
     - ``answer_format``: ``"raw"`` keeps the answer as written; ``"gsm8k"`` keeps the text
       after the final ``####``, stripped, without thousands commas (``"1,000"`` -> ``"1000"``).
@@ -100,6 +113,8 @@ def load_examples(
     result = LoadResult(examples=[])
     first_row_of_id: dict[str, int] = {}
     for row_number, record in reader(path):
+        if limit is not None and len(result.examples) >= limit:
+            break
         try:
             if isinstance(record, _BadRow):
                 raise record
@@ -112,6 +127,7 @@ def load_examples(
                 id_key=id_key,
                 image_root=root,
                 answer_format=answer_format,
+                image_spec=image_spec,
             )
             if example.uid in first_row_of_id:
                 first = first_row_of_id[example.uid]
@@ -187,6 +203,7 @@ def _to_example(
     id_key: str | None,
     image_root: Path,
     answer_format: str,
+    image_spec: ImageSpec | None,
 ) -> Example:
     if not isinstance(record, dict):
         raise _BadRow(f"expected an object, got {type(record).__name__}")
@@ -204,6 +221,11 @@ def _to_example(
     else:
         uid = default_uid
     images = _images(record.get(image_key), image_key, image_root)
+    if image_spec is not None:
+        try:
+            images = tuple(image_spec.prepare(image) for image in images)
+        except ImageError as exc:
+            raise _BadRow(str(exc)) from exc
     return Example(uid=uid, problem=problem, answer=answer, images=images)
 
 

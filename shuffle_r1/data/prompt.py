@@ -9,7 +9,9 @@ model's chat template adds its own system message.
 - Example with images: the content is the transformers content list
   ``[{"type": "text", "text": INSTRUCTION}, {"type": "image"}, ..., {"type": "text", "text":
   problem}]`` with one image placeholder per image, in the order of ``Example.images``; the
-  multimodal processor pairs the placeholders with the pixels.
+  multimodal processor pairs the placeholders with the pixels. A literal ``<image>`` in the
+  problem (Geometry3K writes one where its figure goes) is removed: the images have their
+  place, and the text would otherwise carry a placeholder no processor expands.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from shuffle_r1.data.dataset import Example
 
+IMAGE_MARK = "<image>"
 INSTRUCTION = (
     "You FIRST think about the reasoning process as an internal monologue and then provide "
     "the final answer. The reasoning process MUST BE enclosed within <think> </think> tags. "
@@ -31,7 +34,7 @@ def build_messages(example: Example) -> list[dict[str, Any]]:
         return [{"role": "user", "content": f"{INSTRUCTION}\n\n{example.problem}"}]
     content: list[dict[str, str]] = [{"type": "text", "text": INSTRUCTION}]
     content += [{"type": "image"} for _ in example.images]
-    content.append({"type": "text", "text": example.problem})
+    content.append({"type": "text", "text": example.problem.replace(IMAGE_MARK, "").strip()})
     return [{"role": "user", "content": content}]
 
 

@@ -73,6 +73,7 @@ def test_algorithm_name_selects_pts_and_abs(
         ("buffer.tls_cert=/x.pem", "tls_key"),
         ("reward.function=not_a_path", "reward.function"),
         ("rollout.max_workers=0", "max_workers"),
+        ("data.train_size=-1", "data.train_size"),
         ("just-a-word", "section.key=value"),
     ],
 )
@@ -111,3 +112,20 @@ def test_cli_prints_resolved_config_and_reports_errors() -> None:
     )  # fmt: skip
     assert bad.returncode == 2
     assert "rollout.temperature" in bad.stderr
+
+
+@pytest.mark.parametrize("recipe", ["geo3k_qwen2_5_vl_3b.yaml", "k12_qwen2_5_vl_7b.yaml"])
+def test_gpu_vl_recipes_carry_the_papers_hyperparameters(recipe: str) -> None:
+    """ALGORITHM.md §7, typed out here rather than read from the defaults."""
+    cfg = load_config(ROOT / "configs" / recipe)
+    r, le, a, d, t = cfg.rollout, cfg.learner, cfg.algorithm, cfg.data, cfg.trainer
+    assert (r.n, r.temperature, r.top_p, r.engine) == (16, 1.0, 0.99, "vllm")
+    assert (t.rollout_batch_size, le.global_batch_size, le.micro_batch_size) == (512, 128, 4)
+    assert (d.max_prompt_length, r.max_response_length) == (2048, 2048)
+    assert (le.lr, le.weight_decay, le.grad_clip, le.ppo_epochs) == (1e-6, 1e-2, 1.0, 1)
+    assert (a.name, a.keep_ratio, a.shuffle_times, a.kl_coef) == ("shuffle_r1", 0.5, 8, 0.0)
+    assert le.freeze_vision_tower and (d.min_pixels, d.max_pixels) == (512**2, 2048**2)
+    assert (t.total_steps, t.eval_every, r.val_temperature, r.val_n) == (80, 5, 0.5, 8)
+    assert cfg.reward.function == "shuffle_r1.rewards:math_reward"
+    assert (r.num_gpus_per_worker, le.num_gpus_per_rank) == (1, 1)
+    assert r.num_workers + le.num_ranks == 8

@@ -133,3 +133,18 @@ def test_prepare_smollm2_gives_a_bf16_transformers_folder():
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
     assert answer == "The capital of France is Paris.<|im_end|>"  # weights survived conversion
+
+
+@pytest.mark.slow
+def test_tiny_qwen2_5_vl_resolves_by_name_and_depends_only_on_seed(tmp_path, monkeypatch, tiny_vl):
+    monkeypatch.setenv("SHUFFLE_R1_CACHE", str(tmp_path / "cache"))
+    path = resolve_model_path("tiny-qwen2.5-vl")
+    assert path == tmp_path / "cache" / "tiny-qwen2.5-vl"
+    model = models.load_policy_model(path, dtype=torch.float32)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert 3_000_000 < sum(p.numel() for p in model.parameters()) < 3_500_000
+    # the session's tiny_vl differs only in its image processor's pixel bounds: same weights
+    reference = models.load_policy_model(tiny_vl, dtype=torch.float32).state_dict()
+    state = model.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in state)

