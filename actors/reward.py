@@ -186,7 +186,7 @@ class RewardPool:
     def __init__(self, cfg: RewardConfig, run_id: str, max_resends: int = 3) -> None:
         from ray import serve
 
-        from actors.serving import ensure_serve
+        from actors.serving import LOGGING, ensure_serve
 
         self.cfg = cfg
         self.app = f"{run_id}-reward"
@@ -200,7 +200,9 @@ class RewardPool:
             max_ongoing_requests=1,  # one chunk per replica at a time: an even spread
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
         )(RewardWorker)
-        self.handle = serve.run(deployment.bind(cfg), name=self.app, route_prefix=cfg.http_route)
+        self.handle = serve.run(
+            deployment.bind(cfg), name=self.app, route_prefix=cfg.http_route, logging_config=LOGGING
+        )
         self.url = base + cfg.http_route
         logger.info("reward: %d workers, HTTP endpoint %s", cfg.num_workers, self.url)
 

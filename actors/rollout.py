@@ -657,7 +657,7 @@ class RolloutPool:
     ) -> None:
         from ray import serve
 
-        from actors.serving import ensure_serve
+        from actors.serving import LOGGING, ensure_serve
         from actors.weights import ScalingInfo, weight_store, weight_store_name
 
         self.cfg = cfg
@@ -705,6 +705,7 @@ class RolloutPool:
             name=self.app,
             route_prefix=None,
             external_scaler_enabled=not cfg.autoscaling,
+            logging_config=LOGGING,
         )
         logger.info(
             "rollout: %d %s workers of %s ready in %.1f s",

@@ -29,6 +29,9 @@ from ray.exceptions import RayActorError
 
 logger = logging.getLogger(__name__)
 
+# Serve's own INFO lines (one per request) would drown a training run's console.
+LOGGING = {"log_level": "WARNING", "enable_access_log": False}
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -62,6 +65,7 @@ def ensure_serve(http_host: str = "127.0.0.1", http_port: int = 8000) -> str:
         serve.start(
             proxy_location=ProxyLocation.HeadOnly,
             http_options=HTTPOptions(host=http_host, port=port),
+            logging_config=LOGGING,
         )
         client = _client()
     assert client is not None
