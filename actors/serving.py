@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 def worker_id() -> str:
