@@ -77,6 +77,22 @@ def random_groups(
     ]  # fmt: skip
 
 
+def varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf base-128 varint, written here independently of the
+    server's encoder."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
 def dump_run(client: redis.Redis, run_id: str) -> dict[bytes, bytes]:
     """Every key of ``run_id`` with its Redis DUMP: type, content and encoding, byte for byte
     (for one server's data before and after; a reload may re-encode the same content)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import redis
-from buffer_helpers import dump_run, make_group, random_groups
+from buffer_helpers import dump_run, make_group, random_groups, varint
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -235,16 +235,7 @@ def mangle(draw: st.DrawFn, payload: bytes) -> bytes:
     if how == "insert":
         return payload[:at] + draw(st.binary(min_size=1, max_size=8)) + payload[at:]
     number, wire = draw(st.integers(1, 2**29 - 1)), draw(st.integers(0, 7))
-    return payload + _varint(number << 3 | wire) + draw(st.binary(max_size=9))
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return payload + varint(number << 3 | wire) + draw(st.binary(max_size=9))
 
 
 def changes_the_protected_run(method: str, request: object) -> bool:
