@@ -5,7 +5,10 @@ callers ask it for :meth:`ReplayBufferHost.address` and talk gRPC with
 :class:`~services.replay_buffer.client.ReplayBufferClient`. Start it with
 :func:`start_replay_buffer_actor`, which sets ``max_restarts`` so Ray restarts a dead
 actor; the state lives in Redis, so a restarted actor serves the same data (with
-``port=0`` on a new port: ask :meth:`address` again after a failure).
+``port=0`` on a new port: ask :meth:`address` again after a failure). As ``shuffle-r1 buffer
+serve``, it serves Prometheus ``/metrics`` on ``buffer.metrics_port`` when that is > 0, and
+takes the token and the Redis password from the environment when the config has none
+(:func:`~services.replay_buffer.server.serve`).
 """
 
 from __future__ import annotations
