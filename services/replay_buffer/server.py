@@ -670,7 +670,7 @@ def _watch_redis(
     serving = True
     while server.wait_for_termination(timeout=period_s):  # True: timed out, still running
         try:
-            store.ping()
+            store.probe()
             answers, reason = True, ""
         except redis.RedisError as exc:
             metrics.redis_errors.labels("health").inc()

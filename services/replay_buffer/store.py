@@ -396,7 +396,7 @@ class BufferStore:
         max_staleness: weight versions; a group older than the run's newest version minus
             this is refused at put and dropped at sample.
         timeout_s: socket timeout of each Redis command.
-        probe_timeout_s: timeout of :meth:`ping` (one attempt, no retry).
+        probe_timeout_s: timeout of :meth:`probe` (one attempt, no retry).
         cache_mb: bound of the in-process :class:`PayloadCache`.
 
     Raises:
@@ -411,7 +411,7 @@ class BufferStore:
         max_staleness: int,
         tls: RedisTLS | None = None,
         timeout_s: float = 10.0,
-        probe_timeout_s: float = 1.0,
+        probe_timeout_s: float = 2.0,
         cache_mb: int = 1024,
     ) -> None:
         self.url = url
@@ -440,8 +440,13 @@ class BufferStore:
         self._drop = self._redis.register_script(_DROP)
 
     def ping(self) -> None:
-        """One PING within ``probe_timeout_s``; raises ``redis.RedisError`` if Redis does not
-        answer (``redis.AuthenticationError`` if it refuses the password)."""
+        """PING with the timeouts and retries of every call; raises ``redis.RedisError`` if
+        Redis does not answer (``redis.AuthenticationError`` if it refuses the password)."""
+        self._redis.ping()
+
+    def probe(self) -> None:
+        """One PING within ``probe_timeout_s``, no retry (the health check); raises
+        ``redis.RedisError`` if Redis does not answer in time."""
         self._probe.ping()
 
     def close(self) -> None:
