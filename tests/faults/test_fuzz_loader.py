@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,8 +25,15 @@ from shuffle_r1.data.dataset import SkippedRow
 
 FUZZ = settings(max_examples=80, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
-FOLDER = Path(tempfile.mkdtemp(prefix="shuffle-r1-fuzz-loader-"))
+FOLDER = Path(tempfile.mkdtemp(prefix="shuffle-r1-fuzz-loader-"))  # strategies name files in it
 (FOLDER / "pic.png").write_bytes(b"\x89PNG")  # an image file rows may name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_folder():
+    yield
+    shutil.rmtree(FOLDER)
+
 
 # Values a row's keys may hold: what JSON can express, with text and paths that stress the
 # image lookup (NUL bytes, names too long for the file system, a real file).
