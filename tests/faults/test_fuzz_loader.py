@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,21 +23,22 @@ from shuffle_r1.data.dataset import SkippedRow
 
 FUZZ = settings(max_examples=80, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
-FOLDER = Path(tempfile.mkdtemp(prefix="shuffle-r1-fuzz-loader-"))  # strategies name files in it
-(FOLDER / "pic.png").write_bytes(b"\x89PNG")  # an image file rows may name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _remove_folder():
-    yield
-    shutil.rmtree(FOLDER)
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the fuzzed files are written, with an image file ``pic.png`` rows may name."""
+    path = tmp_path_factory.mktemp("fuzz-loader")
+    (path / "pic.png").write_bytes(b"\x89PNG")
+    return path
 
 
 # Values a row's keys may hold: what JSON can express, with text and paths that stress the
-# image lookup (NUL bytes, names too long for the file system, a real file).
+# image lookup (NUL bytes, names too long for the file system, files that exist: pic.png
+# next to the data file, an absolute path).
 texts = st.one_of(
     st.text(max_size=20),
-    st.sampled_from(["pic.png", str(FOLDER / "pic.png"), "a\x00b", "x" * 300, "../" * 90, ""]),
+    st.sampled_from(["pic.png", "/proc/self/status", "a\x00b", "x" * 300, "../" * 90, ""]),
     st.just("#### 1,000"),
 )
 json_values = st.recursive(
@@ -97,8 +96,8 @@ def jsonl_rows(data: bytes) -> int:
 
 @FUZZ
 @given(data=st.binary(max_size=300), suffix=st.sampled_from([".jsonl", ".json", ".parquet"]))
-def test_random_bytes(data, suffix):
-    path = FOLDER / f"random{suffix}"
+def test_random_bytes(folder, data, suffix):
+    path = folder / f"random{suffix}"
     path.write_bytes(data)
     check(path, jsonl_rows(data) if suffix == ".jsonl" else None)
 
@@ -106,8 +105,8 @@ def test_random_bytes(data, suffix):
 @FUZZ
 @given(lines=st.lists(st.one_of(rows.map(json.dumps), st.text(max_size=30), nasty_json),
                      max_size=8), opts=options)  # fmt: skip
-def test_jsonl_of_random_rows(lines, opts):
-    path = FOLDER / "rows.jsonl"
+def test_jsonl_of_random_rows(folder, lines, opts):
+    path = folder / "rows.jsonl"
     data = "\n".join(line.replace("\n", " ") for line in lines).encode("utf-8", "surrogatepass")
     path.write_bytes(data)
     check(path, jsonl_rows(data), **opts)
@@ -115,8 +114,8 @@ def test_jsonl_of_random_rows(lines, opts):
 
 @FUZZ
 @given(value=st.one_of(st.lists(rows, max_size=8), json_values), opts=options)
-def test_json_of_random_values(value, opts):
-    path = FOLDER / "rows.json"
+def test_json_of_random_values(folder, value, opts):
+    path = folder / "rows.json"
     path.write_text(json.dumps(value))
     result = check(path, len(value) if isinstance(value, list) else None, **opts)
     assert (result is not None) == isinstance(value, list)  # anything but a list is refused
@@ -124,8 +123,8 @@ def test_json_of_random_values(value, opts):
 
 @given(text=nasty_json)
 @settings(max_examples=3, deadline=None, database=None)
-def test_json_the_parser_chokes_on(text):
-    path = FOLDER / "nasty.json"
+def test_json_the_parser_chokes_on(folder, text):
+    path = folder / "nasty.json"
     path.write_text(text)
     assert check(path, None) is None
 
@@ -153,15 +152,15 @@ def parquet_bytes(records: list[dict[str, object]]) -> bytes:
 
 @FUZZ
 @given(records=parquet_rows, opts=options)
-def test_parquet_of_random_rows(records, opts):
-    path = FOLDER / "rows.parquet"
+def test_parquet_of_random_rows(folder, records, opts):
+    path = folder / "rows.parquet"
     path.write_bytes(parquet_bytes(records))
     check(path, len(records), **opts)
 
 
 @FUZZ
 @given(records=parquet_rows, data=st.data())
-def test_damaged_parquet(records, data):
+def test_damaged_parquet(folder, records, data):
     """A valid file cut short or with a byte changed: a ValueError naming the file, or the
     rows that could still be read (then each an Example or a SkippedRow)."""
     raw = bytearray(parquet_bytes(records))
@@ -170,7 +169,7 @@ def test_damaged_parquet(records, data):
         raw = raw[:at]
     else:
         raw[at] ^= data.draw(st.integers(1, 255))
-    path = FOLDER / "damaged.parquet"
+    path = folder / "damaged.parquet"
     path.write_bytes(bytes(raw))
     check(path, None)
 
