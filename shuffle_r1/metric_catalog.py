@@ -9,7 +9,8 @@ exporter serve them:
   (``trainer.metrics_port``) and the replay buffer (``buffer.metrics_port``, or
   ``shuffle-r1 buffer serve --metrics-port``);
 - **Ray's metrics API** (``ray.util.metrics``) inside the Ray actors (rollout, reward and
-  learner workers), scraped from each Ray node's metrics export port. Ray prefixes custom
+  learner workers), scraped from each Ray node's metrics export port; each series carries
+  the ``run`` (``trainer.run_name``) it belongs to. Ray prefixes custom
   metrics with ``ray_`` (``ray_shuffle_r1_rollout_worker_tokens_total``); the Prometheus
   scrape configs in ``deploy/`` strip that prefix (:data:`RAY_PREFIX_RELABEL`), so every
   dashboard query uses the names below.
@@ -172,25 +173,55 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Share of the last batch with |A| < tau (§5)",
     ),
     # --- rollout workers (Ray metrics) --------------------------------------------------------
-    _m("rollout_worker_requests_total", "counter", "rollout", "Prompts generated", "worker"),
-    _m("rollout_worker_tokens_total", "counter", "rollout", "Response tokens generated", "worker"),
+    _m(
+        "rollout_worker_requests_total",
+        "counter",
+        "rollout",
+        "Prompts generated",
+        "worker",
+        "run",
+    ),
+    _m(
+        "rollout_worker_tokens_total",
+        "counter",
+        "rollout",
+        "Response tokens generated",
+        "worker",
+        "run",
+    ),
     _m(
         "rollout_worker_generate_seconds",
         "histogram",
         "rollout",
         "Time of one generate call, seconds",
         "worker",
+        "run",
     ),
-    _m("rollout_worker_weight_version", "gauge", "rollout", "Weight version loaded", "worker"),
+    _m(
+        "rollout_worker_weight_version",
+        "gauge",
+        "rollout",
+        "Weight version loaded",
+        "worker",
+        "run",
+    ),
     _m(
         "rollout_worker_weight_load_seconds",
         "histogram",
         "rollout",
         "Time to load new weights in place, seconds",
         "worker",
+        "run",
     ),
     # --- reward workers (Ray metrics) ---------------------------------------------------------
-    _m("reward_worker_scored_total", "counter", "reward", "Responses scored", "worker"),
+    _m(
+        "reward_worker_scored_total",
+        "counter",
+        "reward",
+        "Responses scored",
+        "worker",
+        "run",
+    ),
     _m(
         "reward_worker_errors_total",
         "counter",
@@ -198,6 +229,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Reward calls that raised, hung or returned garbage (scored 0)",
         "worker",
         "kind",
+        "run",
     ),
     _m(
         "reward_worker_seconds",
@@ -205,6 +237,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "reward",
         "Time to score one request batch, seconds",
         "worker",
+        "run",
     ),
     # --- learner ranks (Ray metrics) ----------------------------------------------------------
     _m(
@@ -214,14 +247,23 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Micro-batches run (log-probs or training)",
         "rank",
         "kind",
+        "run",
     ),
-    _m("learner_worker_tokens_total", "counter", "learner", "Response tokens trained on", "rank"),
+    _m(
+        "learner_worker_tokens_total",
+        "counter",
+        "learner",
+        "Response tokens trained on",
+        "rank",
+        "run",
+    ),
     _m(
         "learner_worker_step_seconds",
         "histogram",
         "learner",
         "Time of one optimizer mini-batch step on a rank, seconds",
         "rank",
+        "run",
     ),
 )
 

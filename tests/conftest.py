@@ -1,13 +1,31 @@
-"""Shared fixtures: one real local Ray for the whole session, a real Redis on loopback."""
+"""Shared fixtures: one real local Ray for the whole session; a real Redis on loopback and
+real replay buffer gRPC servers (tests/integration/buffer, tests/faults).
+
+``redis_url`` is the Redis every test shares ($SHUFFLE_R1_REDIS_URL, else
+redis://127.0.0.1:6379/0, else an embedded one for the session). Each test gets a unique
+``run_id`` whose keys are deleted afterwards (found by SCAN, so a bug in DropRun cannot
+leave them behind). Helpers the tests import are in ``tests/buffer_helpers.py``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import redis
+    from prometheus_client import CollectorRegistry
+
+    from services.replay_buffer.client import ReplayBufferClient
+    from services.replay_buffer.server import BufferServer
+    from shuffle_r1.config import AlgorithmConfig, BufferConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +78,90 @@ def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen2_5_vl(
         tmp_path_factory.mktemp("models") / "tiny-vl", min_pixels=56 * 56, max_pixels=112 * 112
     )
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    from services.embedded_redis import EmbeddedRedis, ping
+
+    url = os.environ.get("SHUFFLE_R1_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if ping(url):
+        yield url
+        return
+    with EmbeddedRedis() as embedded:
+        yield embedded.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    from services.embedded_redis import redis_client
+
+    client = redis_client(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def run_id(redis_client: redis.Redis) -> Iterator[str]:
+    from buffer_helpers import run_keys
+
+    run = f"test-{uuid.uuid4().hex[:12]}"
+    yield run
+    keys = run_keys(redis_client, run)
+    if keys:
+        redis_client.delete(*keys)
+
+
+@dataclass
+class Buffer:
+    """A running server, a client of it and its metrics."""
+
+    server: BufferServer
+    port: int
+    client: ReplayBufferClient
+    registry: CollectorRegistry
+    cfg: BufferConfig
+    algo: AlgorithmConfig
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def start_buffer(redis_url: str) -> Iterator[Callable[..., Buffer]]:
+    """``start_buffer(algo=AlgorithmConfig(...), token=..., **BufferConfig fields)``: an
+    in-process server (on the shared Redis unless ``redis_url`` is given) and a client that
+    sends ``token`` (default: the server's ``auth_token``), stopped after the test."""
+    from prometheus_client import CollectorRegistry
+
+    from services.replay_buffer.client import ReplayBufferClient
+    from services.replay_buffer.server import serve
+    from shuffle_r1.config import AlgorithmConfig, BufferConfig
+
+    started: list[Buffer] = []
+
+    def start(algo: AlgorithmConfig | None = None, token: str | None = None, **fields) -> Buffer:
+        cfg = replace(BufferConfig(redis_url=redis_url, keep_steps=100), **fields)
+        algo = algo or AlgorithmConfig()
+        registry = CollectorRegistry()
+        server, port = serve(cfg, algo, registry=registry)
+        client = ReplayBufferClient(f"127.0.0.1:{port}", token=token or cfg.auth_token,
+                                    timeout_s=10, retries=0)  # fmt: skip
+        buffer = Buffer(server, port, client, registry, cfg, algo)
+        started.append(buffer)
+        return buffer
+
+    yield start
+    for buffer in started:
+        buffer.client.close()
+        buffer.server.stop(0).wait()
+
+
+@pytest.fixture
+def buffer(start_buffer: Callable[..., Buffer]) -> Buffer:
+    """A server with the default algorithm (shuffle_r1, α = 0.5, S = 8), keep_steps=100."""
+    return start_buffer()

@@ -6,7 +6,8 @@ the kept pairs with their ABS weights in Redis, and serves the step's batch draw
 each item with the probability its pair was drawn with (shared/ALGORITHM.md §1-§3, §5).
 
 - ``protos/replay_buffer.proto``: the API and the stored values.
-- :mod:`.server`: ``serve(BufferConfig, AlgorithmConfig) -> (server, port)``, metrics.
+- :mod:`.server`: ``serve(BufferConfig, AlgorithmConfig) -> (BufferServer, port)``, health,
+  metrics.
 - :mod:`.client`: ``ReplayBufferClient(address, token=, root_cert=)``.
 - :mod:`.actor`: the server hosted in a Ray actor.
 - :mod:`.cli`: ``shuffle-r1 buffer serve``.

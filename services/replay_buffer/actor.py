@@ -5,7 +5,10 @@ callers ask it for :meth:`ReplayBufferHost.address` and talk gRPC with
 :class:`~services.replay_buffer.client.ReplayBufferClient`. Start it with
 :func:`start_replay_buffer_actor`, which sets ``max_restarts`` so Ray restarts a dead
 actor; the state lives in Redis, so a restarted actor serves the same data (with
-``port=0`` on a new port: ask :meth:`address` again after a failure).
+``port=0`` on a new port: ask :meth:`address` again after a failure). As ``shuffle-r1 buffer
+serve``, it serves Prometheus ``/metrics`` on ``buffer.metrics_port`` when that is > 0, and
+takes the token and the Redis password from the environment when the config has none
+(:func:`~services.replay_buffer.server.serve`).
 """
 
 from __future__ import annotations
@@ -48,12 +51,18 @@ def start_replay_buffer_actor(
     max_restarts: int = -1,
     num_cpus: float = 0.0,
 ) -> Any:
-    """Create the :class:`ReplayBufferHost` actor; returns its handle.
+    """Create the :class:`ReplayBufferHost` actor on the head node; returns its handle.
 
     ``max_restarts=-1``: Ray restarts it whenever it dies; method calls are retried across
-    restarts. ``name`` makes it findable with ``ray.get_actor``.
+    restarts. ``name`` makes it findable with ``ray.get_actor``. The head node (Ray's
+    ``node:__internal_head__`` resource) is where the trainer runs and where a KubeRay
+    deployment exposes the buffer's metrics port.
     """
     actor_class = ray.remote(ReplayBufferHost)
     return actor_class.options(  # type: ignore[attr-defined]
-        name=name, max_restarts=max_restarts, max_task_retries=-1, num_cpus=num_cpus
+        name=name,
+        max_restarts=max_restarts,
+        max_task_retries=-1,
+        num_cpus=num_cpus,
+        resources={"node:__internal_head__": 0.001},
     ).remote(buffer, algorithm)

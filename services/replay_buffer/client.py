@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,6 +18,7 @@ from protos import replay_buffer_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+TOKEN_ENV = "SHUFFLE_R1_BUFFER_TOKEN"  # the shared token, for servers and clients
 
 
 class ReplayBufferClient:
@@ -30,7 +32,8 @@ class ReplayBufferClient:
 
     Args:
         address: ``host:port`` of the server.
-        token: the shared token, sent as ``authorization: Bearer <token>``.
+        token: the shared token, sent as ``authorization: Bearer <token>``; None (the
+            default) takes ``$SHUFFLE_R1_BUFFER_TOKEN`` as the server does, "" sends none.
         root_cert: PEM bytes, or a path to them, of the CA that signed the server's
             certificate; set it to connect with TLS.
         timeout_s: deadline of each attempt, seconds.
@@ -61,6 +64,8 @@ class ReplayBufferClient:
         self.address = address
         self._stub = pb_grpc.ReplayBufferStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        if token is None:
+            token = os.environ.get(TOKEN_ENV, "")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout_s = timeout_s
         self.retries = retries

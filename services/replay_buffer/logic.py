@@ -38,6 +38,9 @@ from shuffle_r1.config import ALGORITHMS, AlgorithmConfig
 # Steps and versions are exact integers in Redis's Lua (doubles): keep them well inside.
 MAX_COUNTER = 10**12
 MAX_PROMPT_ID_BYTES = 512
+# ABS rounds per step: the paper uses 2-8. The bound keeps a request from making the server
+# allocate per-round lists of billions of entries.
+MAX_SHUFFLE_TIMES = 1024
 # Tag of a SampleResponse.items entry: field number, wire type 2 (length-delimited).
 _ITEM_TAG = bytes([pb.SampleResponse.DESCRIPTOR.fields_by_name["items"].number << 3 | 2])
 _WIRE_TYPES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 5: "32-bit"}
@@ -75,8 +78,8 @@ def resolve_spec(spec: pb.RunSpec | None, defaults: AlgorithmConfig, run_id: str
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"spec.keep_ratio={keep_ratio} must be in (0, 1]")
     shuffle_times = spec.shuffle_times if spec.HasField("shuffle_times") else defaults.shuffle_times
-    if shuffle_times < 1:
-        raise ValueError(f"spec.shuffle_times={shuffle_times} must be >= 1")
+    if not 1 <= shuffle_times <= MAX_SHUFFLE_TIMES:
+        raise ValueError(f"spec.shuffle_times={shuffle_times} must be in [1, {MAX_SHUFFLE_TIMES}]")
     return pb.RunSpec(
         algorithm=algorithm,
         keep_ratio=keep_ratio if algorithm != "grpo" else 1.0,
@@ -263,6 +266,7 @@ def _record(
         pairs_dropped=summary.pairs_dropped,
         payload=stored.SerializeToString(),
         summary=summary.SerializeToString(),
+        rollouts_kept=len(kept),
     )
 
 

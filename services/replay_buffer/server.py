@@ -1,12 +1,18 @@
 """The replay buffer's gRPC server: validates requests, calls the logic and the store.
 
 Status codes: INVALID_ARGUMENT for a malformed request (the message names the field);
-NOT_FOUND for an unknown run or an empty step; FAILED_PRECONDITION for a spec that
-differs from the run's, an evicted step or fewer groups than expected; ALREADY_EXISTS for
-a key that holds different content; RESOURCE_EXHAUSTED beyond the message size limit;
-UNAUTHENTICATED without the shared token; UNAVAILABLE when Redis fails (retry: every
-write is idempotent); ABORTED when a step's groups were evicted or dropped while a Sample
-read them (retry).
+NOT_FOUND for an unknown run or an empty step (Sample with ``expected_groups == 0``, Stats);
+FAILED_PRECONDITION for a spec that differs from the run's, an evicted step or fewer groups
+than ``expected_groups`` (none at all included: the data was lost, e.g. Redis restarted
+without persistence; the message names the run, the step and both counts); ALREADY_EXISTS
+for a key that holds different content; RESOURCE_EXHAUSTED beyond the message size limit;
+UNAUTHENTICATED without the shared token; UNAVAILABLE when Redis fails (retry: every write
+is idempotent); ABORTED when a step's groups were evicted or dropped while a Sample read
+them (retry). A refused call changes nothing stored. Nothing else is answered: an
+unexpected error would be INTERNAL, and the fuzz tests (``tests/faults``) check it never is.
+
+Health: the standard ``grpc.health.v1.Health`` service answers SERVING while Redis answers
+(checked every ``buffer.health_check_s``) and NOT_SERVING while it does not.
 
 Stale data (ALGORITHM.md; DESIGN.md "Weight versions"): a group whose oldest rollout's
 weight_version is below the run's newest version minus ``max_staleness`` is *dropped and
@@ -19,23 +25,27 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import redis
 import torch
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from protos import replay_buffer_pb2 as pb
-from services.embedded_redis import EmbeddedRedis
+from services.embedded_redis import PASSWORD_ENV, EmbeddedRedis, RedisTLS, redact
 from services.replay_buffer import logic
+from services.replay_buffer.client import TOKEN_ENV
 from services.replay_buffer.store import (
     DUPLICATE,
     EVICTED,
@@ -45,56 +55,77 @@ from services.replay_buffer.store import (
     BufferStore,
     ChangedError,
     ConflictError,
+    Held,
     NotFoundError,
     PreconditionError,
     SpecChangedError,
-    redact,
 )
 from shuffle_r1.algos import advantage_collapse_share, advantage_histogram, rollout_silence_ratio
 from shuffle_r1.config import AlgorithmConfig, BufferConfig
+from shuffle_r1.metric_catalog import BY_NAME
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReplayBuffer"].full_name
+_SERVICE = pb.DESCRIPTOR.services_by_name["ReplayBuffer"]
+SERVICE_NAME = _SERVICE.full_name
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_METHODS = tuple(m.name for m in _SERVICE.methods)
+MAX_HISTOGRAM_BINS = 1024  # Stats: more would only let a request allocate without bound
+_C = TypeVar("_C", Counter, Gauge, Histogram)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class BufferMetrics:
-    """Prometheus metrics of one server (``shuffle_r1_buffer_*``), in their own registry."""
+    """Prometheus metrics of one server, in their own registry: the ``role == "buffer"``
+    entries of :mod:`shuffle_r1.metric_catalog`, with the catalog's names, kinds, labels and
+    help texts (request latency with sub-millisecond buckets)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        p = "shuffle_r1_buffer_"
-        self.requests = Counter(p + "requests", "RPCs answered", ["method", "code"], registry=r)
-        self.latency = Histogram(
-            p + "request_seconds", "RPC handling time", ["method"], buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )  # fmt: skip
-        self.groups = Counter(
-            p + "groups_put", "Groups received by PutGroups, by outcome", ["outcome"], registry=r
-        )
-        self.pairs_kept = Counter(p + "pairs_kept", "Pairs kept by PTS (stored groups)", registry=r)
-        self.pairs_dropped = Counter(p + "pairs_dropped", "Pairs dropped by PTS", registry=r)
-        self.stale = Counter(
-            p + "stale_dropped", "Groups dropped as stale, at put or sample", ["where"], registry=r
-        )
-        self.evicted_steps = Counter(p + "evicted_steps", "Steps evicted", registry=r)
-        self.evicted_groups = Counter(
-            p + "evicted_groups", "Groups deleted by eviction", registry=r
-        )
-        self.samples = Counter(p + "samples", "Batches served by Sample", registry=r)
-        self.items = Counter(p + "items_sampled", "Items (rollouts) served by Sample", registry=r)
-        self.shortfall = Counter(p + "abs_shortfall", "Pairs ABS could not draw (§3)", registry=r)
-        self.skipped = Counter(p + "skipped_batches", "Empty batches (all weights 0)", registry=r)
-        self.redis_errors = Counter(p + "redis_errors", "Failed Redis calls", ["op"], registry=r)
-        self.silence = Gauge(
-            p + "rollout_silence_ratio", "Silent share of the last batch's items (§5)", registry=r
-        )
-        self.collapse = Gauge(
-            p + "advantage_collapse_share", "Share of the last batch with |A| < tau", registry=r
-        )
+        self.requests = self._counter("requests_total")  # method, code
+        self.latency = self._metric(Histogram, "request_seconds", buckets=_LATENCY_BUCKETS)
+        self.groups = self._counter("groups_put_total")  # outcome
+        self.pairs_kept = self._counter("pairs_kept_total")
+        self.pairs_dropped = self._counter("pairs_dropped_total")
+        self.stale = self._counter("stale_dropped_total")  # where: put | sample
+        self.evicted_steps = self._counter("evicted_steps_total")
+        self.evicted_groups = self._counter("evicted_groups_total")
+        self.samples = self._counter("samples_total")
+        self.items = self._counter("items_sampled_total")
+        self.shortfall = self._counter("abs_shortfall_total")
+        self.skipped = self._counter("skipped_batches_total")
+        self.redis_errors = self._counter("redis_errors_total")  # op: an RPC or "health"
+        self.groups_stored = self._gauge("groups_stored")  # run
+        self.rollouts_stored = self._gauge("rollouts_stored")  # run
+        self.silence = self._gauge("rollout_silence_ratio")
+        self.collapse = self._gauge("advantage_collapse_share")
+        # Known label values start at 0, so a scrape shows them before the first event.
+        for op in (*_METHODS, "health"):
+            self.redis_errors.labels(op)
+        for outcome in ("stored", "duplicate", "stale", "evicted"):
+            self.groups.labels(outcome)
+        for where in ("put", "sample"):
+            self.stale.labels(where)
+
+    def _metric(self, kind: type[_C], short: str, **options: Any) -> _C:
+        spec = BY_NAME["shuffle_r1_buffer_" + short]
+        return kind(spec.name, spec.help, spec.labels, registry=self.registry, **options)
+
+    def _counter(self, short: str) -> Counter:
+        return self._metric(Counter, short)
+
+    def _gauge(self, short: str) -> Gauge:
+        return self._metric(Gauge, short)
+
+    def set_held(self, run_id: str, held: Held) -> None:
+        """Set the stored-size gauges of ``run_id`` from what the store reported."""
+        self.groups_stored.labels(run_id).set(held.groups)
+        self.rollouts_stored.labels(run_id).set(held.rollouts)
+
+    def forget_run(self, run_id: str) -> None:
+        """Remove the stored-size series of a dropped run."""
+        self.groups_stored.remove(run_id)
+        self.rollouts_stored.remove(run_id)
 
 
 class _Abort(Exception):
@@ -219,6 +250,7 @@ class ReplayBufferServicer:
         m.pairs_dropped.inc(response.pairs_dropped)
         m.evicted_steps.inc(len(outcome.evicted_steps))
         m.evicted_groups.inc(outcome.evicted_groups)
+        m.set_held(run_id, outcome.held)
         return response.SerializeToString()
 
     def _requested_spec(
@@ -242,11 +274,7 @@ class ReplayBufferServicer:
             return requested or logic.resolve_spec(None, self.algo, run_id)
         spec = pb.RunSpec.FromString(stored)
         if requested is not None and requested != spec:
-            raise _Abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"run {run_id!r} runs with spec {logic.spec_text(spec)}, the request asks "
-                f"for {logic.spec_text(requested)}: use the run's settings, or a new run id",
-            )
+            raise _spec_mismatch(run_id, spec, requested)
         return spec
 
     # ---- Sample ----
@@ -270,15 +298,23 @@ class ReplayBufferServicer:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         try:
             snapshot = self.store.sample(
-                run_id, request.step, request.policy_version, request.expected_groups
+                run_id,
+                request.step,
+                request.policy_version,
+                request.expected_groups,
+                spec=requested.SerializeToString() if requested is not None else b"",
             )
+        except SpecChangedError as exc:
+            assert requested is not None
+            raise _spec_mismatch(run_id, pb.RunSpec.FromString(exc.stored_spec), requested) from exc
         except NotFoundError as exc:
             raise _Abort(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
         except PreconditionError as exc:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
         except ChangedError as exc:
             raise _Abort(grpc.StatusCode.ABORTED, str(exc)) from exc
-        spec = self._run_spec(run_id, requested, snapshot.spec)
+        self.metrics.set_held(run_id, snapshot.held)
+        spec = pb.RunSpec.FromString(snapshot.spec)
         batch = logic.draw_batch(snapshot.payloads, spec, request.step, self.algo.collapse_tau)
         header = pb.SampleResponse(
             run_id=run_id,
@@ -322,8 +358,10 @@ class ReplayBufferServicer:
         try:
             logic.check_known_fields(request, "")
             _check_run_id(request.run_id, "run_id")
-            if request.histogram_bins < 0:
-                raise ValueError(f"histogram_bins={request.histogram_bins} must be >= 0")
+            if not 0 <= request.histogram_bins <= MAX_HISTOGRAM_BINS:
+                raise ValueError(
+                    f"histogram_bins={request.histogram_bins} must be in [0, {MAX_HISTOGRAM_BINS}]"
+                )
         except ValueError as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         try:
@@ -400,8 +438,18 @@ class ReplayBufferServicer:
         except ValueError as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         existed, groups = self.store.drop(request.run_id)
+        self.metrics.forget_run(request.run_id)
         log.info("dropped run %r (%d groups)", request.run_id, groups)
         return pb.DropRunResponse(existed=existed, groups_deleted=groups).SerializeToString()
+
+
+def _spec_mismatch(run_id: str, spec: pb.RunSpec, requested: pb.RunSpec) -> _Abort:
+    """FAILED_PRECONDITION: the request asks for other settings than the run has."""
+    return _Abort(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"run {run_id!r} runs with spec {logic.spec_text(spec)}, the request asks "
+        f"for {logic.spec_text(requested)}: use the run's settings, or a new run id",
+    )
 
 
 def _offsets(summaries: list[pb.GroupSummary]) -> list[int]:
@@ -464,30 +512,68 @@ def serve(
     *,
     registry: CollectorRegistry | None = None,
     max_workers: int = 16,
-) -> tuple[grpc.Server, int]:
+) -> tuple[BufferServer, int]:
     """Start a replay buffer server; return it (started) and its port.
 
-    Binds ``cfg.host:cfg.port`` (port 0 = a free one), with TLS if ``cfg.tls_cert`` and
-    ``cfg.tls_key`` (PEM file paths) are set, and the shared token ``cfg.auth_token`` if
-    set. Algorithm defaults of new runs come from ``algo``. Metrics go to ``registry`` (a
-    private one if None). Stop it with ``server.stop(grace)``.
+    Binds ``cfg.host:cfg.port`` (port 0 = a free one; the default host is loopback), with
+    TLS if ``cfg.tls_cert`` and ``cfg.tls_key`` (PEM file paths) are set. Every call but
+    Health needs the shared token ``cfg.auth_token``, or ``$SHUFFLE_R1_BUFFER_TOKEN`` if that
+    is empty (no token if both are). Redis is ``cfg.redis_url`` with ``cfg.redis_tls_*``
+    (password: see :func:`services.embedded_redis.redis_client`). Algorithm defaults of new
+    runs come from ``algo``. Metrics go to ``registry`` (a private one if None), served as
+    Prometheus ``/metrics`` on ``cfg.host:cfg.metrics_port`` if that is > 0.
+
+    A thread pings Redis every ``cfg.health_check_s`` seconds and sets the health status
+    (service "" and the ReplayBuffer service) to NOT_SERVING while it does not answer and
+    to SERVING when it does again. ``server.stop(grace)`` stops it all: the event it returns
+    is set once the gRPC server, the thread and the metrics endpoint have ended.
 
     Raises:
-        RuntimeError: Redis does not answer at ``cfg.redis_url``, or the port is taken.
+        RuntimeError: a PEM file of the config does not exist; Redis does not answer at
+            ``cfg.redis_url``, refuses the password or the TLS handshake; the port or the
+            metrics port cannot be bound. The message names the key, the (redacted) URL or
+            the address.
     """
-    store = BufferStore(cfg.redis_url, keep_steps=cfg.keep_steps, max_staleness=cfg.max_staleness)
+    url = redact(cfg.redis_url)
+    for key in ("tls_cert", "tls_key", "redis_tls_ca_cert", "redis_tls_cert", "redis_tls_key"):
+        path = getattr(cfg, key)
+        if path and not Path(path).is_file():
+            raise RuntimeError(f"buffer.{key}={path!r}: no such file (a PEM file is expected)")
+    try:
+        store = BufferStore(
+            cfg.redis_url,
+            tls=RedisTLS(cfg.redis_tls_ca_cert, cfg.redis_tls_cert, cfg.redis_tls_key),
+            keep_steps=cfg.keep_steps,
+            max_staleness=cfg.max_staleness,
+        )
+    except ValueError as exc:
+        raise RuntimeError(f"the replay buffer cannot use Redis: {exc}") from exc
     try:
         store.ping()
-    except redis.RedisError as exc:
+    except redis.AuthenticationError as exc:
+        store.close()
         raise RuntimeError(
-            f"the replay buffer cannot reach Redis at {redact(cfg.redis_url)}: {exc}; "
-            "start one or pass --redis-url (or 'embedded')"
+            f"Redis at {url} refused to authenticate the replay buffer ({exc}): give its "
+            f"password in buffer.redis_url (redis://:PASSWORD@host:port/db) or ${PASSWORD_ENV}"
         ) from exc
+    except redis.RedisError as exc:
+        store.close()
+        tls_hint = (
+            "; check buffer.redis_tls_ca_cert (the CA of Redis's certificate), and "
+            "redis_tls_cert/redis_tls_key if Redis asks for a client certificate"
+            if cfg.redis_url.startswith("rediss://")
+            else ""
+        )
+        raise RuntimeError(
+            f"the replay buffer cannot reach Redis at {url}: {exc}; start one or pass "
+            f"--redis-url (or 'embedded'){tls_hint}"
+        ) from exc
+    token = cfg.auth_token or os.environ.get(TOKEN_ENV, "")
     metrics = BufferMetrics(registry)
     max_bytes = cfg.max_message_mb * 2**20
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="buffer"),
-        interceptors=[_TokenInterceptor(cfg.auth_token, metrics)] if cfg.auth_token else [],
+        interceptors=[_TokenInterceptor(token, metrics)] if token else [],
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
@@ -499,24 +585,114 @@ def serve(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{cfg.host}:{cfg.port}"
-    if cfg.tls_cert:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
-        )
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"the replay buffer cannot bind {address}")
+    try:
+        if cfg.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise RuntimeError("no port bound")
+    except RuntimeError as exc:  # grpcio raises, or returns 0, for a port it cannot bind
+        store.close()
+        raise RuntimeError(f"the replay buffer cannot bind {address}: {exc}") from exc
+    exporter = None
+    if cfg.metrics_port:
+        try:
+            exporter, _ = start_http_server(
+                cfg.metrics_port, addr=cfg.host, registry=metrics.registry
+            )
+        except OSError as exc:
+            server.stop(None)
+            store.close()
+            raise RuntimeError(
+                f"the replay buffer cannot serve metrics on {cfg.host}:{cfg.metrics_port}: "
+                f"{exc} (buffer.metrics_port)"
+            ) from exc
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    watcher = threading.Thread(
+        target=_watch_redis,
+        args=(server, store, health_servicer, metrics, cfg.health_check_s, exporter),
+        name="buffer-health",
+        daemon=True,
+    )
+    watcher.start()
     log.info(
-        "replay buffer on %s:%d (Redis %s, keep_steps=%d, max_staleness=%d, tls=%s, token=%s)",
-        cfg.host, port, redact(cfg.redis_url), cfg.keep_steps, cfg.max_staleness,
-        bool(cfg.tls_cert), bool(cfg.auth_token),
+        "replay buffer on %s:%d (Redis %s, keep_steps=%d, max_staleness=%d, tls=%s, "
+        "token=%s, metrics=%s)",
+        cfg.host, port, url, cfg.keep_steps, cfg.max_staleness, bool(cfg.tls_cert),
+        bool(token), f"{cfg.host}:{cfg.metrics_port}" if exporter else "off",
     )  # fmt: skip
-    return server, port
+    return BufferServer(server, watcher), port
+
+
+class BufferServer:
+    """A running replay buffer: the gRPC server and the thread that watches Redis (and,
+    when it ends, stops the metrics endpoint and closes the Redis connections)."""
+
+    def __init__(self, server: grpc.Server, watcher: threading.Thread) -> None:
+        self.grpc_server = server
+        self._watcher = watcher
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop serving; in-flight calls get ``grace`` seconds (None: they are cancelled).
+        The returned event is set when everything has ended."""
+        stopped = threading.Event()
+        terminated = self.grpc_server.stop(grace)
+
+        def finish() -> None:
+            terminated.wait()
+            self._watcher.join()
+            stopped.set()
+
+        threading.Thread(target=finish, name="buffer-stop", daemon=True).start()
+        return stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped, or ``timeout``; True if it timed out."""
+        return bool(self.grpc_server.wait_for_termination(timeout))
+
+
+def _watch_redis(
+    server: grpc.Server,
+    store: BufferStore,
+    health_servicer: health.HealthServicer,
+    metrics: BufferMetrics,
+    period_s: float,
+    exporter: WSGIServer | None,
+) -> None:
+    """Until ``server`` terminates: ping Redis every ``period_s`` and keep the health
+    status in step with the answer. Then stop the metrics endpoint and close the store."""
+    serving = True
+    while server.wait_for_termination(timeout=period_s):  # True: timed out, still running
+        try:
+            store.probe()
+            answers, reason = True, ""
+        except redis.RedisError as exc:
+            metrics.redis_errors.labels("health").inc()
+            answers, reason = False, f"{type(exc).__name__}: {exc}"
+        if answers != serving:
+            serving = answers
+            status = health_pb2.HealthCheckResponse.SERVING if answers else (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            )  # fmt: skip
+            for service in ("", SERVICE_NAME):
+                health_servicer.set(service, status)
+            if answers:
+                log.info("Redis at %s answers again: health SERVING", redact(store.url))
+            else:
+                log.warning(
+                    "Redis at %s does not answer (%s): health NOT_SERVING",
+                    redact(store.url), reason,
+                )  # fmt: skip
+    if exporter is not None:
+        exporter.shutdown()
+        exporter.server_close()
+    store.close()
 
 
 def start_embedded_redis(cfg: BufferConfig) -> tuple[BufferConfig, EmbeddedRedis | None]:

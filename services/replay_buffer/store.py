@@ -5,15 +5,19 @@ Cluster hash tag: a run lives in one slot):
 
 | key | type | holds |
 |---|---|---|
-| ``run`` | hash | ``spec`` (RunSpec bytes), ``policy_version``, ``evicted_below``, counters |
+| ``run`` | hash | ``spec`` (RunSpec bytes), ``policy_version``, ``evicted_below``, counters, |
+| | | ``held_groups`` and ``held_rollouts`` (held now, for the stored-size gauges) |
 | ``steps`` | sorted set | the steps held, score = step |
 | ``cursor`` | hash | ``last_sampled_step``, ``samples_served`` |
 | ``step:<s>:groups`` | hash | prompt_id → StoredGroup bytes (what Sample reads) |
 | ``step:<s>:summary`` | hash | prompt_id → GroupSummary bytes (what Stats reads) |
 | ``step:<s>:digest`` | hash | prompt_id → SHA-256 of the group as put (idempotency) |
 | ``step:<s>:wv`` | hash | prompt_id → the group's oldest weight version (staleness) |
+| ``step:<s>:kept`` | hash | prompt_id → rollouts of the group kept by PTS (held sizes) |
 
-Values are protobuf bytes or decimal numbers, never pickle. Redis failures surface as
+Values are protobuf bytes or decimal numbers, never pickle. Clients are built by
+:func:`services.embedded_redis.redis_client` (password from the URL or the environment,
+TLS). Redis failures surface as
 ``redis.RedisError``; the server turns them into UNAVAILABLE. Redis is the only state:
 the in-process :class:`PayloadCache` only saves reading back what this process just wrote.
 """
@@ -26,9 +30,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+
+from services.embedded_redis import RedisTLS, redis_client
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -49,7 +54,8 @@ COUNTERS = (
 
 # ARGV: prefix, spec, keep_steps, max_staleness, count, newest weight version in the
 # request, then per group: step, prompt_id, digest, oldest weight version,
-# pairs kept, pairs dropped, StoredGroup bytes, GroupSummary bytes.
+# pairs kept, pairs dropped, StoredGroup bytes, GroupSummary bytes, rollouts kept.
+# Returns {'ok', statuses, groups evicted, steps evicted, groups held, rollouts held}.
 _PUT = """
 local prefix = ARGV[1]
 local run, steps = prefix .. 'run', prefix .. 'steps'
@@ -59,7 +65,7 @@ if stored_spec and stored_spec ~= spec then
   return {'spec', stored_spec}
 end
 local keep, max_stale, count = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local W, B = 8, 7
+local W, B = 9, 7
 for i = 0, count - 1 do
   local b = B + i * W
   local d = redis.call('HGET', prefix .. 'step:' .. ARGV[b] .. ':digest', ARGV[b + 1])
@@ -78,7 +84,7 @@ end
 local evicted_below = tonumber(redis.call('HGET', run, 'evicted_below') or '0')
 local statuses, evicted_steps = {}, {}
 local n = {stored = 0, dup = 0, stale = 0, evicted = 0, kept = 0, dropped = 0,
-           esteps = 0, egroups = 0}
+           esteps = 0, egroups = 0, rollouts = 0, erollouts = 0}
 for i = 0, count - 1 do
   local b = B + i * W
   local step, pid = tonumber(ARGV[b]), ARGV[b + 1]
@@ -101,8 +107,10 @@ for i = 0, count - 1 do
     redis.call('HSET', sk .. 'summary', pid, ARGV[b + 7])
     redis.call('HSET', sk .. 'digest', pid, ARGV[b + 2])
     redis.call('HSET', sk .. 'wv', pid, ARGV[b + 3])
+    redis.call('HSET', sk .. 'kept', pid, ARGV[b + 8])
     redis.call('ZADD', steps, step, ARGV[b])
     n.stored = n.stored + 1
+    n.rollouts = n.rollouts + tonumber(ARGV[b + 8])
     n.kept = n.kept + tonumber(ARGV[b + 4])
     n.dropped = n.dropped + tonumber(ARGV[b + 5])
     while redis.call('ZCARD', steps) > keep do
@@ -110,8 +118,11 @@ for i = 0, count - 1 do
       local ok = prefix .. 'step:' .. oldest[1] .. ':'
       evicted_steps[#evicted_steps + 1] = oldest[1]
       n.egroups = n.egroups + redis.call('HLEN', ok .. 'groups')
+      for _, k in ipairs(redis.call('HVALS', ok .. 'kept')) do
+        n.erollouts = n.erollouts + tonumber(k)
+      end
       n.esteps = n.esteps + 1
-      redis.call('DEL', ok .. 'groups', ok .. 'summary', ok .. 'digest', ok .. 'wv')
+      redis.call('DEL', ok .. 'groups', ok .. 'summary', ok .. 'digest', ok .. 'wv', ok .. 'kept')
       if tonumber(oldest[2]) + 1 > evicted_below then
         evicted_below = tonumber(oldest[2]) + 1
       end
@@ -131,20 +142,29 @@ redis.call('HINCRBY', run, 'pairs_kept', n.kept)
 redis.call('HINCRBY', run, 'pairs_dropped', n.dropped)
 redis.call('HINCRBY', run, 'evicted_steps', n.esteps)
 redis.call('HINCRBY', run, 'evicted_groups', n.egroups)
-return {'ok', statuses, n.egroups, evicted_steps}
+local held = redis.call('HINCRBY', run, 'held_groups', n.stored - n.egroups)
+local held_rollouts = redis.call('HINCRBY', run, 'held_rollouts', n.rollouts - n.erollouts)
+return {'ok', statuses, n.egroups, evicted_steps, held, held_rollouts}
 """
 
-# ARGV: prefix, step, policy_version, max_staleness, expected_groups. Returns the step's
-# members (prompt_id, digest), not the payloads: copying megabytes through Lua is slow, and
-# the payloads may be in this process's cache.
+# ARGV: prefix, step, policy_version, max_staleness, expected_groups, the spec the request
+# asks for ('' = any). Returns the step's members (prompt_id, digest), not the payloads:
+# copying megabytes through Lua is slow, and the payloads may be in this process's cache.
+# A refused call ('spec', 'toofew', ...) changes nothing.
 _SAMPLE = """
 local prefix = ARGV[1]
 local run = prefix .. 'run'
+local step, expected = tonumber(ARGV[2]), tonumber(ARGV[5])
 local spec = redis.call('HGET', run, 'spec')
 if not spec then
+  if expected > 0 then
+    return {'toofew', 0}
+  end
   return {'norun'}
 end
-local step, expected = tonumber(ARGV[2]), tonumber(ARGV[5])
+if ARGV[6] ~= '' and ARGV[6] ~= spec then
+  return {'spec', spec}
+end
 local sk = prefix .. 'step:' .. ARGV[2] .. ':'
 local accepted = redis.call('HLEN', sk .. 'digest')
 if accepted == 0 then
@@ -165,16 +185,21 @@ if policy > tonumber(redis.call('HGET', run, 'policy_version') or '-1') then
 end
 local threshold = policy - tonumber(ARGV[4])
 local versions = redis.call('HGETALL', sk .. 'wv')
-local dropped = 0
+local dropped, dropped_rollouts = 0, 0
 for i = 1, #versions, 2 do
   if tonumber(versions[i + 1]) < threshold then
+    local kept = redis.call('HGET', sk .. 'kept', versions[i]) or '0'
+    dropped_rollouts = dropped_rollouts + tonumber(kept)
     redis.call('HDEL', sk .. 'groups', versions[i])
     redis.call('HDEL', sk .. 'summary', versions[i])
     redis.call('HDEL', sk .. 'wv', versions[i])
+    redis.call('HDEL', sk .. 'kept', versions[i])
     dropped = dropped + 1
   end
 end
 redis.call('HINCRBY', run, 'stale_at_sample', dropped)
+local held = redis.call('HINCRBY', run, 'held_groups', 0 - dropped)
+local held_rollouts = redis.call('HINCRBY', run, 'held_rollouts', 0 - dropped_rollouts)
 redis.call('HSET', prefix .. 'cursor', 'last_sampled_step', ARGV[2])
 redis.call('HINCRBY', prefix .. 'cursor', 'samples_served', 1)
 local ids = redis.call('HKEYS', sk .. 'wv')
@@ -182,7 +207,7 @@ local digests = {}
 for i, id in ipairs(ids) do
   digests[i] = redis.call('HGET', sk .. 'digest', id)
 end
-return {'ok', spec, dropped, ids, digests}
+return {'ok', spec, dropped, ids, digests, held, held_rollouts}
 """
 
 # ARGV: prefix.
@@ -196,7 +221,7 @@ local groups = 0
 for _, s in ipairs(redis.call('ZRANGE', prefix .. 'steps', 0, -1)) do
   local sk = prefix .. 'step:' .. s .. ':'
   groups = groups + redis.call('HLEN', sk .. 'groups')
-  redis.call('DEL', sk .. 'groups', sk .. 'summary', sk .. 'digest', sk .. 'wv')
+  redis.call('DEL', sk .. 'groups', sk .. 'summary', sk .. 'digest', sk .. 'wv', sk .. 'kept')
 end
 redis.call('DEL', run, prefix .. 'steps', prefix .. 'cursor')
 return {1, groups}
@@ -239,6 +264,15 @@ class GroupRecord:
     pairs_dropped: int
     payload: bytes  # StoredGroup
     summary: bytes  # GroupSummary
+    rollouts_kept: int  # rollouts of the group kept by PTS (all of them under grpo)
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a run holds in Redis now: groups and their rollouts kept by PTS."""
+
+    groups: int
+    rollouts: int
 
 
 @dataclass(frozen=True)
@@ -246,6 +280,7 @@ class PutOutcome:
     statuses: list[int]  # STORED | DUPLICATE | STALE | EVICTED, one per record
     evicted_steps: list[int]
     evicted_groups: int
+    held: Held  # after the put
 
 
 @dataclass(frozen=True)
@@ -255,6 +290,7 @@ class StepSnapshot:
     spec: bytes
     stale_dropped: int
     payloads: list[bytes]  # StoredGroup bytes in ascending prompt_id order
+    held: Held  # what the run holds after the stale groups were dropped
 
 
 @dataclass(frozen=True)
@@ -274,11 +310,6 @@ class RunContents:
     samples_served: int
     counters: dict[str, int]
     steps: list[StepContents]  # ascending step
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for messages and logs."""
-    return re.sub(r"//([^@/]*)@", "//***@", url)
 
 
 def _prefix(run_id: str) -> str:
@@ -358,12 +389,18 @@ class BufferStore:
     """The replay buffer's state in Redis (redis-py). Thread-safe: one connection pool.
 
     Args:
-        url: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS).
+        url: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS); a URL without a
+            password uses ``$SHUFFLE_R1_REDIS_PASSWORD`` if set.
+        tls: certificates of a ``rediss://`` connection.
         keep_steps: steps held per run; a put that makes a run hold more evicts the oldest.
         max_staleness: weight versions; a group older than the run's newest version minus
             this is refused at put and dropped at sample.
         timeout_s: socket timeout of each Redis command.
+        probe_timeout_s: timeout of :meth:`probe` (one attempt, no retry).
         cache_mb: bound of the in-process :class:`PayloadCache`.
+
+    Raises:
+        ValueError: ``tls`` certificates for a URL that is not ``rediss://``.
     """
 
     def __init__(
@@ -372,14 +409,17 @@ class BufferStore:
         *,
         keep_steps: int,
         max_staleness: int,
+        tls: RedisTLS | None = None,
         timeout_s: float = 10.0,
+        probe_timeout_s: float = 2.0,
         cache_mb: int = 1024,
     ) -> None:
         self.url = url
         self.keep_steps = keep_steps
         self.max_staleness = max_staleness
-        self._redis = redis.Redis.from_url(
+        self._redis = redis_client(
             url,
+            tls,
             socket_timeout=timeout_s,
             socket_connect_timeout=min(timeout_s, 2.0),
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
@@ -387,14 +427,32 @@ class BufferStore:
             # costs more than the transfer; small replies are not slower with this.
             socket_read_size=4 * 2**20,
         )
+        self._probe = redis_client(
+            url,
+            tls,
+            socket_timeout=probe_timeout_s,
+            socket_connect_timeout=probe_timeout_s,
+            retry=Retry(ExponentialBackoff(), retries=0),
+        )
         self._cache = PayloadCache(keep_steps, cache_mb * 2**20)
         self._put = self._redis.register_script(_PUT)
         self._sample = self._redis.register_script(_SAMPLE)
         self._drop = self._redis.register_script(_DROP)
 
     def ping(self) -> None:
-        """Raises ``redis.RedisError`` if Redis does not answer."""
+        """PING with the timeouts and retries of every call; raises ``redis.RedisError`` if
+        Redis does not answer (``redis.AuthenticationError`` if it refuses the password)."""
         self._redis.ping()
+
+    def probe(self) -> None:
+        """One PING within ``probe_timeout_s``, no retry (the health check); raises
+        ``redis.RedisError`` if Redis does not answer in time."""
+        self._probe.ping()
+
+    def close(self) -> None:
+        """Close the connections (the server calls this when it stops)."""
+        self._redis.close()
+        self._probe.close()
 
     def get_spec(self, run_id: str) -> bytes | None:
         """The run's stored RunSpec bytes, or None for a run that holds nothing."""
@@ -424,7 +482,7 @@ class BufferStore:
         for r in records:
             argv += [
                 str(r.step), r.prompt_id, r.digest, r.oldest_weight_version,
-                r.pairs_kept, r.pairs_dropped, r.payload, r.summary,
+                r.pairs_kept, r.pairs_dropped, r.payload, r.summary, r.rollouts_kept,
             ]  # fmt: skip
         reply = self._put(args=argv)
         if reply[0] == b"spec":
@@ -447,28 +505,39 @@ class BufferStore:
         for step, entries in held.items():
             if step not in evicted:
                 self._cache.add(run_id, spec, step, entries)
-        return PutOutcome(statuses, evicted, int(reply[2]))
+        return PutOutcome(statuses, evicted, int(reply[2]), Held(int(reply[4]), int(reply[5])))
 
     def sample(
-        self, run_id: str, step: int, policy_version: int, expected_groups: int
+        self,
+        run_id: str,
+        step: int,
+        policy_version: int,
+        expected_groups: int,
+        spec: bytes = b"",
     ) -> StepSnapshot:
         """Read the groups of ``step`` for a draw, atomically with the cursor update.
 
         Groups whose oldest weight version is below ``policy_version - max_staleness`` are
         deleted first and counted (their digest stays: they still count as accepted). The
-        run's cursor records ``step`` as the last sampled and counts the call.
+        run's cursor records ``step`` as the last sampled and counts the call. A call that
+        raises changed nothing.
 
         Raises:
-            NotFoundError: the run holds nothing, or the step never held a group.
+            SpecChangedError: ``spec`` (RunSpec bytes; empty = any) is not the run's.
+            NotFoundError: the run holds nothing, or the step never held a group (with
+                ``expected_groups == 0``).
             PreconditionError: the step was evicted, or fewer than ``expected_groups``
-                groups of it were accepted (data loss, e.g. a Redis restart without
-                persistence).
+                groups of it were accepted, none if the run holds nothing (data loss, e.g.
+                a Redis restart without persistence). The message names the run, the step
+                and both counts.
         """
         prefix = _prefix(run_id)
         reply = self._sample(
-            args=[prefix, str(step), policy_version, self.max_staleness, expected_groups]
+            args=[prefix, str(step), policy_version, self.max_staleness, expected_groups, spec]
         )
         kind = reply[0]
+        if kind == b"spec":
+            raise SpecChangedError(reply[1])
         if kind == b"norun":
             raise NotFoundError(f"run {run_id!r} holds no data: put groups first")
         if kind == b"nostep":
@@ -481,12 +550,13 @@ class BufferStore:
         if kind == b"toofew":
             raise PreconditionError(
                 f"run {run_id!r} holds {int(reply[1])} groups of step {step} but the "
-                f"trainer expects {expected_groups}: groups were lost (was Redis restarted "
-                "without persistence?); re-generate the step's groups"
+                f"trainer expects {expected_groups} (expected_groups): fewer groups than "
+                "expected, groups were lost (was Redis restarted without persistence?); "
+                "re-generate the step's groups"
             )
-        spec = reply[1]
+        stored_spec = reply[1]
         members = [(p.decode(), d) for p, d in zip(reply[3], reply[4], strict=True)]
-        payloads = self._cache.get(run_id, spec, step, members)
+        payloads = self._cache.get(run_id, stored_spec, step, members)
         missing = [(p, d) for p, d in members if p not in payloads]
         if missing:
             key = f"{prefix}step:{step}:groups"
@@ -497,12 +567,13 @@ class BufferStore:
                     "Sample (evicted or dropped by another call); retry"
                 )
             entries = [(p, d, v) for (p, d), v in zip(missing, fetched, strict=True) if v]
-            self._cache.add(run_id, spec, step, entries)
+            self._cache.add(run_id, stored_spec, step, entries)
             payloads.update((p, v) for p, _, v in entries)
         return StepSnapshot(
-            spec=spec,
+            spec=stored_spec,
             stale_dropped=int(reply[2]),
             payloads=[payloads[p] for p in sorted(payloads)],
+            held=Held(int(reply[5]), int(reply[6])),
         )
 
     def contents(self, run_id: str) -> RunContents:

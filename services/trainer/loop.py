@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import ray
@@ -38,7 +39,7 @@ from actors.reward import RewardPool, ScoreRequest
 from actors.rollout import GenerationRequest, RolloutPool, SamplingSpec
 from actors.serving import ensure_serve
 from protos import replay_buffer_pb2 as pb
-from services.embedded_redis import EmbeddedRedis, ping
+from services.embedded_redis import PASSWORD_ENV, EmbeddedRedis, RedisTLS, ping, redact
 from services.replay_buffer.actor import start_replay_buffer_actor
 from services.replay_buffer.client import ReplayBufferClient
 from services.trainer.metrics import MetricsWriter, TrainerExporter, plot_metrics
@@ -309,13 +310,24 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------
 
     def _redis_url(self) -> str:
-        url = self.cfg.buffer.redis_url
-        if url == "embedded" or not ping(url):
-            if url != "embedded":
-                logger.warning("no Redis answers at %s; starting an embedded one", url)
-            self._redis = EmbeddedRedis(appendonly=True, data_dir=self.out / "redis").start()
-            return self._redis.url
-        return url
+        """``buffer.redis_url`` when a Redis answers there (with the configured password and
+        TLS). Otherwise, for ``embedded`` or a Redis on this machine, start a private one with
+        AOF persistence in the output folder; a remote Redis that does not answer is an error
+        (a silent stand-in would keep the run's data on one node, unshared)."""
+        b = self.cfg.buffer
+        url = b.redis_url
+        if url != "embedded":
+            if ping(url, tls=RedisTLS(b.redis_tls_ca_cert, b.redis_tls_cert, b.redis_tls_key)):
+                return url
+            host = urlsplit(url).hostname or ""
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise RuntimeError(
+                    f"no Redis answers at {redact(url)} (buffer.redis_url); check the host, "
+                    f"the password (${PASSWORD_ENV}) and the TLS settings, or use 'embedded'"
+                )
+            logger.warning("no Redis answers at %s; starting an embedded one", redact(url))
+        self._redis = EmbeddedRedis(appendonly=True, data_dir=self.out / "redis").start()
+        return self._redis.url
 
     def _connect_buffer(self) -> ReplayBufferClient:
         """A client for the buffer actor's current address (it changes when Ray restarts

@@ -162,14 +162,14 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 continue  # blank lines (a trailing newline) are not rows
             try:
                 yield line_number, json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # also too deep, or a 5000-digit int
                 yield line_number, _BadRow(f"invalid JSON: {exc}")
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, too deep, huge ints
         raise ValueError(f"dataset file {path} is not valid JSON: {exc}") from exc
     if not isinstance(records, list):
         raise ValueError(
@@ -184,13 +184,18 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
 
     try:
         parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: non-UTF-8 names
         raise ValueError(f"dataset file {path} is not a readable Parquet file: {exc}") from exc
     row_number = 0
-    for batch in parquet.iter_batches():
-        for record in batch.to_pylist():
-            row_number += 1
-            yield row_number, record
+    try:
+        for batch in parquet.iter_batches():
+            for record in batch.to_pylist():
+                row_number += 1
+                yield row_number, record
+    except (pa.ArrowException, OSError, ValueError) as exc:  # a damaged page or text
+        raise ValueError(
+            f"dataset file {path} is not a readable Parquet file after row {row_number}: {exc}"
+        ) from exc
 
 
 def _to_example(
@@ -255,7 +260,11 @@ def _images(value: Any, key: str, image_root: Path) -> tuple[bytes | str, ...]:
             images.append(item)
         elif isinstance(item, str) and item:
             resolved = image_root / item  # an absolute item stays absolute
-            if not resolved.is_file():
+            try:
+                found = resolved.is_file()
+            except OSError as exc:  # e.g. a name longer than the file system allows
+                raise _BadRow(f"image path {item[:80]!r} is not usable: {exc.strerror}") from exc
+            if not found:
                 raise _BadRow(f"image file not found: {resolved}")
             images.append(str(resolved))
         else:

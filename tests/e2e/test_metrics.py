@@ -22,6 +22,7 @@ from shuffle_r1.metric_catalog import CATALOG, RAY_ROLES, spec_of_series
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 STEPS = 3
+RUN = "e2e-metrics"
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -53,7 +54,7 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
         ROOT / "configs/tiny_cpu.yaml",
         [
             f"trainer.output_dir={tmp_path}",
-            "trainer.run_name=e2e-metrics",
+            f"trainer.run_name={RUN}",
             f"trainer.total_steps={STEPS}",
             "trainer.eval_every=3",
             "trainer.save_every=0",
@@ -90,6 +91,11 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
         assert m.series[0] in source, f"{m.name} is not exported by the {m.role} role"
     for name, rows in exported.items():
         assert all(math.isfinite(v) for _, v in rows), (name, rows)
+    # the session's Ray keeps exporting what earlier tests' workers counted: keep this run's
+    for m in CATALOG:
+        if m.role in RAY_ROLES:
+            for series in m.series:
+                exported[series] = [r for r in exported[series] if r[0].get("run") == RUN]
 
     e = exported
     # the trainer
@@ -131,7 +137,7 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
     assert values(e, "shuffle_r1_weight_sync_seconds_count") == [STEPS]
     assert values(e, "shuffle_r1_learner_grad_norm")[0] > 0
     # the buffer
-    assert values(e, "shuffle_r1_buffer_groups_stored", run="e2e-metrics")[0] > 0
+    assert values(e, "shuffle_r1_buffer_groups_stored", run=RUN)[0] > 0
     assert values(e, "shuffle_r1_buffer_samples_total") == [STEPS]
     # the workers, through Ray
     generated = sum(values(e, "shuffle_r1_rollout_worker_requests_total"))

@@ -3,26 +3,12 @@ server stays up and nothing stored changes."""
 
 import grpc
 import pytest
-from buffer_helpers import make_group, random_groups
+from buffer_helpers import field, make_group, random_groups
 from grpc_health.v1 import health_pb2
 
 from protos import replay_buffer_pb2 as pb
 
 PUT = "/shuffle_r1.buffer.v1.ReplayBuffer/PutGroups"
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def put_bytes(group: bytes) -> bytes:

@@ -83,7 +83,7 @@ def test_expected_groups_detects_lost_groups(buffer, run_id, redis_client):
     assert buffer.client.sample(run_id, 0, 0, expected_groups=4).groups == 4
     # simulate a partial loss (e.g. Redis restarted from an old snapshot)
     prefix = f"shuffle_r1:buffer:{{{run_id}}}:step:0:"
-    for name in ("groups", "summary", "digest", "wv"):
+    for name in ("groups", "summary", "digest", "wv", "kept"):
         redis_client.hdel(prefix + name, "p001")
     with pytest.raises(grpc.RpcError) as info:
         buffer.client.sample(run_id, 0, 0, expected_groups=4)
