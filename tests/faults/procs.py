@@ -45,7 +45,9 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
-def busy(pid: int, since: float, seconds: float) -> bool:
-    """``pid`` has used more than ``seconds`` of CPU since it had used ``since``: it is
-    working on something (a request it was given), not waiting for one."""
-    return cpu_seconds(pid) - since > seconds
+def working(pid: int, window_s: float = 0.15, share: float = 0.4) -> bool:
+    """``pid`` is computing now: it used more than ``share`` of a core over the next
+    ``window_s`` seconds (a Serve replica's background chores use far less)."""
+    before = cpu_seconds(pid)
+    time.sleep(window_s)
+    return cpu_seconds(pid) - before > share * window_s

@@ -23,7 +23,7 @@ from services.replay_buffer.client import ReplayBufferClient
 from services.trainer.loop import Trainer
 from shuffle_r1.config import load_config
 from shuffle_r1.data import PromptSampler
-from tests.faults.procs import busy, cpu_seconds, kill9, ray_actor_pids
+from tests.faults.procs import kill9, ray_actor_pids, working
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -108,9 +108,8 @@ def trained_on_full_batch(m: dict[str, float], t: Trainer) -> None:
 def test_a_rollout_worker_killed_mid_generation_has_its_prompts_resent(trainer: Trainer) -> None:
     victims = [w["pid"] for w in trainer.rollout.workers()]
     assert len(victims) == 2
-    idle = cpu_seconds(victims[0])
     killer = when(
-        lambda: trainer.rollout.pending > 0 and busy(victims[0], idle, 0.3),  # generating
+        lambda: trainer.rollout.pending > 0 and working(victims[0]),  # generating
         lambda: kill9(victims[0]),
     )
     m = trainer.step(0)
@@ -126,9 +125,8 @@ def test_a_reward_worker_killed_mid_scoring_has_its_chunk_resent(trainer: Traine
     trainer.reward.resent = 0
     victims = ray_actor_pids(f"ServeReplica:{RUN}-reward")
     assert len(victims) == 2
-    # the reward function works 50 ms of CPU per response: 8 responses a chunk, 0.4 s
-    idle = cpu_seconds(victims[0])
-    killer = when(lambda: busy(victims[0], idle, 0.1), lambda: kill9(victims[0]))
+    # the reward function works 100 ms of CPU per response: 8 responses a chunk, 0.8 s
+    killer = when(lambda: working(victims[0]), lambda: kill9(victims[0]))
     m = trainer.step(1)
     killer.join()
     assert trainer.reward.resent == BATCH * N // 2
