@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
@@ -20,19 +21,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from actors.learner import LearnerGroup
-from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.models import build_tiny_llama
 from shuffle_r1.training import (
     TrainBatch,
     collate,
-    microbatch_count,
-    microbatch_slices,
-    minibatch_slices,
-    pair_aligned_shards,
-    rollouts_per_optimizer_step,
     token_logprobs,
 )
+from tests.unit.actors.learner_reference import reference_update
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -72,75 +68,24 @@ def load_model(path: Any) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def text_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float) -> torch.Tensor:
+    c = collate(batch)
+    return token_logprobs(
+        model,
+        c["input_ids"],
+        c["attention_mask"],
+        c["position_ids"],
+        c["response_start"],
+        c["response_mask"],
+        temperature,
+    )
+
+
 def reference_logprobs(
     model: torch.nn.Module, batch: TrainBatch, temperature: float
 ) -> torch.Tensor:
-    c = collate(batch)
     with torch.no_grad():
-        return token_logprobs(
-            model,
-            c["input_ids"],
-            c["attention_mask"],
-            c["position_ids"],
-            c["response_start"],
-            c["response_mask"],
-            temperature,
-        )
-
-
-def reference_update(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: TrainBatch,
-    old_logprobs: torch.Tensor,
-    cfg: Config,
-) -> list[float]:
-    """One process, no sharding: the update the learner group must reproduce.
-
-    Each mini-batch is one optimizer step; its micro-batches are those the ranks would run
-    (the same pair-aligned cut), each token-mean loss weighted 1 / (micro-batches per rank ·
-    ranks), as gradient accumulation plus FSDP's gradient averaging make it. Padding
-    micro-batches carry no gradient and are skipped. Returns the grad norm of each step.
-    """
-    le, alg = cfg.learner, cfg.algorithm
-    batch = batch.with_logprobs(old=old_logprobs)
-    norms = []
-    model.train()
-    size = rollouts_per_optimizer_step(le.global_batch_size, cfg.rollout.n, alg.keep_ratio)
-    for rows in minibatch_slices(len(batch), size):
-        mini = batch.select(rows)
-        shards = pair_aligned_shards(len(mini), le.num_ranks)
-        count = microbatch_count([s.stop - s.start for s in shards], le.micro_batch_size)
-        for shard in shards:
-            for micro in microbatch_slices(shard.stop - shard.start, le.micro_batch_size, count):
-                if micro.stop == micro.start:
-                    continue
-                part = mini.select(slice(shard.start + micro.start, shard.start + micro.stop))
-                c = collate(part)
-                logp = token_logprobs(
-                    model,
-                    c["input_ids"],
-                    c["attention_mask"],
-                    c["position_ids"],
-                    c["response_start"],
-                    c["response_mask"],
-                    cfg.rollout.temperature,
-                )
-                out = policy_loss(
-                    logp,
-                    c["old_logprobs"],
-                    c["advantages"],
-                    c["response_mask"],
-                    alg.clip_ratio_low,
-                    alg.clip_ratio_high,
-                    alg.loss_agg_mode,
-                )
-                (out.loss / (count * le.num_ranks)).backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), le.grad_clip)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    return norms
+        return text_logprobs(model, batch, temperature)
 
 
 def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -220,10 +165,15 @@ def reference(scenario: Scenario) -> dict[str, Any]:
     t = cfg.rollout.temperature
     out: dict[str, Any] = {"logp0": reference_logprobs(model, scenario.batch1, t)}
     out["logp0_small"] = reference_logprobs(model, scenario.small, t)
-    out["norms1"] = reference_update(model, optimizer, scenario.batch1, out["logp0"], cfg)
+    grad_logprobs = partial(text_logprobs, model, temperature=cfg.rollout.temperature)
+    out["norms1"] = reference_update(
+        model, optimizer, scenario.batch1, out["logp0"], cfg, grad_logprobs
+    )
     out["w1"] = {k: v.clone() for k, v in model.state_dict().items()}
     out["logp1"] = reference_logprobs(model, scenario.batch2, t)
-    out["norms2"] = reference_update(model, optimizer, scenario.batch2, out["logp1"], cfg)
+    out["norms2"] = reference_update(
+        model, optimizer, scenario.batch2, out["logp1"], cfg, grad_logprobs
+    )
     out["w2"] = {k: v.clone() for k, v in model.state_dict().items()}
     return out
 

@@ -11,6 +11,7 @@ transformers model in one process, torch AdamW, the same loss, fed the processor
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ import ray
 import torch
 
 from actors.learner import LearnerGroup
-from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.data import ImageSpec, load_examples, render_prompt, vision_inputs
 from shuffle_r1.data.images import expand_image_tokens
@@ -28,13 +28,9 @@ from shuffle_r1.processor import load_processor
 from shuffle_r1.training import (
     TrainBatch,
     collate,
-    microbatch_count,
-    microbatch_slices,
-    minibatch_slices,
-    pair_aligned_shards,
-    rollouts_per_optimizer_step,
     token_logprobs,
 )
+from tests.unit.actors.learner_reference import reference_update
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -102,44 +98,6 @@ def reference_logprobs(model, processor, batch: TrainBatch, temperature: float) 
     )
 
 
-def reference_update(
-    model, processor, optimizer, batch: TrainBatch, old: torch.Tensor, cfg: Config
-):
-    """One process: the same mini-batches and micro-batches, each token-mean loss weighted
-    1 / (micro-batches per rank · ranks); returns each step's grad norm."""
-    le, alg = cfg.learner, cfg.algorithm
-    batch = batch.with_logprobs(old=old)
-    norms = []
-    model.train()
-    size = rollouts_per_optimizer_step(le.global_batch_size, cfg.rollout.n, alg.keep_ratio)
-    for rows in minibatch_slices(len(batch), size):
-        mini = batch.select(rows)
-        shards = pair_aligned_shards(len(mini), le.num_ranks)
-        count = microbatch_count([s.stop - s.start for s in shards], le.micro_batch_size)
-        for shard in shards:
-            for micro in microbatch_slices(shard.stop - shard.start, le.micro_batch_size, count):
-                if micro.stop == micro.start:
-                    continue
-                part = mini.select(slice(shard.start + micro.start, shard.start + micro.stop))
-                c = collate(part)
-                logp = reference_logprobs(model, processor, part, cfg.rollout.temperature)
-                out = policy_loss(
-                    logp,
-                    c["old_logprobs"],
-                    c["advantages"],
-                    c["response_mask"],
-                    0.2,
-                    0.2,
-                    alg.loss_agg_mode,
-                )
-                (out.loss / (count * le.num_ranks)).backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), le.grad_clip)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    return norms
-
-
 @pytest.fixture(scope="module")
 def scenario(tiny_vl, tmp_path_factory) -> dict[str, Any]:
     processor = load_processor(tiny_vl)
@@ -172,7 +130,8 @@ def scenario(tiny_vl, tmp_path_factory) -> dict[str, Any]:
     )
     with torch.no_grad():
         r["ref_logp0"] = reference_logprobs(model, processor, batch, cfg.rollout.temperature)
-    r["ref_norms"] = reference_update(model, processor, optimizer, batch, r["ref_logp0"], cfg)
+    logprobs = partial(reference_logprobs, model, processor, temperature=cfg.rollout.temperature)
+    r["ref_norms"] = reference_update(model, optimizer, batch, r["ref_logp0"], cfg, logprobs)
     r["ref_w1"] = {k: v.clone() for k, v in model.state_dict().items()}
     r["frozen"] = frozen
     return r
