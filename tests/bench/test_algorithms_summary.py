@@ -1,0 +1,99 @@
+"""bench/algorithms.py's summary: steps-to-target, seed means and the per-step series, on
+run folders written the way the trainer writes them (metrics.jsonl, base_eval.json)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("bench_algorithms", ROOT / "bench" / "algorithms.py")
+assert spec is not None and spec.loader is not None
+algorithms = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(algorithms)
+
+
+def write_run(
+    out: Path,
+    algorithm: str,
+    seed: int,
+    curve: dict[int, float],
+    collapse: float,
+    complete: bool = True,
+) -> None:
+    """A run folder: eval accuracy ``curve`` {updates: accuracy} (0 = base model), four
+    training steps whose collapse share after ABS is ``collapse``."""
+    folder = algorithms.run_dir(out, algorithm, seed)
+    folder.mkdir(parents=True)
+    (folder / "base_eval.json").write_text(json.dumps({"val/accuracy": curve[0]}))
+    rows = []
+    for step in range(4):
+        row = {
+            "step": step,
+            "reward/accuracy": 0.1 * step,
+            "diag/collapse_share_before_pts": 0.5,
+            "diag/collapse_share_after_abs": collapse,
+            "diag/silence_ratio": 0.25,
+            "time/step_s": 10.0 + seed,
+        }
+        if step + 1 in curve:
+            row["val/accuracy"] = curve[step + 1]
+        rows.append(row)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if complete:
+        (folder / "done.json").write_text(json.dumps({"steps": 4, "wall_s": 1.0}))
+
+
+def test_steps_to_grpo_final_uses_seed_means(tmp_path: Path) -> None:
+    # GRPO's mean over seeds: 0.2, 0.25, 0.4 -> its final 0.4 first reached at step 4.
+    write_run(tmp_path, "grpo", 1, {0: 0.2, 2: 0.2, 4: 0.4}, 0.5)
+    write_run(tmp_path, "grpo", 2, {0: 0.2, 2: 0.3, 4: 0.4}, 0.5)
+    # GRPO+PTS: mean 0.2, 0.35, 0.35 -> never reaches 0.4.
+    write_run(tmp_path, "grpo+pts", 1, {0: 0.2, 2: 0.3, 4: 0.3}, 0.2)
+    write_run(tmp_path, "grpo+pts", 2, {0: 0.2, 2: 0.4, 4: 0.4}, 0.2)
+    # Shuffle-R1: mean 0.2, 0.45, 0.5 -> reaches 0.4 at step 2, half of GRPO's steps.
+    write_run(tmp_path, "shuffle_r1", 1, {0: 0.2, 2: 0.5, 4: 0.5}, 0.0)
+    write_run(tmp_path, "shuffle_r1", 2, {0: 0.2, 2: 0.4, 4: 0.5}, 0.0)
+    summary = algorithms.summarize(algorithms.load_runs(tmp_path))
+
+    assert summary["seeds"] == [1, 2]
+    assert summary["grpo_final_val_accuracy"] == pytest.approx(0.4)
+    grpo, pts, sr1 = (summary["algorithms"][a] for a in algorithms.ALGORITHMS)
+    assert grpo["steps_to_grpo_final"] == 4 and grpo["steps_ratio_vs_grpo"] == 1.0
+    assert pts["steps_to_grpo_final"] is None and pts["steps_ratio_vs_grpo"] is None
+    assert sr1["steps_to_grpo_final"] == 2 and sr1["steps_ratio_vs_grpo"] == 0.5
+    assert sr1["val_accuracy"]["2"]["mean"] == pytest.approx(0.45)
+    assert sr1["val_accuracy"]["2"]["sd"] == pytest.approx(0.0707, abs=1e-3)
+    assert sr1["collapse_share_after_abs"] == 0.0 and grpo["collapse_share_after_abs"] == 0.5
+    assert grpo["per_step"]["reward/accuracy"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert grpo["step_s"] == pytest.approx(11.5)  # 10 + seed, seeds 1 and 2
+
+    png = algorithms.plot(summary, tmp_path / "algorithms.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_seeds_complete_for_every_algorithm_count(tmp_path: Path) -> None:
+    for algorithm in algorithms.ALGORITHMS:
+        write_run(tmp_path, algorithm, 1, {0: 0.2, 4: 0.3}, 0.1)
+    # Seed 2 has GRPO only, and seed 3's Shuffle-R1 run stopped before done.json.
+    write_run(tmp_path, "grpo", 2, {0: 0.9, 4: 0.9}, 0.1)
+    write_run(tmp_path, "grpo", 3, {0: 0.9, 4: 0.9}, 0.1)
+    write_run(tmp_path, "grpo+pts", 3, {0: 0.9, 4: 0.9}, 0.1)
+    write_run(tmp_path, "shuffle_r1", 3, {0: 0.9, 4: 0.9}, 0.1, complete=False)
+    summary = algorithms.summarize(algorithms.load_runs(tmp_path))
+    assert summary["seeds"] == [1]
+    assert summary["grpo_final_val_accuracy"] == pytest.approx(0.3)
+
+
+def test_no_complete_seed_is_an_error(tmp_path: Path) -> None:
+    write_run(tmp_path, "grpo", 1, {0: 0.2, 4: 0.3}, 0.1)
+    with pytest.raises(ValueError, match="no seed has a complete run of every algorithm"):
+        algorithms.summarize(algorithms.load_runs(tmp_path))
+
+
+def test_first_step_reaching() -> None:
+    assert algorithms.first_step_reaching({0: 0.1, 4: 0.3, 8: 0.2}, 0.3) == 4
+    assert algorithms.first_step_reaching({0: 0.1, 4: 0.2}, 0.3) is None
