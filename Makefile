@@ -19,6 +19,16 @@ test: setup protos
 	@$(PY) scripts/ensure_redis.py
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (bench/, README "Benchmarks"): BENCHES picks them, default the system ones;
+# BENCHES=algorithms runs the ~2 h GRPO / GRPO+PTS / Shuffle-R1 sweep. TRL (the peer of
+# bench/throughput.py) installs here, held to the runtime's pins.
+BENCHES ?=
+bench: setup protos
+	@grep -vE '^\s*(#|$$)' requirements/pins.txt | sed 's/\[[^]]*\]//' > $(VENV)/bench-constraints.txt
+	@$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/bench-constraints.txt -r requirements/bench.txt
+	@$(PY) scripts/ensure_redis.py
+	PY=$(PY) bash bench/run_all.sh $(BENCHES)
+
 lint: setup protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

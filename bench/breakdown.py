@@ -4,7 +4,7 @@ One shuffle-r1 trainer (the benchmark recipe, Shuffle-R1 with alpha = 0.5, S = 8
 ``--steps`` training steps at each setting (group size n, prompts per step), the first step
 of each setting discarded (vLLM's first batch of a new shape is slower). The settings are
 n = 4, 8, 16 at ``--prompts`` prompts, then ``--prompts`` / 2 and x 2 at n = 8. Between
-settings only n and the prompt batch change (``learner.global_batch_size`` = prompts; one
+settings only n and the prompt batch change (and ``learner.global_batch_size`` = prompts: one
 optimizer step per training step); the trainer, its workers and the model carry on.
 
 Phases (``Trainer.step``'s ``time/*`` metrics, seconds): ``generate`` (rollout phase),
@@ -45,7 +45,7 @@ def main() -> None:
             "algorithm.name=shuffle_r1",
             f"rollout.max_response_length={args.max_tokens}",
             f"trainer.rollout_batch_size={big}",
-            f"learner.global_batch_size={args.prompts}",
+            f"learner.global_batch_size={big}",
             "trainer.run_name=bench-breakdown",
             "trainer.output_dir=outputs/bench/breakdown",
             "trainer.eval_every=0",
@@ -55,9 +55,9 @@ def main() -> None:
     with Trainer(cfg) as trainer:
         for n, prompts in settings:
             # The next steps' shape: n rollouts per prompt, `prompts` prompts, one optimizer
-            # step each (the learner reads global_batch_size from its own config copy, so
-            # that stays at --prompts: 2 optimizer steps at the doubled batch).
+            # step each (the learner group sizes its mini-batch from this same config).
             trainer.cfg.rollout.n = n
+            trainer.cfg.learner.global_batch_size = prompts
             trainer.sampler = PromptSampler(
                 len(trainer.train_prompts), prompts, seed=cfg.data.seed + step
             )
@@ -91,6 +91,9 @@ def main() -> None:
                     "other_s": step_s - sum(med.values()),
                     "buffer_share": med["buffer"] / step_s,
                     "target_buffer_share": 0.01,
+                    "optimizer_steps": statistics.median(
+                        r.get("learner/num_optimizer_steps", 0.0) for r in rows
+                    ),
                     "steps_measured": len(rows),
                 }
             )

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs the benchmarks named in $@ (default: the system ones; `algorithms` is the ~2 h sweep)
+# one after another — never side by side: they share the machine's 2 cores — and keeps each
+# one's JSON lines in outputs/bench/<name>.jsonl, its log in <name>.log (and the sweep's plot under
+# outputs/bench/algorithms/). Called by `make bench BENCHES="..."`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+benches=("$@")
+[ ${#benches[@]} -gt 0 ] || benches=(overhead breakdown throughput buffer)
+mkdir -p outputs/bench
+for name in "${benches[@]}"; do
+  case $name in
+    overhead)   cmd=("$PY" bench/rollout_overhead.py) ;;
+    breakdown)  cmd=("$PY" bench/breakdown.py) ;;
+    throughput) cmd=("$PY" bench/throughput.py) ;;
+    buffer)     cmd=("$PY" bench/buffer.py) ;;
+    images)     cmd=("$PY" bench/images.py) ;;
+    algorithms) cmd=("$PY" bench/algorithms.py sweep --seeds 1 2 3) ;;
+    *) echo "run_all: unknown benchmark '$name' (overhead breakdown throughput buffer images algorithms)" >&2; exit 2 ;;
+  esac
+  echo "== $name: ${cmd[*]}"
+  # Everything goes to outputs/bench/<name>.log (Ray forwards its workers' logs to stdout);
+  # the result lines (JSON objects) to the terminal and outputs/bench/<name>.jsonl.
+  "${cmd[@]}" 2>&1 | tee "outputs/bench/$name.log" | grep --line-buffered '^{' \
+    | tee "outputs/bench/$name.jsonl"
+done
