@@ -2,7 +2,8 @@
 
 One shuffle-r1 trainer (the benchmark recipe, Shuffle-R1 with alpha = 0.5, S = 8) runs
 ``--steps`` training steps at each setting (group size n, prompts per step), the first step
-of each setting discarded (vLLM's first batch of a new shape is slower). The settings are
+of each setting discarded (vLLM's first batch of a new shape is slower), and steps that
+skipped their update (no group with reward contrast) not counted. The settings are
 n = 4, 8, 16 at ``--prompts`` prompts, then ``--prompts`` / 2 and x 2 at n = 8. Between
 settings only n and the prompt batch change (and ``learner.global_batch_size`` = prompts: one
 optimizer step per training step); the trainer, its workers and the model carry on.
@@ -61,12 +62,28 @@ def main() -> None:
             trainer.sampler = PromptSampler(
                 len(trainer.train_prompts), prompts, seed=cfg.data.seed + step
             )
-            rows = []
-            for i in range(args.steps):
+            # Only steps that updated count: a step whose groups all lack reward contrast
+            # skips the update (ALGORITHM.md §3) and would hide the learner's cost.
+            rows, skipped, tried = [], 0, 0
+            while len(rows) < args.steps - 1 and tried < 3 * args.steps:
                 m = trainer.step(step)
-                step += 1
-                if i > 0:
+                step, tried = step + 1, tried + 1
+                if tried == 1:
+                    continue  # warm-up: the first step of a new shape
+                if m["learner/skipped_update"]:
+                    skipped += 1
+                else:
                     rows.append(m)
+            if not rows:
+                emit(
+                    {
+                        "bench": "breakdown",
+                        "n": n,
+                        "prompts": prompts,
+                        "error": f"every step skipped its update ({tried} tried)",
+                    }
+                )
+                continue
             med = {
                 phase: statistics.median(
                     r.get(f"time/{phase}_s", 0.0)
@@ -95,6 +112,7 @@ def main() -> None:
                         r.get("learner/num_optimizer_steps", 0.0) for r in rows
                     ),
                     "steps_measured": len(rows),
+                    "steps_skipped_update": skipped,
                 }
             )
 
