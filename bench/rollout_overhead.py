@@ -1,50 +1,68 @@
 """Rollout overhead: shuffle-r1's rollout phase against plain vLLM on the same prompts (#7).
 
-Both sides generate the same requests with the same sampling (the benchmark recipe's
+All sides generate the same requests with the same sampling (the benchmark recipe's
 ``rollout.n``, temperature, top-p, ``max_response_length``; per-request seeds from
-:func:`actors.rollout.request_seed`, so both produce the same tokens, which is checked):
+:func:`actors.rollout.request_seed`, so all produce the same tokens, which is checked):
 
-- ``raw``: one ``vllm.LLM`` in this process, built with the engine arguments
-  :class:`actors.rollout.VLLMEngine` uses (in-process engine, no chunked prefill on CPU,
-  processed log-probs, the same threads and KV cache), one ``LLM.generate`` call;
+- ``raw``: plain ``vllm.LLM.generate`` in this process, one call. The ``LLM`` is the one
+  :class:`actors.rollout.VLLMEngine` builds (in-process engine, no chunked prefill on CPU,
+  processed log-probs, the same threads and KV cache as the rollout worker);
+- ``engine``: ``VLLMEngine.generate`` on that same ``LLM`` in this process: the raw call
+  plus our wrapper (prompt building, checks, completions with their log-probs);
 - ``shuffle_r1``: :meth:`actors.rollout.RolloutPool.generate`, the trainer's rollout phase —
-  a Ray Serve deployment of one rollout worker, its weight-version check, the engine wrapper
-  turning vLLM's outputs into completions, and the reply through Ray.
+  a Ray Serve deployment of one rollout worker (its own process, the engine in a thread
+  beside Serve's event loop), its weight-version check, the wrapper, the reply through Ray.
 
-The two alternate, ``--rounds`` times each after one warm-up round each (vLLM's first
-``generate`` is slower once), so both see the same machine. Prints one JSON line: wall
-seconds per round (median) for each side, generated tokens per second, and
+``engine - raw`` is the wrapper's cost, ``shuffle_r1 - engine`` the serving path's. The
+sides alternate, ``--rounds`` times each after one warm-up round each (vLLM's first
+``generate`` is slower once), so all see the same machine. Prints one JSON line: wall
+seconds per round (median) of each side, generated tokens per second, and
 ``overhead = shuffle_r1 / raw - 1`` (target: <= 0.10).
 
+``--profile FILE``: record the rollout worker's process with py-spy (collapsed stacks,
+100 Hz) during the ``shuffle_r1`` rounds and print where its samples fall (``profile``):
+inside vLLM's engine, in our wrapper, in Ray / Serve, or elsewhere.
+
     python bench/rollout_overhead.py [--prompts 8] [--n 8] [--max-tokens 64] [--rounds 5]
+        [--profile outputs/bench/overhead-profile.txt]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from common import bench_config, emit, stats, train_prompts
 
 
-def raw_engine(model_path: str, cfg: Any, seed: int) -> Any:
-    """A plain ``vllm.LLM`` with VLLMEngine's CPU arguments."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gb)
-    os.environ["OMP_NUM_THREADS"] = str(cfg.threads_per_worker)
-    import torch
-
-    torch.set_num_threads(cfg.threads_per_worker)
-    from vllm import LLM
-
-    kwargs: dict[str, Any] = {}
-    if not torch.cuda.is_available():
-        kwargs["enable_chunked_prefill"] = False
-    return LLM(
-        model=model_path, seed=seed, dtype="auto", logprobs_mode="processed_logprobs", **kwargs
-    )
+def profile_summary(path: Path) -> dict[str, Any]:
+    """Shares of py-spy's collapsed-stack samples (``frame;frame;... count`` lines) by where
+    the innermost matching frame lies: vLLM, our wrapper (``actors/``), Ray or Serve."""
+    buckets = {"vllm": 0, "wrapper": 0, "ray_serve": 0, "other": 0}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        where = "other"
+        for frame in reversed(frames):  # innermost first
+            if "/vllm/" in frame:
+                where = "vllm"
+                break
+            if "/actors/" in frame:
+                where = "wrapper"
+                break
+            if "/ray/" in frame:
+                where = "ray_serve"
+                break
+        buckets[where] += int(count)
+    total = sum(buckets.values()) or 1
+    return {"samples": total, **{k: v / total for k, v in buckets.items()}}
 
 
 def main() -> None:
@@ -53,13 +71,20 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--profile", type=Path, help="py-spy the rollout worker into this file")
     args = p.parse_args()
 
     import ray
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from actors.rollout import GenerationRequest, RolloutPool, SamplingSpec, request_seed
+    from actors.rollout import (
+        GenerationRequest,
+        RolloutPool,
+        SamplingSpec,
+        VLLMEngine,
+        request_seed,
+    )
     from actors.serving import ensure_serve
     from services.trainer.loop import init_ray
     from shuffle_r1.models import resolve_model_path
@@ -72,7 +97,9 @@ def main() -> None:
     init_ray(cfg)
     ensure_serve(http_port=0)
     pool = RolloutPool(r, model_path, "bench-overhead", cfg.cluster.namespace, seed=1)
-    llm = raw_engine(model_path, r, seed=1)
+    engine = VLLMEngine(model_path, r, seed=1)
+    llm = engine.llm
+    requests = [GenerationRequest(f"r/{q.example.uid}", q.token_ids) for q in prompts]
 
     def spec(round_: int) -> SamplingSpec:
         return SamplingSpec(
@@ -107,45 +134,78 @@ def main() -> None:
             list(c.token_ids) for o in outs for c in sorted(o.outputs, key=lambda c: c.index)
         ]
 
+    def run_engine(round_: int) -> tuple[float, list[list[int]]]:
+        t = time.perf_counter()
+        completions = engine.generate(requests, spec(round_))
+        wall = time.perf_counter() - t
+        return wall, [list(c.token_ids) for c in completions]
+
     def run_pool(round_: int) -> tuple[float, list[list[int]]]:
-        requests = [GenerationRequest(f"r/{q.example.uid}", q.token_ids) for q in prompts]
         t = time.perf_counter()
         result = pool.generate(requests, spec(round_))
         wall = time.perf_counter() - t
         return wall, [list(c.token_ids) for c in result.completions]
 
-    walls: dict[str, list[float]] = {"raw": [], "shuffle_r1": []}
-    tokens: dict[str, list[int]] = {"raw": [], "shuffle_r1": []}
+    sides = {"raw": run_raw, "engine": run_engine, "shuffle_r1": run_pool}
+    walls: dict[str, list[float]] = {side: [] for side in sides}
+    tokens: dict[str, list[int]] = {side: [] for side in sides}
+    profiler = None
     same = 0
     for round_ in range(args.rounds + 1):
-        raw_wall, raw_ids = run_raw(round_)
-        pool_wall, pool_ids = run_pool(round_)
-        same += raw_ids == pool_ids
-        if round_ == 0:
-            continue  # warm-up
-        walls["raw"].append(raw_wall)
-        walls["shuffle_r1"].append(pool_wall)
-        tokens["raw"].append(sum(map(len, raw_ids)))
-        tokens["shuffle_r1"].append(sum(map(len, pool_ids)))
+        if round_ == 1 and args.profile:
+            pid = pool.workers()[0]["pid"]
+            args.profile.parent.mkdir(parents=True, exist_ok=True)
+            profiler = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    "100",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(args.profile),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+        ids = {}
+        for side, run in sides.items():
+            wall, ids[side] = run(round_)
+            if round_ > 0:  # round 0 is the warm-up
+                walls[side].append(wall)
+                tokens[side].append(sum(map(len, ids[side])))
+        same += ids["raw"] == ids["engine"] == ids["shuffle_r1"]
+    profile = None
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(timeout=60)
+        profile = profile_summary(args.profile)
     pool.shutdown()
     ray.shutdown()
-    raw_med, pool_med = stats(walls["raw"])["median"], stats(walls["shuffle_r1"])["median"]
-    emit(
-        {
-            "bench": "rollout_overhead",
-            "prompts": args.prompts,
-            "n": args.n,
-            "max_tokens": args.max_tokens,
-            "rounds": args.rounds,
-            "raw_s": stats(walls["raw"]),
-            "shuffle_r1_s": stats(walls["shuffle_r1"]),
-            "raw_tokens_per_s": sum(tokens["raw"]) / sum(walls["raw"]),
-            "shuffle_r1_tokens_per_s": sum(tokens["shuffle_r1"]) / sum(walls["shuffle_r1"]),
-            "identical_tokens_rounds": f"{same}/{args.rounds + 1}",
-            "overhead": pool_med / raw_med - 1,
-            "target_overhead": 0.10,
-        }
-    )
+    med = {side: stats(w)["median"] for side, w in walls.items()}
+    row: dict[str, Any] = {
+        "bench": "rollout_overhead",
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+    }
+    for side in sides:
+        row[f"{side}_s"] = stats(walls[side])
+        row[f"{side}_tokens_per_s"] = sum(tokens[side]) / sum(walls[side])
+    row["identical_tokens_rounds"] = f"{same}/{args.rounds + 1}"
+    row["wrapper_s"] = med["engine"] - med["raw"]
+    row["serving_s"] = med["shuffle_r1"] - med["engine"]
+    row["overhead"] = med["shuffle_r1"] / med["raw"] - 1
+    row["target_overhead"] = 0.10
+    if profile is not None:
+        row["profile"] = profile
+    emit(row)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ benches=("$@")
 mkdir -p outputs/bench
 for name in "${benches[@]}"; do
   case $name in
-    overhead)   cmd=("$PY" bench/rollout_overhead.py) ;;
+    overhead)   cmd=("$PY" bench/rollout_overhead.py --profile outputs/bench/overhead-profile.txt) ;;
     breakdown)  cmd=("$PY" bench/breakdown.py) ;;
     throughput) cmd=("$PY" bench/throughput.py) ;;
     buffer)     cmd=("$PY" bench/buffer.py) ;;
