@@ -20,8 +20,10 @@ seconds per round (median) of each side, generated tokens per second, and
 ``overhead = shuffle_r1 / raw - 1`` (target: <= 0.10).
 
 ``--profile FILE``: record the rollout worker's process with py-spy (collapsed stacks,
-100 Hz) during the ``shuffle_r1`` rounds and print where its samples fall (``profile``):
-inside vLLM's engine, in our wrapper, in Ray / Serve, or elsewhere.
+100 Hz) during the ``shuffle_r1`` rounds and print where its busy time went, seconds per
+round (``profile``: :func:`profile_summary`). ``num_workers_s`` and ``handle_ping_s`` time the
+serving path's fixed costs alone: the replica count read before each call, and a no-op call
+through the Serve handle.
 
     python bench/rollout_overhead.py [--prompts 8] [--n 8] [--max-tokens 64] [--rounds 5]
         [--profile outputs/bench/overhead-profile.txt]
@@ -40,29 +42,28 @@ from typing import Any
 from common import bench_config, emit, stats, train_prompts
 
 
-def profile_summary(path: Path) -> dict[str, Any]:
-    """Shares of py-spy's collapsed-stack samples (``frame;frame;... count`` lines) by where
-    the innermost matching frame lies: vLLM, our wrapper (``actors/``), Ray or Serve."""
-    buckets = {"vllm": 0, "wrapper": 0, "ray_serve": 0, "other": 0}
+def profile_summary(path: Path, rounds: int, rate_hz: float = 100.0) -> dict[str, Any]:
+    """Where the rollout worker's sampled time went, in seconds per ``shuffle_r1`` round, from
+    py-spy's collapsed stacks (``frame;frame;... count`` lines; frames ``func (file:line)``,
+    files relative to site-packages): the engine thread inside ``LLM.generate`` (split into
+    the model's forward pass and the rest of vLLM's step), the engine thread outside it
+    (our wrapper), and every other thread (Ray's worker loop, Serve's event loop, metrics)."""
+    seconds = {"vllm_forward": 0, "vllm_other": 0, "wrapper": 0, "other_threads": 0}
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
         frames = stack.split(";")
-        where = "other"
-        for frame in reversed(frames):  # innermost first
-            if "/vllm/" in frame:
-                where = "vllm"
-                break
-            if "/actors/" in frame:
-                where = "wrapper"
-                break
-            if "/ray/" in frame:
-                where = "ray_serve"
-                break
-        buckets[where] += int(count)
-    total = sum(buckets.values()) or 1
-    return {"samples": total, **{k: v / total for k, v in buckets.items()}}
+        if not any("RolloutWorker._generate" in f for f in frames):
+            where = "other_threads"
+        elif not any(f.startswith("LLM.generate ") for f in frames):
+            where = "wrapper"
+        elif any("_model_forward" in f for f in frames):
+            where = "vllm_forward"
+        else:
+            where = "vllm_other"
+        seconds[where] += int(count)
+    return {k: v / rate_hz / max(rounds, 1) for k, v in seconds.items()}
 
 
 def main() -> None:
@@ -180,11 +181,21 @@ def main() -> None:
                 walls[side].append(wall)
                 tokens[side].append(sum(map(len, ids[side])))
         same += ids["raw"] == ids["engine"] == ids["shuffle_r1"]
+    # The serving path's fixed costs, each timed alone: the replica count the pool reads
+    # before every generate call, and a no-op call (ping) through the Serve handle.
+    fixed: dict[str, list[float]] = {"num_workers_s": [], "handle_ping_s": []}
+    for _ in range(5):
+        t = time.perf_counter()
+        _ = pool.num_workers
+        fixed["num_workers_s"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pool.handle.ping.remote().result()
+        fixed["handle_ping_s"].append(time.perf_counter() - t)
     profile = None
     if profiler is not None:
         profiler.send_signal(signal.SIGINT)
         profiler.wait(timeout=60)
-        profile = profile_summary(args.profile)
+        profile = profile_summary(args.profile, args.rounds)
     pool.shutdown()
     ray.shutdown()
     med = {side: stats(w)["median"] for side, w in walls.items()}
@@ -201,6 +212,7 @@ def main() -> None:
     row["identical_tokens_rounds"] = f"{same}/{args.rounds + 1}"
     row["wrapper_s"] = med["engine"] - med["raw"]
     row["serving_s"] = med["shuffle_r1"] - med["engine"]
+    row.update({k: stats(v)["median"] for k, v in fixed.items()})
     row["overhead"] = med["shuffle_r1"] / med["raw"] - 1
     row["target_overhead"] = 0.10
     if profile is not None:
