@@ -13,7 +13,10 @@ All sides generate the same requests with the same sampling (the benchmark recip
   a Ray Serve deployment of one rollout worker (its own process, the engine in a thread
   beside Serve's event loop), its weight-version check, the wrapper, the reply through Ray.
 
-``engine - raw`` is the wrapper's cost, ``shuffle_r1 - engine`` the serving path's. The
+``engine - raw`` is the wrapper's cost, ``shuffle_r1 - engine`` the serving path's; the
+worker reports its own engine seconds (``RolloutResult.engine_s``), which split the latter
+into the engine running slower in the worker (``worker_engine_s`` vs ``engine_s``) and the
+time outside the engine call (``outside_engine_s``: queueing, transport, thread hops). The
 sides alternate, ``--rounds`` times each after one warm-up round each (vLLM's first
 ``generate`` is slower once), so all see the same machine. Prints one JSON line: wall
 seconds per round (median) of each side, generated tokens per second, and
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -145,8 +149,11 @@ def main() -> None:
         t = time.perf_counter()
         result = pool.generate(requests, spec(round_))
         wall = time.perf_counter() - t
+        if round_ > 0:
+            in_engine.append(result.engine_s)
         return wall, [list(c.token_ids) for c in result.completions]
 
+    in_engine: list[float] = []  # the worker's own engine seconds per shuffle_r1 round
     sides = {"raw": run_raw, "engine": run_engine, "shuffle_r1": run_pool}
     walls: dict[str, list[float]] = {side: [] for side in sides}
     tokens: dict[str, list[int]] = {side: [] for side in sides}
@@ -212,6 +219,12 @@ def main() -> None:
     row["identical_tokens_rounds"] = f"{same}/{args.rounds + 1}"
     row["wrapper_s"] = med["engine"] - med["raw"]
     row["serving_s"] = med["shuffle_r1"] - med["engine"]
+    # of that: inside the worker's engine call (the engine ran slower there than here) and
+    # outside it (queueing, transport, thread hops)
+    row["worker_engine_s"] = stats(in_engine)["median"]
+    row["outside_engine_s"] = statistics.median(
+        w - e for w, e in zip(walls["shuffle_r1"], in_engine, strict=True)
+    )
     row.update({k: stats(v)["median"] for k, v in fixed.items()})
     row["overhead"] = med["shuffle_r1"] / med["raw"] - 1
     row["target_overhead"] = 0.10
