@@ -485,6 +485,7 @@ class Trainer:
         )
         gen = self._generate(prompts, sampling, f"s{step}")
         times["generate"], times["rollout_sync"] = gen.generate_s, gen.sync_s
+        times["generate_engine"] = gen.engine_s  # inside the engines, without serving
 
         t = time.perf_counter()
         scores = self._score(prompts, gen.completions, n)
