@@ -287,9 +287,13 @@ class LearnerWorker:
         for real, micro in self._micro_batches(shard, count):
             self._m_micro.inc(1, tags={"kind": "train"})
             inputs = self._inputs(micro)
+            logprobs = self._logprobs(inputs)
+            old = inputs.get("old_logprobs")
             out = policy_loss(
-                self._logprobs(inputs),
-                inputs["old_logprobs"],
+                logprobs,
+                # on-policy (LearnerGroup.update with old_logprobs=None): these very weights
+                # drew the batch, so their log-probs are the old ones
+                logprobs.detach() if old is None else old,
                 inputs["advantages"],
                 inputs["response_mask"],
                 clip_ratio_low=alg.clip_ratio_low,
@@ -575,7 +579,15 @@ class LearnerGroup:
             out[rows, : part.shape[1]] = part
         return out
 
-    def update(self, batch: TrainBatch, old_logprobs: Tensor) -> dict[str, float]:
+    def single_step(self, num_rollouts: int) -> bool:
+        """Whether an update on ``num_rollouts`` rollouts is one optimizer step on the current
+        weights (one mini-batch, ``learner.ppo_epochs`` = 1). Then every micro-batch's forward
+        pass runs on the weights that would compute the old log-probs, so :meth:`update` may
+        take them from that pass (``old_logprobs=None``) and skip a forward pass over the
+        batch; the loss and the gradient are the same."""
+        return self.cfg.learner.ppo_epochs == 1 and num_rollouts <= self.rollouts_per_minibatch
+
+    def update(self, batch: TrainBatch, old_logprobs: Tensor | None) -> dict[str, float]:
         """Train on ``batch`` (ALGORITHM.md §3.4, §4): ``learner.ppo_epochs`` passes over its
         mini-batches of :attr:`rollouts_per_minibatch` rollouts, in order; one optimizer
         step each, split across ranks and micro-batches (see ``LearnerWorker.train_step``).
@@ -584,7 +596,9 @@ class LearnerGroup:
             batch: rollouts, pairs adjacent; ``batch.ref_logprobs`` is needed when
                 ``algorithm.kl_coef > 0``.
             old_logprobs: ``(B, L)`` log-probs of the batch under the weights it was drawn
-                with, as :meth:`compute_logprobs` returns them.
+                with, as :meth:`compute_logprobs` returns them; None when
+                :meth:`single_step` holds: the update's own forward pass gives them
+                (detached; the ratio is exactly 1).
 
         Returns:
             means over micro-batches of ``policy_loss``, ``pg_loss``, ``kl``,
@@ -593,15 +607,24 @@ class LearnerGroup:
             skips one); ``lr``.
 
         Raises:
-            ValueError: an empty or odd-sized batch, or ``kl_coef > 0`` without ref log-probs.
+            ValueError: an empty or odd-sized batch, ``kl_coef > 0`` without ref log-probs,
+                or ``old_logprobs=None`` for more than one optimizer step.
         """
         if len(batch) == 0:
             raise ValueError("update() got an empty batch; skip the update instead")
+        if old_logprobs is None and batch.old_logprobs is None and not self.single_step(len(batch)):
+            raise ValueError(
+                f"update() without old_logprobs needs one optimizer step, but {len(batch)} "
+                f"rollouts make {math.ceil(len(batch) / self.rollouts_per_minibatch)} "
+                f"mini-batches x {self.cfg.learner.ppo_epochs} epochs: later steps run on "
+                "updated weights; pass compute_logprobs(batch)"
+            )
         if self.cfg.algorithm.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError(
                 f"algorithm.kl_coef={self.cfg.algorithm.kl_coef} needs batch.ref_logprobs"
             )
-        batch = batch.with_logprobs(old=old_logprobs)
+        if old_logprobs is not None:
+            batch = batch.with_logprobs(old=old_logprobs)
         records: list[dict[str, float]] = []
         norms, steps, lr = [], 0, float("nan")
         for _ in range(self.cfg.learner.ppo_epochs):

@@ -553,7 +553,7 @@ class RolloutWorker:
         self._m_tokens.inc(sum(len(c.token_ids) for c in completions))
         if self._store is not None:
             self._store.record.remote(self.worker_id, version, [r.request_id for r in requests])
-        return GenerateReply(self.worker_id, completions)
+        return GenerateReply(self.worker_id, completions, seconds)
 
     # -- the calls -----------------------------------------------------------------------------
 
@@ -595,10 +595,12 @@ class RolloutWorker:
 
 @dataclass(frozen=True)
 class GenerateReply:
-    """What one worker returns for one chunk: its id and the chunk's completions."""
+    """What one worker returns for one chunk: its id, the chunk's completions and the wall
+    seconds its engine took for them (``engine_s``, without queueing and transport)."""
 
     worker: str
     completions: list[Completion]
+    engine_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -608,6 +610,8 @@ class RolloutResult:
     Attributes:
         completions: ``n`` per request, flat, in request order then index.
         generate_s: wall seconds of the generate calls (after the workers had synced).
+        engine_s: the longest of the workers' engine seconds (:class:`GenerateReply`; with
+            one worker, ``generate_s - engine_s`` is the serving path's share).
         sync_s: wall seconds spent bringing the workers to the requested weight version; 0.0
             when every worker was already there.
         tokens: response tokens generated (sum of ``len(token_ids)``).
@@ -621,6 +625,7 @@ class RolloutResult:
     tokens: int
     resent: int
     served: dict[str, int] = field(default_factory=dict)
+    engine_s: float = 0.0
 
 
 ROLLOUT_DEPLOYMENT = "RolloutWorker"
@@ -806,7 +811,10 @@ class RolloutPool:
                 )
             completions += group
         tokens = sum(len(c.token_ids) for c in completions)
-        return RolloutResult(completions, generate_s, sync_s, tokens, sent.resent_items, served)
+        engine_s = max((reply.engine_s for reply in sent.results if reply is not None), default=0.0)
+        return RolloutResult(
+            completions, generate_s, sync_s, tokens, sent.resent_items, served, engine_s
+        )
 
     def _set_pending(self, prompts: int) -> None:
         self.pending = prompts

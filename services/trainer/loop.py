@@ -9,7 +9,9 @@ One step:
 4. the groups go to the replay buffer service over gRPC, which computes GRPO advantages
    and runs PTS (§1, §2); the trainer then samples the step's ABS batch (§3);
 5. the learner group recomputes old-policy log-probs on that batch and updates the policy
-   (§3.4, §4), then publishes the new weights once into the object store.
+   (§3.4, §4), then publishes the new weights once into the object store. When the update
+   is a single optimizer step (one mini-batch, one PPO epoch) the old log-probs come from
+   the update's own forward pass instead: the same weights, one forward pass fewer.
 
 Metrics go to ``<output_dir>/metrics.jsonl`` (and Prometheus when ``trainer.metrics_port``
 is set); a checkpoint every ``trainer.save_every`` steps lets ``--resume`` continue with the
@@ -483,6 +485,7 @@ class Trainer:
         )
         gen = self._generate(prompts, sampling, f"s{step}")
         times["generate"], times["rollout_sync"] = gen.generate_s, gen.sync_s
+        times["generate_engine"] = gen.engine_s  # inside the engines, without serving
 
         t = time.perf_counter()
         scores = self._score(prompts, gen.completions, n)
@@ -565,8 +568,12 @@ class Trainer:
                 images=[images.get(it.prompt_id, ()) for it in sample.items] if images else [],
             )
             t = time.perf_counter()
-            old = self.learner.compute_logprobs(batch)
+            # One optimizer step on these weights: the update's forward pass gives the old
+            # log-probs (LearnerGroup.single_step), a separate pass would repeat it.
+            reuse = self.learner.single_step(len(batch))
+            old = None if reuse else self.learner.compute_logprobs(batch)
             times["old_logprobs"] = time.perf_counter() - t
+            m["learner/old_logprobs_reused"] = float(reuse)
             t = time.perf_counter()
             m.update({f"learner/{k}": v for k, v in self.learner.update(batch, old).items()})
             times["update"] = time.perf_counter() - t

@@ -128,7 +128,10 @@ def scenario(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Scenario:
             with pytest.raises(ValueError) as error:
                 group.update(bad, torch.zeros(len(bad), 12))
             r[f"{name}_error"] = str(error.value)
-        r["m1"] = group.update(s.batch1, r["logp0"])
+        # one mini-batch: the old log-probs come from the update's own forward pass; the
+        # reference below passes logp0 explicitly, so the weights test compares both ways
+        r["single_step"] = (group.single_step(8), group.single_step(14))
+        r["m1"] = group.update(s.batch1, None)
         r["v1"], ref1 = group.publish_weights()
         r["v1_again"], r["ref1_again"] = group.publish_weights()
         r["ref1"] = ref1
@@ -145,6 +148,9 @@ def scenario(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         group.load_checkpoint(ckpt)
         r["b_version"] = group.version
         r["b_logp1"] = group.compute_logprobs(s.batch2)
+        with pytest.raises(ValueError) as error:
+            group.update(s.batch2, None)  # two mini-batches: the second needs old log-probs
+        r["no_old_error"] = str(error.value)
         r["b_m2"] = group.update(s.batch2, r["b_logp1"])
         r["b_v2"], ref = group.publish_weights()
         r["b_w2"] = ray.get(ref)
@@ -258,6 +264,14 @@ def test_checkpoint_resumes_into_a_new_group_exactly(scenario) -> None:
 def test_update_rejects_empty_and_odd_batches(scenario) -> None:
     assert "empty batch" in scenario.results["empty_error"]
     assert "even" in scenario.results["odd_error"]
+
+
+def test_old_logprobs_may_be_omitted_only_for_a_single_optimizer_step(scenario) -> None:
+    """m1 (no old log-probs given) matched the reference that passed them (the weights
+    test above); an update of two mini-batches refuses to go without them."""
+    r = scenario.results
+    assert r["single_step"] == (True, False)
+    assert "2 mini-batches" in r["no_old_error"] and "compute_logprobs" in r["no_old_error"]
 
 
 @pytest.mark.skipif(

@@ -187,6 +187,7 @@ def test_pool_syncs_every_worker_and_keeps_request_order(pool, tiny_other, other
     assert versions(pool) == [1, 1]
     assert {c.weight_version for c in result.completions} == {1}
     assert result.sync_s > 0 and result.generate_s > 0
+    assert 0 < result.engine_s <= result.generate_s  # the engines' share of the call
     # exactly what one engine on the new weights gives, request by request
     fresh = HFEngine(tiny_other, HF, seed=0).generate(reqs, spec)
     assert [c.token_ids for c in result.completions] == [c.token_ids for c in fresh]
