@@ -159,6 +159,24 @@ class Engine:
         raise NotImplementedError
 
 
+def vllm_sampling_params(sampling: SamplingSpec, request_id: str) -> Any:
+    """vLLM's ``SamplingParams`` for one request: ``sampling`` with no top-k, the sampled
+    token's log-prob only, no detokenising, and the request's own seed
+    (:func:`request_seed`) when ``sampling.seed`` is set."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=0,
+        max_tokens=sampling.max_tokens,
+        logprobs=0,  # the sampled token's log-prob only
+        seed=None if sampling.seed is None else request_seed(sampling.seed, request_id),
+        detokenize=False,
+    )
+
+
 class VLLMEngine(Engine):
     """A vLLM ``LLM`` running inside this process (the Ray actor's).
 
@@ -226,21 +244,7 @@ class VLLMEngine(Engine):
     def generate(
         self, requests: Sequence[GenerationRequest], sampling: SamplingSpec
     ) -> list[Completion]:
-        from vllm import SamplingParams
-
-        params = [
-            SamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=0,
-                max_tokens=sampling.max_tokens,
-                logprobs=0,  # the sampled token's log-prob only
-                seed=None if sampling.seed is None else request_seed(sampling.seed, r.request_id),
-                detokenize=False,
-            )
-            for r in requests
-        ]
+        params = [vllm_sampling_params(sampling, r.request_id) for r in requests]
         prompts = [self._prompt(r) for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         completions = []

@@ -85,12 +85,7 @@ def main() -> None:
                 )
                 continue
             med = {
-                phase: statistics.median(
-                    r.get(f"time/{phase}_s", 0.0)
-                    if phase != "weight_sync"
-                    else r["time/weight_sync_s"]
-                    for r in rows
-                )
+                phase: statistics.median(r.get(f"time/{phase}_s", 0.0) for r in rows)
                 for phase in PHASES
             }
             step_s = statistics.median(r["time/step_s"] for r in rows)

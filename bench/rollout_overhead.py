@@ -4,7 +4,8 @@ All sides generate the same requests with the same sampling (the benchmark recip
 ``rollout.n``, temperature, top-p, ``max_response_length``; per-request seeds from
 :func:`actors.rollout.request_seed`, so all produce the same tokens, which is checked):
 
-- ``raw``: plain ``vllm.LLM.generate`` in this process, one call. The ``LLM`` is the one
+- ``raw``: plain ``vllm.LLM.generate`` in this process, one call, with the ``SamplingParams``
+  of :func:`actors.rollout.vllm_sampling_params`. The ``LLM`` is the one
   :class:`actors.rollout.VLLMEngine` builds (in-process engine, no chunked prefill on CPU,
   processed log-probs, the same threads and KV cache as the rollout worker);
 - ``engine``: ``VLLMEngine.generate`` on that same ``LLM`` in this process: the raw call
@@ -80,7 +81,6 @@ def main() -> None:
     args = p.parse_args()
 
     import ray
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from actors.rollout import (
@@ -88,7 +88,7 @@ def main() -> None:
         RolloutPool,
         SamplingSpec,
         VLLMEngine,
-        request_seed,
+        vllm_sampling_params,
     )
     from actors.serving import ensure_serve
     from services.trainer.loop import init_ray
@@ -116,20 +116,7 @@ def main() -> None:
         )
 
     def run_raw(round_: int) -> tuple[float, list[list[int]]]:
-        s = spec(round_)
-        params = [
-            SamplingParams(
-                n=s.n,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                top_k=0,
-                max_tokens=s.max_tokens,
-                logprobs=0,
-                detokenize=False,
-                seed=request_seed(s.seed, f"r/{q.example.uid}"),
-            )
-            for q in prompts
-        ]
+        params = [vllm_sampling_params(spec(round_), f"r/{q.example.uid}") for q in prompts]
         t = time.perf_counter()
         outs = llm.generate(
             [TokensPrompt(prompt_token_ids=q.token_ids) for q in prompts], params, use_tqdm=False
