@@ -4,8 +4,9 @@
 (gloo on CPU, NCCL on GPU). It loads the model with transformers and shards it with FSDP2
 (``fully_shard`` on each decoder block, then on the root; ``learner.backend=fsdp2``) or
 hands it to DeepSpeed ZeRO (``learner.backend=deepspeed``, ``learner.zero_stage``).
-Parameters are float32 masters; ``learner.dtype=bfloat16`` computes in bf16 (FSDP2
-``MixedPrecisionPolicy`` with float32 gradient reduction; DeepSpeed ``bf16``).
+Parameters are float32 masters; a rank whose ``learner.dtype`` resolves to bfloat16
+(``auto``: on CUDA or a CPU with native bf16, :mod:`shuffle_r1.precision`) computes in bf16
+(FSDP2 ``MixedPrecisionPolicy`` with float32 gradient reduction; DeepSpeed ``bf16``).
 
 A vision-language model (Qwen2.5-VL) is sharded the same way — its ``_no_split_modules`` name
 both the decoder layers and the vision blocks, so each gets its own FSDP2 unit; the patch
@@ -52,6 +53,7 @@ from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.data.images import vision_inputs
 from shuffle_r1.models import load_policy_model
+from shuffle_r1.precision import resolve_dtype
 from shuffle_r1.training import (
     TrainBatch,
     collate,
@@ -96,6 +98,7 @@ class LearnerWorker:
         self.model_path = model_path
         use_cuda = cfg.learner.num_gpus_per_rank > 0
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        self.dtype = resolve_dtype(cfg.learner.dtype, cuda=use_cuda).dtype  # where it runs
         self.model: Any = None  # the FSDP2 module or the DeepSpeed engine, called alike
         self.optimizer: Any = None
         self._m_micro = ray_metric("shuffle_r1_learner_worker_microbatches_total")
@@ -174,7 +177,7 @@ class LearnerWorker:
 
         le = self.cfg.learner
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        policy = MixedPrecisionPolicy(param_dtype=DTYPES[le.dtype], reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[self.dtype], reduce_dtype=torch.float32)
         blocks = set(getattr(model, "_no_split_modules", None) or ())
         if not blocks:
             raise ValueError(
@@ -202,7 +205,7 @@ class LearnerWorker:
             "managed_gradient_accumulation": False,
             "gradient_clipping": le.grad_clip,
             "zero_optimization": {"stage": le.zero_stage},
-            "bf16": {"enabled": le.dtype == "bfloat16"},
+            "bf16": {"enabled": self.dtype == "bfloat16"},
             "zero_allow_untested_optimizer": True,  # torch AdamW: runs on CPU and GPU
             "steps_per_print": 2**31 - 1,
         }
@@ -510,6 +513,8 @@ class LearnerGroup:
         self.version = 0
         self.last_publish_s = 0.0
         self._published: tuple[int, ray.ObjectRef] | None = None
+        rollout_on_cuda = cfg.rollout.num_gpus_per_worker > 0
+        self.publish_dtype = resolve_dtype(cfg.rollout.dtype, cuda=rollout_on_cuda).dtype
         le = cfg.learner
         actor = ray.remote(LearnerWorker).options(
             num_cpus=1, num_gpus=le.num_gpus_per_rank, resources=dict(le.ray_resources) or None
@@ -641,14 +646,16 @@ class LearnerGroup:
         return metrics
 
     def publish_weights(self) -> tuple[int, ray.ObjectRef]:
-        """``(version, ref)``: the full state dict (``learner.dtype``, CPU tensors, keys as in
-        transformers) put into the object store once, from rank 0. A second call at the same
-        version returns the same ref. The time taken is in :attr:`last_publish_s`.
+        """``(version, ref)``: the full state dict put into the object store once, from rank
+        0: CPU tensors, keys as in transformers, in the rollout engines' dtype
+        (:attr:`publish_dtype`; a bf16 copy would round away updates a float32 engine can
+        use). A second call at the same version returns the same ref. The time taken is in
+        :attr:`last_publish_s`.
         """
         if self._published is not None and self._published[0] == self.version:
             return self._published
         started = time.perf_counter()
-        results = self._gather([w.publish.remote(self.cfg.learner.dtype) for w in self.workers])
+        results = self._gather([w.publish.remote(self.publish_dtype) for w in self.workers])
         self._published = (self.version, results[0][0])
         self.last_publish_s = time.perf_counter() - started
         return self._published

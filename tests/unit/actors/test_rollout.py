@@ -28,7 +28,7 @@ from actors.rollout import (
 from shuffle_r1.config import RolloutConfig
 from shuffle_r1.models import build_tiny_llama
 
-HF = RolloutConfig(engine="hf", threads_per_worker=1)
+HF = RolloutConfig(engine="hf", threads_per_worker=1, dtype="float32")
 PROMPTS = [[1, 9690, 198, 2683], [1, 4093, 198, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198], [1]]
 
 
@@ -65,7 +65,7 @@ def engine(tiny):
 
 
 def test_sampling_spec_rejects_bad_values():
-    for bad in ({"n": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_tokens": 0}):
+    for bad in ({"n": 0}, {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_tokens": 0}):
         args = {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_tokens": 4} | bad
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingSpec(**args)
@@ -81,6 +81,19 @@ def test_hf_generate_gives_n_completions_per_request_in_order(engine):
         assert all(-30 < lp <= 0 for lp in c.logprobs)
         assert all(0 <= t < 49152 for t in c.token_ids)
     assert len({tuple(c.token_ids) for c in out}) == len(out)  # the n samples differ
+
+
+def test_hf_temperature_zero_is_greedy(engine):
+    out = engine.generate(requests(2), SamplingSpec(n=2, temperature=0.0, top_p=1.0, max_tokens=6))
+    for first, second in zip(out[::2], out[1::2], strict=True):
+        assert first.token_ids == second.token_ids  # no sampling: the n completions agree
+        prompt = next(r.prompt_token_ids for r in requests(2) if r.request_id == first.request_id)
+        ids = torch.tensor([prompt + first.token_ids])
+        with torch.no_grad():
+            logits = engine.model(ids).logits[0, len(prompt) - 1 : -1].float()
+        assert logits.argmax(-1).tolist() == first.token_ids[: len(logits)]
+        expected = torch.log_softmax(logits, -1).max(-1).values  # log-probs at temperature 1
+        torch.testing.assert_close(torch.tensor(first.logprobs), expected, atol=1e-4, rtol=0)
 
 
 def test_hf_seed_makes_each_request_reproducible_wherever_it_is_served(engine):
@@ -159,7 +172,9 @@ def test_hf_load_weights_in_place(tiny, tiny_other, other_state):
     assert engine.weight_version == 3
 
 
-POOL = RolloutConfig(engine="hf", threads_per_worker=1, num_workers=2, max_workers=2)
+POOL = RolloutConfig(
+    engine="hf", threads_per_worker=1, num_workers=2, max_workers=2, dtype="float32"
+)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +261,7 @@ def test_autoscaling_pool_grows_on_pending_prompts_and_shrinks_when_idle(ray_clu
     cfg = RolloutConfig(
         engine="hf", threads_per_worker=1, num_workers=1, max_workers=2, autoscaling=True,
         target_prompts_per_worker=1, upscale_delay_s=0.0, downscale_delay_s=1.0,
-        autoscale_look_back_s=1.0,
+        autoscale_look_back_s=1.0, dtype="float32",
     )  # fmt: skip
     pool = RolloutPool(cfg, tiny, run_id="test-autoscale", namespace="shuffle-r1-tests")
     try:
@@ -275,7 +290,7 @@ def test_vllm_in_place_update_matches_a_fresh_engine(
     """FACTS.md: after the in-place update, log-probs equal a fresh engine's on the new
     weights (bitwise on SmolLM2). Both engines run as RolloutWorker actors."""
     pool.shutdown()  # frees the CPUs for two vLLM workers (the pool is not used after this)
-    cfg = RolloutConfig(engine="vllm", threads_per_worker=1, kv_cache_gb=1)
+    cfg = RolloutConfig(engine="vllm", threads_per_worker=1, kv_cache_gb=1, dtype="float32")
     actor = ray.remote(RolloutWorker).options(num_cpus=1)
     updated, fresh = actor.remote(tiny, cfg, 0), actor.remote(tiny_other, cfg, 0)
     try:

@@ -24,7 +24,7 @@ from shuffle_r1.processor import load_processor
 
 K12 = Path(__file__).resolve().parents[3] / "data" / "k12" / "k12.json"
 SPEC = ImageSpec(min_pixels=56 * 56, max_pixels=112 * 112)
-HF = RolloutConfig(engine="hf", threads_per_worker=1)
+HF = RolloutConfig(engine="hf", threads_per_worker=1, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,8 @@ def test_bad_image_requests_fail_naming_the_request(engine, tmp_path, k12_reques
 def test_vllm_engine_falls_back_to_transformers_for_vl_models_without_torchvision(tiny_vl, caplog):
     pytest.importorskip("vllm")
     with caplog.at_level(logging.WARNING, logger="actors.rollout"):
-        engine = make_engine(tiny_vl, RolloutConfig(engine="vllm", threads_per_worker=1), 0)
+        engine = make_engine(
+            tiny_vl, RolloutConfig(engine="vllm", threads_per_worker=1, dtype="float32"), 0
+        )
     assert engine.name == "hf"
     assert "torchvision is not installed" in caplog.text
