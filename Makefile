@@ -1,7 +1,7 @@
 # Every target installs what it needs first (scripts/setup.sh is a no-op once done).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-CONFIG ?= configs/gsm8k_smollm2_cpu.yaml
+CONFIG ?= configs/arith_smollm2_cpu.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup protos train test lint bench clean

@@ -2,7 +2,7 @@
 
 The paper's headline (Shuffle-R1, §4: PTS+ABS reaches GRPO's accuracy in fewer steps) at
 the scale one CPU machine runs: SmolLM2-135M-Instruct on two-digit addition
-(``bench/data/add2``, recipe ``bench/configs/arith_smollm2_cpu.yaml``). Every run has the
+(``data/add2``, recipe ``bench/configs/arith_smollm2_cpu.yaml``). Every run has the
 same model, data, rollout budget (8 prompts x n = 8 = 64 generated rollouts per step),
 optimizer steps per training step and evaluation; runs differ only in ``algorithm.name``
 and the seed (``trainer.seed`` = ``data.seed``: sampling, data order and ABS draws).
@@ -13,7 +13,7 @@ and the seed (``trainer.seed`` = ``data.seed``: sampling, data order and ABS dra
 ``sweep`` runs each (algorithm, seed) as its own process (``run-one``: a fresh Ray, so one
 failed run does not end the sweep) and skips runs already complete under ``--out``, so an
 interrupted sweep continues where it stopped. Each run folder holds the trainer's
-``metrics.jsonl`` and ``base_eval.json`` (held-out accuracy before the first update).
+``metrics.jsonl``, whose ``step`` -1 row is the held-out accuracy before the first update.
 
 ``summarize`` prints one JSON object and writes ``summary.json`` and ``algorithms.png``
 under ``--out``:
@@ -81,9 +81,7 @@ def run_one(algorithm: str, seed: int, steps: int, out: Path, config: Path) -> N
         ],
     )
     started = time.perf_counter()
-    with Trainer(cfg) as trainer:
-        base = trainer.evaluate()
-        (folder / "base_eval.json").write_text(json.dumps(base))
+    with Trainer(cfg) as trainer:  # evaluates before the first update (step -1's row)
         summary = trainer.run()
     done = {"steps": summary.steps, "wall_s": time.perf_counter() - started}
     (folder / "done.json").write_text(json.dumps(done))
@@ -144,10 +142,10 @@ def load_runs(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
         for folder in sorted(out.glob(prefix + "*")):
             if not (folder / "done.json").is_file() or not folder.name[len(prefix) :].isdigit():
                 continue
-            rows = _read_jsonl(folder / "metrics.jsonl")
-            evals = {0: json.loads((folder / "base_eval.json").read_text())["val/accuracy"]}
-            evals.update({r["step"] + 1: r["val/accuracy"] for r in rows if "val/accuracy" in r})
-            runs[algorithm][int(folder.name[len(prefix) :])] = {"eval": evals, "train": rows}
+            rows = _read_jsonl(folder / "metrics.jsonl")  # step -1: the evaluation before
+            evals = {r["step"] + 1: r["val/accuracy"] for r in rows if "val/accuracy" in r}
+            train = [r for r in rows if r["step"] >= 0]
+            runs[algorithm][int(folder.name[len(prefix) :])] = {"eval": evals, "train": train}
     return runs
 
 

@@ -5,11 +5,11 @@ SmolLM2-135M-Instruct, the embedded default's model, answers a fraction of these
 so most groups of rollouts have reward variance (the task the benchmark needs: neither
 all-wrong nor all-right groups). The split is by problem: no (a, b) pair is in both files.
 
-Writes ``bench/data/add2/{train,test}.jsonl`` (rows ``{"id", "question", "answer"}``);
+Writes ``data/add2/{train,test}.jsonl`` (rows ``{"id", "question", "answer"}``);
 deterministic for a given ``--seed``. The data is generated, not copied: it carries the
 project's license (Apache-2.0).
 
-    python bench/data/make_arith.py [--train 2000] [--test 200] [--seed 0]
+    python data/make_arith.py [--train 2000] [--test 200] [--seed 0]
 """
 
 from __future__ import annotations

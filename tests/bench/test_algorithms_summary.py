@@ -1,5 +1,5 @@
 """bench/algorithms.py's summary: steps-to-target, seed means and the per-step series, on
-run folders written the way the trainer writes them (metrics.jsonl, base_eval.json)."""
+run folders written the way the trainer writes them (metrics.jsonl, its step -1 row the evaluation before training)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ def write_run(
     training steps whose collapse share after ABS is ``collapse``."""
     folder = algorithms.run_dir(out, algorithm, seed)
     folder.mkdir(parents=True)
-    (folder / "base_eval.json").write_text(json.dumps({"val/accuracy": curve[0]}))
-    rows = []
+    rows: list[dict[str, float]] = [{"step": -1, "val/accuracy": curve[0]}]  # before training
     for step in range(4):
         row = {
             "step": step,
