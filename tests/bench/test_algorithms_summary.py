@@ -1,5 +1,6 @@
 """bench/algorithms.py's summary: steps-to-target, seed means and the per-step series, on
-run folders written the way the trainer writes them (metrics.jsonl, its step -1 row the evaluation before training)."""
+run folders written the way the trainer writes them (metrics.jsonl; its step -1 row is the
+evaluation before training)."""
 
 from __future__ import annotations
 
