@@ -722,20 +722,39 @@ class Trainer:
             self.learner.version,
         )
 
-    def close(self) -> None:
-        for role in (self.rollout, self.reward, self.learner):
-            try:
-                role.shutdown()
-            except Exception as exc:  # shutting down: report and go on
-                logger.warning("shutdown of %s: %s", type(role).__name__, exc)
+    def close(self, abandon: bool = False) -> None:
+        """Stop the roles: delete the Serve applications (a rollout replica first finishes its
+        request, up to ``rollout.drain_timeout_s``), let the learner ranks leave their process
+        group, stop the buffer and the embedded Redis.
+
+        ``abandon=True`` (the run was interrupted) waits for none of that: the Serve
+        applications are deleted without waiting for their drain and Ray is shut down — a
+        local Ray that this process started stops with every worker and the engines inside
+        them; on a cluster the run's other actors end with the driver's job.
+        """
+        if abandon:
+            from ray import serve
+
+            for app in (self.rollout.app, self.reward.app):
+                try:
+                    serve.delete(app, _blocking=False)
+                except Exception as exc:  # abandoning: report and go on
+                    logger.warning("deleting Serve application %s: %s", app, exc)
+            ray.shutdown()
+        else:
+            for role in (self.rollout, self.reward, self.learner):
+                try:
+                    role.shutdown()
+                except Exception as exc:  # shutting down: report and go on
+                    logger.warning("shutdown of %s: %s", type(role).__name__, exc)
+            ray.kill(self.buffer_actor, no_restart=True)
         self.exporter.close()
         self.buffer.close()
-        ray.kill(self.buffer_actor, no_restart=True)
         if self._redis is not None:
             self._redis.close()
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        self.close(abandon=isinstance(exc, KeyboardInterrupt))  # Ctrl-C: stop, do not drain
