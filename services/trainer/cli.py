@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 from shuffle_r1.config import load_config
@@ -34,11 +36,47 @@ def add_parser(sub: Any) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from services.trainer.loop import Trainer
+    """Train ``args.config``; 0 when every step ran. SIGINT (Ctrl-C) or SIGTERM abandons the
+    step in progress and exits with 130 or 143 within seconds, every process the run started
+    stopped (``services.trainer.stopping``); ``--resume`` continues from the last complete
+    checkpoint."""
+    import ray
+
+    from services.trainer.loop import Trainer, init_ray
+    from services.trainer.state import latest_checkpoint
+    from services.trainer.stopping import StopOnSignal
 
     cfg = load_config(args.config, args.overrides)
-    with Trainer(cfg, resume=args.resume) as trainer:
-        summary = trainer.run()
+    with StopOnSignal() as stop:
+        trainer: Trainer | None = None
+        try:
+            init_ray(cfg)
+            stop.install()  # ray.init put its own SIGTERM handler (sys.exit) in place of ours
+            trainer = Trainer(cfg, resume=args.resume)
+            try:
+                summary = trainer.run()
+            finally:
+                if stop.signum is None:  # an error, or the end: stop the roles gracefully
+                    trainer.close()
+        except KeyboardInterrupt:
+            if trainer is None:
+                abandoned = "the start"
+            elif trainer.state.step < cfg.trainer.total_steps:
+                abandoned = f"step {trainer.state.step + 1}"  # 1-based, as checkpoints count
+            else:
+                abandoned = "the shutdown"
+            print(file=sys.stderr)  # ends the progress bar's line
+            logger.warning(
+                "interrupted (%s): abandoning %s; last complete checkpoint: %s",
+                stop.signal_name,
+                abandoned,
+                latest_checkpoint(Path(cfg.trainer.output_dir)) or "none",
+            )
+            if trainer is not None:
+                trainer.close(abandon=True)  # shuts Ray down too
+            else:
+                ray.shutdown()
+            return stop.finish()
     final = {
         k: v
         for k, v in summary.last_metrics.items()
@@ -53,8 +91,6 @@ def train(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from services.trainer.loop import Trainer
 
     overrides = list(args.overrides)
@@ -86,7 +122,6 @@ def scale(args: argparse.Namespace) -> int:
     rollout deployment autoscales refuses. Joining workers load the newest weights before
     their first request; leaving ones finish their requests first."""
     import os
-    import sys
 
     import ray
     from ray import serve
