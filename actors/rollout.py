@@ -231,10 +231,14 @@ class VLLMEngine(Engine):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gb)
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see the class doc
             import vllm.envs
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-            # Inductor's default cache, /tmp/torchinductor_$USER, is gone with a reboot or a pod
-            inductor_cache = Path(vllm.envs.VLLM_CACHE_ROOT) / "torchinductor"
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
+            # Inductor's default cache, /tmp/torchinductor_$USER, is gone with a reboot or a
+            # pod; torch writes that default into the environment once asked, so only a value
+            # other than the default counts as the user's
+            if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+                inductor_cache = Path(vllm.envs.VLLM_CACHE_ROOT) / "torchinductor"
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache)
             os.environ["OMP_NUM_THREADS"] = str(cfg.threads_per_worker)
             torch.set_num_threads(cfg.threads_per_worker)
         from transformers import AutoConfig
@@ -260,7 +264,7 @@ class VLLMEngine(Engine):
         self.llm = LLM(
             model=str(model_path),
             seed=seed,
-            dtype=self.dtype,
+            dtype=cast(Any, self.dtype),  # vLLM annotates a Literal of its names
             logprobs_mode="processed_logprobs",
             **kwargs,
         )

@@ -82,8 +82,25 @@ def train(args: argparse.Namespace) -> int:
         for k, v in summary.last_metrics.items()
         if k.startswith(("reward/", "val/", "learner/policy_loss", "time/step_s"))
     }
-    print(f"\ntrained {summary.steps} steps in {summary.wall_s:.0f} s")
+    print(
+        f"\ntrained {summary.steps} steps in {summary.train_s:.0f} s "
+        f"({summary.wall_s:.0f} s with the setup; precision {trainer.precision_text})"
+    )
+    held = summary.held_out
+    if held:
+        n = held["n_eval"]
+
+        def acc(key: str) -> str:
+            low, high = held[f"{key}_ci"]
+            return f"{held[key]:.3f} (95% CI {low:.3f}-{high:.3f})"
+
+        if "acc_before" in held:
+            print(f"  held-out accuracy before training:  {acc('acc_before')}, n = {n}")
+        print(f"  held-out accuracy after {held['after_step']} steps: {acc('acc_after')}, n = {n}")
+        if "gain" in held:
+            print(f"  gain: {100 * held['gain']:+.1f} points")
     print(f"  last step:  {json.dumps(final)}")
+    print(f"  summary:    {summary.path}")
     print(f"  metrics:    {summary.metrics_path}")
     print(f"  plots:      {summary.plot_path}")
     print(f"  checkpoint: {summary.checkpoint}")

@@ -44,7 +44,13 @@ from protos import replay_buffer_pb2 as pb
 from services.embedded_redis import PASSWORD_ENV, EmbeddedRedis, RedisTLS, ping, redact
 from services.replay_buffer.actor import start_replay_buffer_actor
 from services.replay_buffer.client import ReplayBufferClient
-from services.trainer.metrics import MetricsWriter, TrainerExporter, plot_metrics
+from services.trainer.metrics import (
+    MetricsWriter,
+    TrainerExporter,
+    plot_metrics,
+    read_metrics,
+    wilson_interval,
+)
 from services.trainer.state import (
     TrainerState,
     checkpoint_dir,
@@ -64,6 +70,7 @@ from shuffle_r1.data import (
 )
 from shuffle_r1.data.images import expand_image_tokens
 from shuffle_r1.models import is_vision_language, resolve_model_path
+from shuffle_r1.precision import DtypeChoice, cpu_description, resolve_dtype
 from shuffle_r1.training import TrainBatch
 
 logger = logging.getLogger(__name__)
@@ -83,13 +90,19 @@ class Prompt:
 
 @dataclass(frozen=True)
 class RunSummary:
+    """What a run wrote and how it went. ``held_out`` is :func:`held_out_summary` of its
+    ``metrics.jsonl`` (``None`` without evaluations); ``path`` the JSON copy of it all."""
+
     steps: int
     output_dir: Path
     metrics_path: Path
     plot_path: Path | None
     checkpoint: Path | None
-    wall_s: float
+    wall_s: float  # from the start of the Trainer's setup (Ray, engines, learner) to the end
+    train_s: float  # the step loop and its evaluations
     last_metrics: dict[str, Any]
+    held_out: dict[str, Any] | None
+    path: Path
 
 
 def tokenize_prompts(
@@ -220,6 +233,47 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=cfg.cluster.ray_address, namespace=cfg.cluster.namespace)
 
 
+def held_out_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Held-out accuracy before training (the ``step`` -1 row) and at the last evaluation,
+    each with its 95% Wilson interval, from ``metrics.jsonl``'s rows; ``None`` when the run
+    has no evaluation. Keys: ``n_eval`` (samples per evaluation), ``acc_before``,
+    ``acc_before_ci``, ``acc_after``, ``acc_after_ci``, ``after_step`` (training steps done at
+    the last evaluation), ``gain``. The interval treats the samples as independent trials,
+    exact for one sample per problem (``rollout.val_n=1``), too narrow for more."""
+    evals = [r for r in rows if r.get("val/accuracy") is not None]
+    if not evals:
+        return None
+    first, last = evals[0], evals[-1]
+    n = int(last.get("val/samples") or 0)
+    out: dict[str, Any] = {"n_eval": n}
+    if first["step"] == -1:
+        out["acc_before"] = first["val/accuracy"]
+        out["acc_before_ci"] = wilson_interval(first["val/accuracy"], n)
+    out["acc_after"] = last["val/accuracy"]
+    out["acc_after_ci"] = wilson_interval(last["val/accuracy"], n)
+    out["after_step"] = int(last["step"]) + 1
+    if "acc_before" in out and last is not first:
+        out["gain"] = out["acc_after"] - out["acc_before"]
+    return out
+
+
+def resolve_precision(cfg: Config) -> tuple[Config, dict[str, DtypeChoice]]:
+    """``cfg`` with ``learner.dtype`` and ``rollout.dtype`` resolved (``auto`` →
+    ``bfloat16`` or ``float32``, :mod:`shuffle_r1.precision`) for the devices the roles are
+    given (GPUs per rank / per worker, else this machine's CPU), and each choice with why."""
+    le, ro = cfg.learner, cfg.rollout
+    choices = {
+        "learner": resolve_dtype(le.dtype, cuda=le.num_gpus_per_rank > 0),
+        "rollout": resolve_dtype(ro.dtype, cuda=ro.num_gpus_per_worker > 0),
+    }
+    resolved = dataclasses.replace(
+        cfg,
+        learner=dataclasses.replace(le, dtype=choices["learner"].dtype),
+        rollout=dataclasses.replace(ro, dtype=choices["rollout"].dtype),
+    )
+    return resolved, choices
+
+
 def _image_bytes(prompt_id: str, images: Any) -> tuple[bytes, ...]:
     """The encoded images of a sampled group (``SampleResponse.images[prompt_id]``). Raises
     ``ValueError`` for an image given by URI: the trainer puts bytes, and a URI would be
@@ -241,10 +295,16 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, resume: bool = False) -> None:
+        self.created = time.perf_counter()  # setup counts in the run's wall time
+        cfg, self.precision = resolve_precision(cfg)
         self.cfg = cfg
         self.out = Path(cfg.trainer.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "config.yaml")
+        self.cpu = cpu_description()
+        said = ", ".join(f"{role} {c.dtype} ({c.reason})" for role, c in self.precision.items())
+        self.precision_text = ", ".join(f"{r} {c.dtype}" for r, c in self.precision.items())
+        logger.info("precision: %s; processor: %s", said, self.cpu)
+        save_config(cfg, self.out / "config.yaml", f"precision: {said}\nprocessor: {self.cpu}")
         self.run_id = cfg.trainer.run_name
         self.state = TrainerState()
         self._redis: EmbeddedRedis | None = None
@@ -591,12 +651,12 @@ class Trainer:
         return m
 
     def evaluate(self) -> dict[str, float]:
-        """Mean pass@1 on the validation prompts at ``rollout.val_temperature`` with
-        ``rollout.val_n`` samples each (ALGORITHM.md §7)."""
+        """Mean pass@1 on the validation prompts at ``rollout.val_temperature`` (0: greedy)
+        with ``rollout.val_n`` samples each (ALGORITHM.md §7)."""
         cfg = self.cfg.rollout
         sampling = SamplingSpec(
             n=cfg.val_n,
-            temperature=max(cfg.val_temperature, 1e-3),
+            temperature=cfg.val_temperature,  # 0: greedy
             top_p=cfg.top_p,
             max_tokens=cfg.max_response_length,
             seed=self.cfg.trainer.seed,
@@ -608,6 +668,7 @@ class Trainer:
             "val/accuracy": sum(s.accuracy for s in scores) / len(scores),
             "val/reward": sum(s.reward for s in scores) / len(scores),
             "val/format": sum(s.format for s in scores) / len(scores),
+            "val/samples": float(len(scores)),
             "time/eval_s": time.perf_counter() - t,
         }
         self.exporter.observe_step(self.state.step, result)
@@ -629,10 +690,16 @@ class Trainer:
         started = time.perf_counter()
         last: dict[str, Any] = {}
         ckpt = latest_checkpoint(self.out)
+        if cfg.eval_every and cfg.val_before_train and self.state.step == 0:
+            logger.info("evaluating on %d held-out prompts before training", len(self.val_prompts))
+            before = self.evaluate()
+            logger.info("held-out accuracy before training: %.3f", before["val/accuracy"])
+            self.metrics.write(-1, before)  # step -1: before step 0's update
+        dtypes = {c.dtype for c in self.precision.values()}
         bar = tqdm(
             initial=self.state.step,
             total=cfg.total_steps,
-            desc="train",
+            desc=f"train [{'/'.join(sorted(dtypes))}]",
             unit="step",
             dynamic_ncols=True,
         )
@@ -667,15 +734,29 @@ class Trainer:
         if self.learner.version > 0:  # every rollout worker ends on the newest weights
             self.rollout.sync(self.learner.publish_weights())
         plot = plot_metrics(self.metrics_path, self.out / "metrics.png") if last else None
-        return RunSummary(
+        summary = RunSummary(
             steps=self.state.step,
             output_dir=self.out,
             metrics_path=self.metrics_path,
             plot_path=plot,
             checkpoint=ckpt,
-            wall_s=time.perf_counter() - started,
+            wall_s=time.perf_counter() - self.created,
+            train_s=time.perf_counter() - started,
             last_metrics=last,
+            held_out=held_out_summary(read_metrics(self.metrics_path)),
+            path=self.out / "summary.json",
         )
+        record = {
+            "run": self.run_id,
+            "cpu": self.cpu,
+            "dtype": {role: c.dtype for role, c in self.precision.items()},
+            "steps": summary.steps,
+            "wall_s": summary.wall_s,
+            "train_s": summary.train_s,
+            **(summary.held_out or {}),
+        }
+        summary.path.write_text(json.dumps(record, indent=1) + "\n")
+        return summary
 
     def _rebuild_learner(self, failure: LearnerFailedError) -> None:
         """A learner rank died: start a new learner group, restore it and the driver's state

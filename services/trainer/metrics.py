@@ -221,6 +221,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [rows[s] for s in sorted(rows)]
 
 
+def wilson_interval(share: float, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% for ``z`` = 1.96) of a binomial proportion ``share``
+    observed over ``trials``; ``(0.0, 1.0)`` with no trials."""
+    if trials <= 0:
+        return (0.0, 1.0)
+    denom = 1 + z * z / trials
+    centre = (share + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def plot_metrics(path: Path, out: Path) -> Path:
     """Draw the curves of :data:`PLOTTED` that the run has into one PNG; return its path."""
     import matplotlib
@@ -234,10 +245,11 @@ def plot_metrics(path: Path, out: Path) -> Path:
     nrows = max(1, math.ceil(len(present) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(10, 3 * nrows), squeeze=False)
     for ax, (key, title) in zip(axes.flat, present, strict=False):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        # x: training steps done (a row's step is the 0-based step it ends; -1 = before any)
+        pts = [(r["step"] + 1, r[key]) for r in rows if r.get(key) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training steps done")
     for ax in list(axes.flat)[len(present) :]:
         ax.axis("off")
     fig.tight_layout()

@@ -54,12 +54,11 @@ def _wait_for(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # two runs of ~100 s each: the suite's budget allows no more
     ("sig", "to_group", "embedded_redis", "resume"),
     [
-        pytest.param(signal.SIGINT, False, False, False, id="sigint-driver"),
         pytest.param(signal.SIGINT, True, True, True, id="sigint-group-embedded-redis"),
-        pytest.param(signal.SIGTERM, False, True, False, id="sigterm-driver-embedded-redis"),
+        pytest.param(signal.SIGTERM, False, False, False, id="sigterm-driver"),
     ],
 )
 def test_an_interrupted_run_stops_within_10_s_and_leaves_nothing_running(
