@@ -50,8 +50,8 @@ def train(args: argparse.Namespace) -> int:
     with StopOnSignal() as stop:
         trainer: Trainer | None = None
         try:
-            init_ray(cfg)
-            stop.install()  # ray.init put its own SIGTERM handler (sys.exit) in place of ours
+            with stop.held():  # ray.init would put its own SIGTERM handler in place of ours
+                init_ray(cfg)
             trainer = Trainer(cfg, resume=args.resume)
             try:
                 summary = trainer.run()

@@ -20,12 +20,13 @@ redis-server shuts down on SIGINT as on SIGTERM (AOF with ``fsync always``: noth
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -61,8 +62,8 @@ class StopOnSignal:
     restores the previous handlers; after a signal they stay, so that a second one (or the
     deadline) still exits at once.
 
-    ``ray.init`` installs its own SIGTERM handler (``sys.exit``): call :meth:`install` again
-    after it.
+    ``ray.init`` installs its own SIGTERM handler (``sys.exit``): call it inside
+    :meth:`held`.
     """
 
     def __init__(self, deadline_s: float = 8.0) -> None:
@@ -84,6 +85,23 @@ class StopOnSignal:
         for sig in SIGNALS:
             previous = signal.signal(sig, self._on_signal)
             self._previous.setdefault(sig, previous)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep these handlers through a call that installs its own: ``ray.init`` puts a
+        SIGTERM handler (``sys.exit``) in place, and a signal in that window went to it, whose
+        ``SystemExit`` can be swallowed (seen: raised inside logging's at-fork hook, and the
+        run went on). Inside the block, ``signal.signal`` leaves SIGINT and SIGTERM alone."""
+        original = signal.signal
+
+        def keep(sig: int, handler: Any) -> Any:
+            return signal.getsignal(sig) if sig in SIGNALS else original(sig, handler)
+
+        signal.signal = keep  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            signal.signal = original
 
     def finish(self, grace_s: float = 2.0) -> int:
         """After the cleanup: SIGTERM the processes recorded at the signal that still run, give
@@ -110,9 +128,9 @@ class StopOnSignal:
     def _exit_now(self, why: str) -> NoReturn:
         """SIGKILL every process this run started and leave, skipping all cleanup."""
         _kill(self._recorded + descendants())
-        logger.error("%s: killed the run's processes; exiting with %d", why, self.exit_code)
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        # straight to fd 2, not through logging or sys.stderr: a signal that interrupted one of
+        # them (or logging's at-fork hook) can leave its lock held, and this must not wait
+        os.write(2, f"{why}: killed the run's processes; exiting with {self.exit_code}\n".encode())
         os._exit(self.exit_code)
 
     def __enter__(self) -> StopOnSignal:
