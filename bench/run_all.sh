@@ -17,7 +17,9 @@ for name in "${benches[@]}"; do
     buffer)     cmd=("$PY" bench/buffer.py) ;;
     images)     cmd=("$PY" bench/images.py) ;;
     algorithms) cmd=("$PY" bench/algorithms.py sweep --seeds 1 2 3) ;;
-    *) echo "run_all: unknown benchmark '$name' (overhead breakdown throughput buffer images algorithms)" >&2; exit 2 ;;
+    precision)  cmd=("$PY" bench/precision.py --emulate-avx2) ;;
+    vllm_start) cmd=("$PY" bench/vllm_start.py) ;;
+    *) echo "run_all: unknown benchmark '$name' (overhead breakdown throughput buffer images algorithms precision vllm_start)" >&2; exit 2 ;;
   esac
   echo "== $name: ${cmd[*]}"
   # Everything goes to outputs/bench/<name>.log (Ray forwards its workers' logs to stdout);
