@@ -52,6 +52,9 @@ def train(args: argparse.Namespace) -> int:
         try:
             with stop.held():  # ray.init would put its own SIGTERM handler in place of ours
                 init_ray(cfg)
+            # ... and its core worker a C-level one (abseil's failure handler: it logs, then
+            # aborts): installing ours again takes the signals back at the C level too
+            stop.install()
             trainer = Trainer(cfg, resume=args.resume)
             try:
                 summary = trainer.run()

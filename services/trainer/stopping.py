@@ -62,8 +62,8 @@ class StopOnSignal:
     restores the previous handlers; after a signal they stay, so that a second one (or the
     deadline) still exits at once.
 
-    ``ray.init`` installs its own SIGTERM handler (``sys.exit``): call it inside
-    :meth:`held`.
+    ``ray.init`` installs its own SIGTERM handler (``sys.exit``) and its core worker a C-level
+    one: call it inside :meth:`held`, then :meth:`install` again.
     """
 
     def __init__(self, deadline_s: float = 8.0) -> None:

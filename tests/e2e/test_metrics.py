@@ -1,7 +1,7 @@
 """Every metric of the catalog is exported by the role that owns it, with a plausible value:
 the real endpoints (the trainer's and the buffer's prometheus-client exporters, the Ray
 metrics agent for the rollout, reward and learner workers) are scraped over HTTP during a
-tiny run, after its steps and an evaluation, while every role is still up."""
+tiny run, after its steps and its evaluations, while every role is still up."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from shuffle_r1.metric_catalog import CATALOG, RAY_ROLES, spec_of_series
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 STEPS = 3
+EVALS = 2  # before the first update (trainer.val_before_train) and after step 3
 RUN = "e2e-metrics"
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -104,7 +105,7 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
     assert values(e, "shuffle_r1_step_seconds_count") == [STEPS]
     for phase in ("generate", "reward", "buffer", "old_logprobs", "update", "publish"):
         assert values(e, "shuffle_r1_phase_seconds_count", phase=phase) == [STEPS], phase
-    assert values(e, "shuffle_r1_phase_seconds_count", phase="eval") == [1]
+    assert values(e, "shuffle_r1_phase_seconds_count", phase="eval") == [EVALS]
     assert values(e, "shuffle_r1_phase_seconds_sum", phase="generate")[0] > 0
     expected_rollouts = STEPS * cfg.trainer.rollout_batch_size * cfg.rollout.n
     assert values(e, "shuffle_r1_advantage_count") == [expected_rollouts]
@@ -141,11 +142,11 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
     assert values(e, "shuffle_r1_buffer_samples_total") == [STEPS]
     # the workers, through Ray
     generated = sum(values(e, "shuffle_r1_rollout_worker_requests_total"))
-    assert generated == STEPS * cfg.trainer.rollout_batch_size + len(trainer.val_prompts)
+    assert generated == STEPS * cfg.trainer.rollout_batch_size + EVALS * len(trainer.val_prompts)
     assert set(values(e, "shuffle_r1_rollout_worker_weight_version")) == {version}
     assert (
         sum(values(e, "shuffle_r1_reward_worker_scored_total"))
-        == expected_rollouts + len(trainer.val_prompts) * cfg.rollout.val_n
+        == expected_rollouts + EVALS * len(trainer.val_prompts) * cfg.rollout.val_n
     )
     assert sum(values(e, "shuffle_r1_reward_worker_errors_total", kind="raised")) == raised
     ranks = {lab["rank"] for lab, _ in e["shuffle_r1_learner_worker_step_seconds_count"]}

@@ -79,6 +79,7 @@ def test_tiny_multimodal_run_carries_images_through_every_role(
             "trainer.run_name=e2e-tiny-vl",
             "trainer.total_steps=2",
             "trainer.eval_every=2",
+            "trainer.val_before_train=false",  # one evaluation, after step 2, is enough here
             "learner.freeze_vision_tower=false",
             "reward.function=tests.e2e.reward_fns:distinct_char_share",
         ],

@@ -47,6 +47,7 @@ def make_config(backend: str = "fsdp2", zero_stage: int = 2) -> Config:
     le.micro_batch_size = 2  # 2 micro-batches per rank on 8 rollouts: accumulation is tested
     le.global_batch_size = 2  # 2 prompts · 2·floor(0.5·8/2) = 8 rollouts per optimizer step
     cfg.rollout.n, cfg.rollout.temperature = 8, 0.9
+    cfg.rollout.dtype = "float32"  # weights are published in it: compared as float32
     cfg.algorithm.keep_ratio = 0.5
     return cfg
 

@@ -47,6 +47,7 @@ def make_config(model_path: Path) -> Config:
     le.micro_batch_size, le.global_batch_size = 2, 2  # 2 · 2·floor(0.5·4/2) = 4 per step
     le.freeze_vision_tower = True
     cfg.rollout.n, cfg.rollout.temperature = 4, 0.9
+    cfg.rollout.dtype = "float32"  # weights are published in it: compared as float32
     cfg.algorithm.keep_ratio = 0.5
     return cfg
 
