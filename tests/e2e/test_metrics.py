@@ -74,9 +74,17 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
         # Ray's agent reports every second (tests/conftest.py); give it a few rounds
         deadline = time.monotonic() + 60
         wanted = {s for m in CATALOG if m.role in RAY_ROLES for s in m.series}
+        # ... until the workers' counters include the last evaluation's requests too
+        requests = STEPS * cfg.trainer.rollout_batch_size + EVALS * len(trainer.val_prompts)
         while True:
             ray_samples = scrape(ray_metrics_url)
-            if wanted <= set(ray_samples) or time.monotonic() > deadline:
+            counted = sum(
+                v
+                for lab, v in ray_samples.get("shuffle_r1_rollout_worker_requests_total", [])
+                if lab.get("run") == RUN
+            )
+            done = wanted <= set(ray_samples) and counted >= requests
+            if done or time.monotonic() > deadline:
                 break
             time.sleep(1)
         version = trainer.learner.version
