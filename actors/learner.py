@@ -21,7 +21,7 @@ runs the vision tower on every rank — a micro-batch without an image gets
 parameters in its forward.
 
 :class:`LearnerGroup` is the single controller the trainer calls. It cuts a
-:class:`~shuffle_r1.training.TrainBatch` as ALGORITHM.md §3.4 says — mini-batches in order,
+:class:`~shuffle_r1.training.TrainBatch` as docs/ALGORITHM.md §3.4 says — mini-batches in order,
 each into contiguous pair-aligned shards, one per rank, each into micro-batches — and
 averages the metrics. Every rank runs the same number of micro-batches (a short shard is
 padded with rollouts that carry no signal), so the ranks' collectives stay in step.
@@ -273,7 +273,7 @@ class LearnerWorker:
         """One optimizer step on this rank's shard of a mini-batch (collective).
 
         The shard runs as ``count`` micro-batches; each micro-batch's policy loss
-        (``algorithm.loss_agg_mode`` mean over its tokens, ALGORITHM.md §4) is scaled by
+        (``algorithm.loss_agg_mode`` mean over its tokens, docs/ALGORITHM.md §4) is scaled by
         ``1/count`` and back-propagated; FSDP2/ZeRO average the gradients over the ranks,
         so every micro-batch weighs ``1/(count·N)`` in the step (EasyR1's accumulation).
         Then the gradient norm is clipped to ``learner.grad_clip`` and AdamW steps; a
@@ -593,7 +593,7 @@ class LearnerGroup:
         return self.cfg.learner.ppo_epochs == 1 and num_rollouts <= self.rollouts_per_minibatch
 
     def update(self, batch: TrainBatch, old_logprobs: Tensor | None) -> dict[str, float]:
-        """Train on ``batch`` (ALGORITHM.md §3.4, §4): ``learner.ppo_epochs`` passes over its
+        """Train on ``batch`` (docs/ALGORITHM.md §3.4, §4): ``learner.ppo_epochs`` passes over its
         mini-batches of :attr:`rollouts_per_minibatch` rollouts, in order; one optimizer
         step each, split across ranks and micro-batches (see ``LearnerWorker.train_step``).
 

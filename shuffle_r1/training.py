@@ -2,7 +2,7 @@
 
 A training batch is a list of rollouts (prompt token ids + response token ids, and the
 prompt's images for a multimodal model) with one advantage each, in the order the buffer
-served them: both rollouts of a PTS pair are adjacent (ALGORITHM.md §3.4). This module
+served them: both rollouts of a PTS pair are adjacent (docs/ALGORITHM.md §3.4). This module
 
 - collates rollouts into right-padded model inputs (:func:`collate`; their images go through
   ``shuffle_r1.data.images.vision_inputs``);
@@ -41,7 +41,7 @@ class TrainBatch:
         prompt_token_ids: B lists of prompt token ids (at least one token each).
         response_token_ids: B lists of response token ids (may be empty: such a row has no
             response token, contributes nothing and serves as padding).
-        advantages: ``(B,)`` float, one advantage per rollout (ALGORITHM.md §1).
+        advantages: ``(B,)`` float, one advantage per rollout (docs/ALGORITHM.md §1).
         old_logprobs: optional ``(B, L)`` log-probs (nats) of the response tokens under the
             policy the batch was drawn with; ``L`` ≥ the longest response.
         ref_logprobs: optional ``(B, L)`` log-probs under the reference policy (KL loss).
@@ -296,7 +296,7 @@ def rollouts_per_optimizer_step(global_batch_size: int, n: int, keep_ratio: floa
     ``global_batch_size`` prompts per optimizer step as GRPO counts them, ``n`` rollouts per
     prompt, α = ``keep_ratio`` (1 for plain GRPO). PTS keeps ``2·floor(α·n/2)`` = α·n
     rollouts of each group, so the mini-batch shrinks by α and a training step makes as
-    many optimizer steps as GRPO's (ALGORITHM.md §2). Reference: 128 · 16 · 0.5 = 1024.
+    many optimizer steps as GRPO's (docs/ALGORITHM.md §2). Reference: 128 · 16 · 0.5 = 1024.
 
     Raises:
         ValueError: ``global_batch_size`` < 1, or ``n`` / ``keep_ratio`` invalid for PTS.

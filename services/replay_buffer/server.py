@@ -14,7 +14,7 @@ unexpected error would be INTERNAL, and the fuzz tests (``tests/faults``) check 
 Health: the standard ``grpc.health.v1.Health`` service answers SERVING while Redis answers
 (checked every ``buffer.health_check_s``) and NOT_SERVING while it does not.
 
-Stale data (ALGORITHM.md; DESIGN.md "Weight versions"): a group whose oldest rollout's
+Stale data (docs/ALGORITHM.md; docs/DESIGN.md "Weight versions"): a group whose oldest rollout's
 weight_version is below the run's newest version minus ``max_staleness`` is *dropped and
 counted* at put (status PUT_STATUS_STALE, not an error: a lagging rollout worker is normal
 operation and the other groups of the request still count), and dropped (deleted) and
