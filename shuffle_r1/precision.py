@@ -19,6 +19,7 @@ The learner keeps float32 master weights whatever it computes in (``actors/learn
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,18 +32,28 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 _CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags(cpuinfo: Path = _CPUINFO) -> frozenset[str]:
-    """The feature flags of this machine's first CPU (the ``flags`` line of
-    ``/proc/cpuinfo``); empty where that file does not exist (macOS, Windows)."""
+def _first_cpu(cpuinfo: Path) -> dict[str, str]:
+    """The ``key: value`` lines of the first processor in ``/proc/cpuinfo``; empty where
+    that file does not exist (macOS, Windows)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return frozenset()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        if not line.strip() and fields:
+            break  # the blank line after the first processor
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: Path = _CPUINFO) -> frozenset[str]:
+    """The feature flags of this machine's first CPU (the ``flags`` line of
+    ``/proc/cpuinfo``, ``Features`` on ARM); empty where that file does not exist."""
+    fields = _first_cpu(cpuinfo)
+    return frozenset((fields.get("flags") or fields.get("Features") or "").split())
 
 
 def has_native_bf16(flags: Iterable[str]) -> bool:
@@ -86,18 +97,9 @@ def resolve_dtype(requested: str, *, cuda: bool, flags: Iterable[str] | None = N
 def cpu_description(cpuinfo: Path = _CPUINFO) -> str:
     """This machine's processor for reports: its model name, logical CPUs and the vector
     flags that decide the dtype, e.g. ``"AMD EPYC, 2 CPUs, avx2 avx512f avx512_bf16"``."""
-    import os
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() == "model name":
-                model = value.strip()
-                break
-    except OSError:
-        pass
+    fields = _first_cpu(cpuinfo)
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = (fields.get("flags") or fields.get("Features") or "").split()
     shown = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    flags = cpu_flags(cpuinfo)
     found = " ".join(f for f in shown if f in flags) or "no AVX2/AVX-512"
     return f"{model}, {os.cpu_count()} CPUs, {found}"
