@@ -99,10 +99,15 @@ class RewardConfig:
     timeout_s: float = 5.0
     num_workers: int = 1
     # The reward role is a Ray Serve application; its HTTP endpoint (POST http_route) serves
-    # outside verifiers too. http_port 0 = a free port; http_host 0.0.0.0 to expose it.
+    # outside verifiers too. http_port 0 = a free port; http_host 0.0.0.0 to expose it, which
+    # needs http_token (README "Security").
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     http_route: str = "/reward"
+    # bearer token the endpoint requires; "" = $SHUFFLE_R1_REWARD_TOKEN (none if both empty)
+    http_token: str = ""
+    max_request_kb: int = 1024  # a larger POST body is refused (413) before it is read whole
+    request_timeout_s: float = 60.0  # an HTTP request still unscored after this gets 504
 
 
 @dataclass
@@ -182,8 +187,16 @@ class BufferConfig:
     max_staleness: int = 0  # weight versions; 0 = strictly on-policy
     keep_steps: int = 2  # steps kept in Redis before the oldest is evicted
     auth_token: str = ""  # shared token clients must send; "" = $SHUFFLE_R1_BUFFER_TOKEN
+    # gRPC TLS (PEM paths): the server's certificate and key; clients verify it against
+    # tls_ca_cert (empty = tls_cert itself, a self-signed certificate). With tls_client_ca the
+    # server also requires a client certificate signed by it (mutual TLS), which the trainer
+    # presents from tls_client_cert / tls_client_key.
     tls_cert: str = ""
     tls_key: str = ""
+    tls_ca_cert: str = ""
+    tls_client_ca: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
     max_message_mb: int = 256
     metrics_port: int = 0  # Prometheus /metrics of the buffer service; 0 = off
     health_check_s: float = 1.0  # period of the Redis check behind the gRPC health status
@@ -214,6 +227,9 @@ class ClusterConfig:
 
     ray_address: str = "local"
     num_cpus: int = 0  # 0 = Ray decides
+    # the address a local Ray binds and advertises: loopback keeps it to this machine; any
+    # other needs auth_mode=token (README "Security")
+    host: str = "127.0.0.1"
     auth_mode: str = "disabled"  # RAY_AUTH_MODE for a local Ray
     namespace: str = "shuffle-r1"
     metrics_export_port: int = 0  # a local Ray's metrics export port (Prometheus); 0 = off

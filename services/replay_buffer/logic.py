@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from protos import replay_buffer_pb2 as pb
-from services.replay_buffer.store import RUN_ID_PATTERN, GroupRecord
+from services.replay_buffer.store import GroupRecord
 from shuffle_r1.algos import (
     advantage_based_batch_shuffle,
     advantage_collapse_share,
@@ -34,13 +34,8 @@ from shuffle_r1.algos import (
     rollout_silence_ratio,
 )
 from shuffle_r1.config import ALGORITHMS, AlgorithmConfig
+from shuffle_r1.limits import MAX_COUNTER, MAX_PROMPT_ID_BYTES, MAX_SHUFFLE_TIMES, RUN_ID_PATTERN
 
-# Steps and versions are exact integers in Redis's Lua (doubles): keep them well inside.
-MAX_COUNTER = 10**12
-MAX_PROMPT_ID_BYTES = 512
-# ABS rounds per step: the paper uses 2-8. The bound keeps a request from making the server
-# allocate per-round lists of billions of entries.
-MAX_SHUFFLE_TIMES = 1024
 # Tag of a SampleResponse.items entry: field number, wire type 2 (length-delimited).
 _ITEM_TAG = bytes([pb.SampleResponse.DESCRIPTOR.fields_by_name["items"].number << 3 | 2])
 _WIRE_TYPES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 5: "32-bit"}

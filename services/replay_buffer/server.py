@@ -49,7 +49,6 @@ from services.replay_buffer.client import TOKEN_ENV
 from services.replay_buffer.store import (
     DUPLICATE,
     EVICTED,
-    RUN_ID_PATTERN,
     STALE,
     STORED,
     BufferStore,
@@ -60,6 +59,7 @@ from services.replay_buffer.store import (
     PreconditionError,
     SpecChangedError,
 )
+from shuffle_r1.limits import RUN_ID_PATTERN
 from shuffle_r1.algos import advantage_collapse_share, advantage_histogram, rollout_silence_ratio
 from shuffle_r1.config import AlgorithmConfig, BufferConfig
 from shuffle_r1.metric_catalog import BY_NAME

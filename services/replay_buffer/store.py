@@ -24,7 +24,6 @@ the in-process :class:`PayloadCache` only saves reading back what this process j
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -34,8 +33,6 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from services.embedded_redis import RedisTLS, redis_client
-
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # Outcome of one group of a put; the numbers are PutStatus values in the proto.
 STORED, DUPLICATE, STALE, EVICTED = 1, 2, 3, 4

@@ -1,0 +1,32 @@
+"""Limits the services enforce, in one place, so a recipe is checked against them when it is
+loaded (``shuffle_r1.config.validate``) and not minutes later by the service that refuses it.
+
+The replay buffer (``services/replay_buffer``) imports these; nothing here imports a service.
+"""
+
+from __future__ import annotations
+
+import re
+
+# A run id names Redis keys, Ray actors and Serve applications: letters, digits, ``._-``.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Steps and versions are exact integers in Redis's Lua (doubles): keep them well inside.
+MAX_COUNTER = 10**12
+# A group's prompt id (the dataset row's uid) in bytes of UTF-8.
+MAX_PROMPT_ID_BYTES = 512
+# ABS rounds per step: the paper uses 2-8. The bound keeps a request from making the server
+# allocate per-round lists of billions of entries.
+MAX_SHUFFLE_TIMES = 1024
+# gRPC message sizes are C ints: 2 GiB - 1 byte is the largest it accepts.
+MAX_MESSAGE_MB = 2047
+# Error messages echo at most this many characters of what they were given.
+MAX_ECHO_CHARS = 200
+
+
+def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters (with the full length said), for error
+    messages that show the input they refuse without sending a megabyte back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} chars)"
