@@ -1,20 +1,25 @@
 """Per-step metrics of a run: a JSONL file, the trainer's Prometheus exporter, PNG plots.
 
-Every step's metrics are a flat ``name -> float`` dict, one JSON line per step. The
-Prometheus metrics are the ``trainer`` role of ``shuffle_r1.metric_catalog`` (fixed names,
-the ones the Grafana dashboard queries), set from that dict.
+Every step's metrics are a flat ``name -> float`` dict, one JSON line per step, written
+whole or not at all (:class:`MetricsWriter`). The Prometheus metrics are the ``trainer``
+role of ``shuffle_r1.metric_catalog`` (fixed names, the ones the Grafana dashboard queries),
+set from that dict.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
+
+from shuffle_r1.integrity import OPERATOR_ERRNOS, OutputWriteError
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +35,60 @@ PLOTTED = (
 
 
 class MetricsWriter:
-    """Appends one JSON object per step (flat ``name -> float``) to ``path``."""
+    """Appends one JSON object per step (flat ``name -> float``) to ``path``, each line whole.
+
+    A line goes out in ``os.write`` calls on an ``O_APPEND`` descriptor; if one fails part
+    way (a full disk), the file is truncated back to its size before the line, so it always
+    ends with a whole line. A file that does not (a process killed mid-line by an older
+    version) is cut back to its last whole line when the writer opens it.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            text = path.read_bytes()
+            whole = text.rfind(b"\n") + 1
+            if whole < len(text):
+                log.warning(
+                    "%s ended with a torn line (%d bytes without a newline); cut it off",
+                    path,
+                    len(text) - whole,
+                )
+                os.truncate(path, whole)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Append step ``step``'s row.
+
+        Raises:
+            OutputWriteError: the disk is full (or a quota, a size limit, permissions); the
+                file is as it was before the call.
+        """
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        data = memoryview((json.dumps(row) + "\n").encode())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                done = 0
+                while done < len(data):  # a full disk writes part, then fails
+                    written = os.write(fd, data[done:])
+                    if written == 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+                    done += written
+            except OSError as exc:
+                os.ftruncate(fd, size)
+                if exc.errno not in OPERATOR_ERRNOS:
+                    raise
+                raise OutputWriteError.wrap(
+                    exc,
+                    f"metrics of step {step}",
+                    self.path,
+                    "The line was not written (the file still ends with a whole line). Free "
+                    "space, then continue with `shuffle-r1 train --resume`.",
+                ) from exc
+        finally:
+            os.close(fd)
 
 
 # step-metrics keys -> (catalog name, labels) of the gauges set from them each step
@@ -212,12 +261,25 @@ def _plain(value: object) -> object:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The rows of a per-step JSONL file (``metrics.jsonl``, ``prompts.jsonl``), by step; the
-    last row of a step wins (a resumed or rebuilt run writes a step again)."""
+    last row of a step wins (a resumed or rebuilt run writes a step again). A torn last line
+    (no newline: a write cut short) is skipped with a warning.
+
+    Raises:
+        ValueError: a line before the last is not a JSON object with a ``step`` (the file is
+            damaged), naming the file and the line.
+    """
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines[-1]:
+        log.warning("%s: skipping a torn last line (%d chars, no newline)", path, len(lines[-1]))
     rows: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines[:-1], start=1):
         if line.strip():
-            row = json.loads(line)
-            rows[int(row["step"])] = row
+            try:
+                row = json.loads(line)
+                rows[int(row["step"])] = row
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}, line {number}: not a metrics row ({exc})") from exc
     return [rows[s] for s in sorted(rows)]
 
 
