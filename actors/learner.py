@@ -52,6 +52,12 @@ from actors.metrics import ray_metric
 from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.data.images import vision_inputs
+from shuffle_r1.integrity import (
+    CheckpointRejectedError,
+    CheckpointWriteError,
+    check_files,
+    operator_os_error,
+)
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.precision import resolve_dtype
 from shuffle_r1.training import (
@@ -75,6 +81,10 @@ VISION_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 # Files of a model folder that a checkpoint does not copy: it writes its own weights/config.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
 _PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+_WRITE_ADVICE = (
+    "Not a learner failure: free space (or raise the quota, or make the folder writable), "
+    "then continue with `shuffle-r1 train --resume`."
+)
 
 
 class LearnerFailedError(RuntimeError):
@@ -397,8 +407,26 @@ class LearnerWorker:
         - ``optimizer/`` (FSDP2): the sharded AdamW state via ``torch.distributed.checkpoint``
           (reshardable to another rank count); ``deepspeed/`` (DeepSpeed): its own checkpoint;
         - ``learner.json``: the weight version, backend and rank count.
+
+        Raises:
+            CheckpointWriteError: a write failed for lack of space, quota or permission
+                (``shuffle_r1.integrity.OPERATOR_ERRNOS``), here or, through the collective
+                save, on another rank.
         """
-        root = Path(directory)
+        try:
+            self._write_checkpoint(Path(directory), version)
+        except BaseException as exc:  # dcp's CheckpointException is a BaseException
+            error = operator_os_error(exc)
+            if error is None:
+                raise
+            raise CheckpointWriteError.wrap(
+                error,
+                f"learner rank {self.rank} saving checkpoint {directory}",
+                Path(directory),
+                _WRITE_ADVICE,
+            ) from exc
+
+    def _write_checkpoint(self, root: Path, version: int) -> None:
         state = self.full_state_dict()
         if self.rank == 0:
             model_dir = root / "model"
@@ -421,9 +449,18 @@ class LearnerWorker:
             meta["num_ranks"] = self.world_size
             (root / "learner.json").write_text(json.dumps(meta))
 
+    def check_checkpoint(self, directory: str, files: dict[str, dict[str, Any]]) -> list[str]:
+        """What differs between ``directory`` as this rank sees it and ``files`` (a verified
+        manifest's entries, ``shuffle_r1.integrity.file_digests``); empty when it matches.
+        Every file's presence and size, and the SHA-256 of this rank's share of the files
+        (``check_files``): the ranks together read the checkpoint once. Not collective."""
+        return check_files(Path(directory), files, share=(self.rank, self.world_size))
+
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
         """Restore model and optimizer from :meth:`save_checkpoint`'s folder (collective);
-        returns its ``learner.json``. Raises ``FileNotFoundError`` if it is incomplete."""
+        returns its ``learner.json``. The loaders unpickle: call it only after
+        :meth:`check_checkpoint` passed on every rank (``LearnerGroup.load_checkpoint``).
+        Raises ``FileNotFoundError`` if it is incomplete."""
         root = Path(directory)
         meta_path = root / "learner.json"
         if not meta_path.is_file():
@@ -662,12 +699,49 @@ class LearnerGroup:
 
     def save_checkpoint(self, directory: str | Path) -> None:
         """Write model, optimizer and version to ``directory`` (layout:
-        ``LearnerWorker.save_checkpoint``); a folder every rank can reach."""
-        self._gather([w.save_checkpoint.remote(str(directory), self.version) for w in self.workers])
+        ``LearnerWorker.save_checkpoint``); a folder every rank can reach.
 
-    def load_checkpoint(self, directory: str | Path) -> None:
+        Raises:
+            CheckpointWriteError: a rank could not write for lack of space, quota or
+                permission; an operator error, not a learner failure (the ranks are stopped,
+                as after any failure of a collective).
+            LearnerFailedError: a rank failed otherwise.
+        """
+        refs = [w.save_checkpoint.remote(str(directory), self.version) for w in self.workers]
+        try:
+            self._gather(refs)
+        except LearnerFailedError as exc:
+            # Ray delivers the rank's error as a RayTaskError whose ``cause`` it is
+            error = operator_os_error(exc)
+            if isinstance(error, CheckpointWriteError):
+                raise error from exc
+            if error is not None:
+                raise CheckpointWriteError.wrap(
+                    error, f"saving checkpoint {directory}", Path(directory), _WRITE_ADVICE
+                ) from exc
+            raise
+
+    def load_checkpoint(self, directory: str | Path, files: dict[str, dict[str, Any]]) -> None:
         """Restore model, optimizer and version from ``directory``; any rank count may load it
-        (FSDP2; DeepSpeed needs the same)."""
+        (FSDP2; DeepSpeed needs the same).
+
+        ``files`` are the expected files of ``directory`` from its checkpoint's verified
+        manifest (``services.trainer.state.files_under``). Every rank first checks the folder
+        as it sees it (``LearnerWorker.check_checkpoint``: a rank on another node may see
+        another copy); only when all match does any rank deserialise anything.
+
+        Raises:
+            CheckpointRejectedError: a rank found a file missing, extra, or different; nothing
+                was loaded and the group is unchanged.
+        """
+        refs = [w.check_checkpoint.remote(str(directory), files) for w in self.workers]
+        found = [f"rank {r}: {p}" for r, ps in enumerate(self._gather(refs)) for p in ps]
+        if found:
+            more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+            raise CheckpointRejectedError(
+                f"checkpoint {directory} does not match its manifest as the learner ranks see "
+                f"it: {'; '.join(found[:5])}{more}; nothing was loaded"
+            )
         metas = self._gather([w.load_checkpoint.remote(str(directory)) for w in self.workers])
         self.version = int(metas[0]["version"])
         self._published = None

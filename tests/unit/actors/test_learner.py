@@ -10,6 +10,7 @@ loss — which shares no code with the sharding, the accumulation or the Ray plu
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,12 +23,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from actors.learner import LearnerGroup
 from shuffle_r1.config import Config
+from shuffle_r1.integrity import CheckpointRejectedError, CheckpointWriteError, file_digests
 from shuffle_r1.models import build_tiny_llama
 from shuffle_r1.training import (
     TrainBatch,
     collate,
     token_logprobs,
 )
+from tests.full_disk import small_tmpfs
 from tests.unit.actors.learner_reference import reference_update
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -146,7 +149,14 @@ def scenario(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         group.shutdown()
     group = LearnerGroup(cfg, tiny)
     try:
-        group.load_checkpoint(ckpt)
+        files = file_digests(ckpt)
+        weights = files["model/model.safetensors"]
+        with pytest.raises(CheckpointRejectedError) as rejected:  # a rank sees another file
+            group.load_checkpoint(
+                ckpt, {**files, "model/model.safetensors": {**weights, "sha256": "0" * 64}}
+            )
+        r["rejected_error"], r["rejected_version"] = str(rejected.value), group.version
+        group.load_checkpoint(ckpt, files)
         r["b_version"] = group.version
         r["b_logp1"] = group.compute_logprobs(s.batch2)
         with pytest.raises(ValueError) as error:
@@ -155,6 +165,16 @@ def scenario(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         r["b_m2"] = group.update(s.batch2, r["b_logp1"])
         r["b_v2"], ref = group.publish_weights()
         r["b_w2"] = ray.get(ref)
+        # last (a failed save stops the ranks): a checkpoint onto a full disk
+        full_disk = tmp_path_factory.mktemp("full")
+        with small_tmpfs(full_disk, "2m") as mounted:
+            target = full_disk / "ckpt"
+            if not mounted:  # rank 1's optimizer shard is /dev/full instead
+                (target / "optimizer").mkdir(parents=True)
+                (target / "optimizer" / "__1_0.distcp").symlink_to("/dev/full")
+            with pytest.raises(CheckpointWriteError) as full:
+                group.save_checkpoint(target)
+            r["full_error"] = full.value
     finally:
         group.shutdown()
     r["checkpoint_files"] = sorted(p.name for p in ckpt.iterdir())
@@ -262,6 +282,22 @@ def test_checkpoint_resumes_into_a_new_group_exactly(scenario) -> None:
     torch.testing.assert_close(checkpoint_model, r["w1"], atol=0, rtol=0)
 
 
+def test_a_rank_that_sees_a_file_unlike_the_manifest_loads_nothing(scenario) -> None:
+    r = scenario.results
+    assert "model/model.safetensors: SHA-256 differs" in r["rejected_error"]
+    assert "nothing was loaded" in r["rejected_error"]
+    assert r["rejected_version"] == 0  # and the same group then loaded the checkpoint
+
+
+def test_a_full_disk_during_a_save_comes_back_as_the_operator_error(scenario) -> None:
+    """The rank's ENOSPC (safetensors' text error, or dcp's per-rank failures) crosses Ray as
+    CheckpointWriteError, not as a learner failure."""
+    error = scenario.results["full_error"]
+    assert error.errno == errno.ENOSPC
+    assert "[ENOSPC]" in str(error) and "Not a learner failure" in str(error)
+    assert "free on that filesystem" in str(error)
+
+
 def test_update_rejects_empty_and_odd_batches(scenario) -> None:
     assert "empty batch" in scenario.results["empty_error"]
     assert "even" in scenario.results["odd_error"]
@@ -288,7 +324,7 @@ def test_deepspeed_zero2_update_equals_fsdp2(scenario, reference, tmp_path) -> N
         version, ref = group.publish_weights()
         weights = ray.get(ref)
         group.save_checkpoint(tmp_path)
-        group.load_checkpoint(tmp_path)
+        group.load_checkpoint(tmp_path, file_digests(tmp_path))
         after_load = group.compute_logprobs(scenario.batch2)
     finally:
         group.shutdown()
