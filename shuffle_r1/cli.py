@@ -3,6 +3,7 @@
     shuffle-r1 train --config configs/X.yaml [--resume] [key=value ...]   train a recipe
     shuffle-r1 eval --config configs/X.yaml [--checkpoint DIR]          evaluate
     shuffle-r1 config --config configs/X.yaml [key=value ...]   print the resolved recipe
+                                                                (secrets shown as ***)
     shuffle-r1 scale rollout N [--run R] [--address A]       resize a running job's rollout workers
     shuffle-r1 buffer serve --redis-url URL --port P ...        run the replay buffer service
 
@@ -18,9 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from omegaconf import OmegaConf
-
-from shuffle_r1.config import ConfigError, load_config
+from shuffle_r1.config import ConfigError, load_config, to_yaml
 
 # modules whose `add_parser(subparsers)` registers commands whose `func(args)` returns an int
 SERVICE_COMMANDS = (
@@ -36,7 +35,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    print(to_yaml(cfg), end="")
     return 0
 
 
@@ -44,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shuffle-r1", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("config", help="print the resolved config")
+    p = sub.add_parser("config", help="check a recipe and print it resolved (secrets as ***)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
     for module_name in SERVICE_COMMANDS:

@@ -12,17 +12,45 @@ on Geometry3K/K12); the CPU recipes in ``configs/`` scale it down.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import ipaddress
+import os
+import pkgutil
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from shuffle_r1.limits import (
+    MAX_ABS_REWARD,
+    MAX_COUNTER,
+    MAX_ECHO_CHARS,
+    MAX_MESSAGE_MB,
+    MAX_REQUEST_KB,
+    MAX_REQUEST_TIMEOUT_S,
+    MAX_SHUFFLE_TIMES,
+    RUN_ID_PATTERN,
+    cut,
+    echo,
+)
 from shuffle_r1.precision import DTYPE_CHOICES
 
 ALGORITHMS = ("grpo", "grpo+pts", "shuffle_r1")
+# Secrets a recipe need not hold: an empty buffer.auth_token / reward.http_token is taken from
+# these environment variables when the service starts (and when the config is checked).
+BUFFER_TOKEN_ENV = "SHUFFLE_R1_BUFFER_TOKEN"
+REWARD_TOKEN_ENV = "SHUFFLE_R1_REWARD_TOKEN"
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"  # a local Ray's auth mode; wins over cluster.auth_mode
+REDACTED = "***"  # what save_config writes in place of a secret
+# The repository root: the Ray workers import from it (their PYTHONPATH, set by the trainer's
+# init_ray), so a reward module found there counts as found.
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 class ConfigError(ValueError):
@@ -250,9 +278,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+        raise ConfigError(f"{key}={echo(value)} is not allowed; choose one of {list(allowed)}")
 
 
 def _at_least(key: str, value: float, low: float) -> None:
@@ -260,17 +291,136 @@ def _at_least(key: str, value: float, low: float) -> None:
         raise ConfigError(f"{key}={value!r} must be >= {low}")
 
 
-def _between(key: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+def _between(
+    key: str, value: float, low: float, high: float, low_open: bool = False, why: str = ""
+) -> None:
     ok = (low < value if low_open else low <= value) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise ConfigError(f"{key}={value!r} must be in {bracket}{low}, {high}]")
+        raise ConfigError(f"{key}={value!r} must be in {bracket}{low}, {high}]{why}")
 
 
 def _resources(key: str, value: dict[str, float]) -> None:
     for name, amount in value.items():
         if not name or not amount > 0:
             raise ConfigError(f"{key}.{name}={amount!r}: a Ray resource amount must be > 0")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` reaches this machine only: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    name = host.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name: it may resolve to any address
+        return False
+
+
+def _needs_token(key: str, host: str, token_key: str, token: str, env: str, who: str) -> None:
+    """A service bound beyond loopback must require a token (README "Security")."""
+    if is_loopback(host) or token or os.environ.get(env):
+        return
+    raise ConfigError(
+        f"{key}={echo(host)} is not a loopback address, so every host that reaches it could "
+        f"{who}; set a shared token in {token_key} or ${env}, or bind {key}=127.0.0.1 "
+        '(README "Security")'
+    )
+
+
+def _missing_module(name: str) -> str | None:
+    """The first dotted prefix of module ``name`` that neither this Python (``sys.path``) nor
+    the Ray workers (:data:`REPO_ROOT` too) can find, or None if they can.
+
+    Nothing is imported, so no user code runs: each package's spec says where its submodules
+    are, and the path entries' finders look there (``importlib.util.find_spec`` would import
+    the parent packages; a namespace package is the union of its portions).
+    """
+    entries: list[str] | None = [*sys.path, REPO_ROOT]
+    prefix = ""
+    for part in name.split("."):
+        prefix = f"{prefix}.{part}" if prefix else part
+        module = sys.modules.get(prefix)
+        if module is not None:
+            entries = _locations(getattr(module, "__path__", None))
+            continue
+        if entries is None:  # the parent is a module, not a package
+            return prefix
+        spec = None
+        if "." not in prefix:  # built-in, frozen or installed (editable finders): no code runs
+            try:
+                spec = importlib.util.find_spec(prefix)
+            except (ImportError, ValueError):
+                spec = None
+        portions: list[str] = []
+        for entry in entries if spec is None else ():
+            finder = pkgutil.get_importer(entry)
+            found = finder.find_spec(prefix) if hasattr(finder, "find_spec") else None
+            if found is not None and found.loader is not None:
+                spec = found
+                break
+            if found is not None:  # a portion of a namespace package
+                portions += found.submodule_search_locations or ()
+        if spec is None and not portions:
+            return prefix
+        entries = portions if spec is None else _locations(spec.submodule_search_locations)
+    return None
+
+
+def _locations(path: Any) -> list[str] | None:
+    return list(path) if path is not None else None
+
+
+def _check_reward_path(value: str) -> None:
+    module, _, attr = value.partition(":")
+    names = module.split(".")
+    if not attr.isidentifier() or not all(n.isidentifier() for n in names):
+        raise ConfigError(
+            f"reward.function={echo(value)} must be a Python path 'module:function', "
+            "e.g. 'shuffle_r1.rewards:math_reward'"
+        )
+    missing = _missing_module(module)
+    if missing is not None:
+        raise ConfigError(
+            f"reward.function={echo(value)}: no module {missing!r} on this Python's path "
+            f"(sys.path) or in the repository ({REPO_ROOT}), where the reward workers import "
+            "from; check the name, or install the module"
+        )
+
+
+def check_reward_function(cfg: Config) -> None:
+    """Import ``reward.function`` and check that it names a callable.
+
+    This runs the module's code, so :func:`load_config` only checks that the module can be
+    found; the trainer calls this before it starts Ray, so that a reward function that does
+    not import fails at once and here, not in a Serve replica's log. The module is imported
+    from ``sys.path`` and :data:`REPO_ROOT`, as the reward workers import it.
+
+    Raises:
+        ConfigError: naming ``reward.function``, the module and what went wrong (the import
+            error, a missing attribute, an attribute that is not callable).
+    """
+    from shuffle_r1.rewards import load_reward_fn
+
+    value = cfg.reward.function
+    added = REPO_ROOT not in sys.path
+    if added:  # import it as the reward workers will
+        sys.path.append(REPO_ROOT)
+    try:
+        load_reward_fn(value)
+    except ValueError as exc:  # malformed, not importable, no such attribute, not callable
+        raise ConfigError(f"reward.function={echo(value)}: {cut(str(exc), 1000)}") from exc
+    except Exception as exc:  # the module's own code may raise anything while imported
+        module = value.partition(":")[0]
+        raise ConfigError(
+            f"reward.function={echo(value)}: importing module {module!r} raised "
+            f"{type(exc).__name__}: {cut(str(exc), 1000)}"
+        ) from exc
+    finally:
+        if added:
+            sys.path.remove(REPO_ROOT)
 
 
 def validate(cfg: Config) -> Config:
@@ -315,17 +465,32 @@ def validate(cfg: Config) -> Config:
     _between("rollout.val_temperature", r.val_temperature, 0.0, 10.0)
     _at_least("rollout.val_n", r.val_n, 1)
 
-    if ":" not in cfg.reward.function:
+    rw = cfg.reward
+    _check_reward_path(rw.function)
+    _at_least("reward.accuracy_weight", rw.accuracy_weight, 0.0)
+    _at_least("reward.format_weight", rw.format_weight, 0.0)
+    if rw.accuracy_weight + rw.format_weight > MAX_ABS_REWARD:
         raise ConfigError(
-            f"reward.function={cfg.reward.function!r} must be a Python path 'module:function'"
+            f"reward.accuracy_weight + reward.format_weight = "
+            f"{rw.accuracy_weight + rw.format_weight!r} must be <= {MAX_ABS_REWARD:g}: the "
+            "replay buffer refuses larger rewards (shuffle_r1.limits.MAX_ABS_REWARD)"
         )
-    _at_least("reward.accuracy_weight", cfg.reward.accuracy_weight, 0.0)
-    _at_least("reward.format_weight", cfg.reward.format_weight, 0.0)
-    _between("reward.timeout_s", cfg.reward.timeout_s, 0.0, 3600.0, low_open=True)
-    _at_least("reward.num_workers", cfg.reward.num_workers, 1)
-    _between("reward.http_port", cfg.reward.http_port, 0, 65535)
-    if not cfg.reward.http_route.startswith("/"):
-        raise ConfigError(f"reward.http_route={cfg.reward.http_route!r} must start with '/'")
+    _between("reward.timeout_s", rw.timeout_s, 0.0, MAX_REQUEST_TIMEOUT_S, low_open=True)
+    _at_least("reward.num_workers", rw.num_workers, 1)
+    _between("reward.http_port", rw.http_port, 0, 65535)
+    if not rw.http_route.startswith("/"):
+        raise ConfigError(f"reward.http_route={echo(rw.http_route)} must start with '/'")
+    _between("reward.max_request_kb", rw.max_request_kb, 1, MAX_REQUEST_KB)
+    _between("reward.request_timeout_s", rw.request_timeout_s, 0.0, MAX_REQUEST_TIMEOUT_S, True)
+    if rw.request_timeout_s < rw.timeout_s:
+        raise ConfigError(
+            f"reward.request_timeout_s={rw.request_timeout_s!r} must be >= "
+            f"reward.timeout_s={rw.timeout_s!r}: a request may wait that long for one score"
+        )
+    _needs_token(
+        "reward.http_host", rw.http_host, "reward.http_token", rw.http_token, REWARD_TOKEN_ENV,
+        "make the reward workers score what it sends",
+    )  # fmt: skip
 
     _choice("algorithm.name", a.name, ALGORITHMS)
     _between("algorithm.keep_ratio", a.keep_ratio, 0.0, 1.0, low_open=True)
@@ -334,7 +499,10 @@ def validate(cfg: Config) -> Config:
             f"algorithm.keep_ratio={a.keep_ratio} keeps no pair of a group of "
             f"rollout.n={r.n}; it needs keep_ratio >= {2 / r.n}"
         )
-    _at_least("algorithm.shuffle_times", a.shuffle_times, 1)
+    _between(
+        "algorithm.shuffle_times", a.shuffle_times, 1, MAX_SHUFFLE_TIMES,
+        why=" (the replay buffer's limit, shuffle_r1.limits.MAX_SHUFFLE_TIMES)",
+    )  # fmt: skip
     _between("algorithm.clip_ratio_low", a.clip_ratio_low, 0.0, 1.0)
     _at_least("algorithm.clip_ratio_high", a.clip_ratio_high, 0.0)
     _choice("algorithm.loss_agg_mode", a.loss_agg_mode, ("token-mean", "seq-mean-token-mean"))
@@ -366,14 +534,29 @@ def validate(cfg: Config) -> Config:
         )
 
     _between("buffer.port", b.port, 0, 65535)
-    _at_least("buffer.max_staleness", b.max_staleness, 0)
-    _at_least("buffer.keep_steps", b.keep_steps, 1)
-    _at_least("buffer.max_message_mb", b.max_message_mb, 1)
+    _between("buffer.max_staleness", b.max_staleness, 0, MAX_COUNTER - 1)
+    _between("buffer.keep_steps", b.keep_steps, 1, MAX_COUNTER - 1)
+    _between(
+        "buffer.max_message_mb", b.max_message_mb, 1, MAX_MESSAGE_MB,
+        why=": gRPC sizes are C ints (shuffle_r1.limits.MAX_MESSAGE_MB)",
+    )  # fmt: skip
     _between("buffer.metrics_port", b.metrics_port, 0, 65535)
     if bool(b.tls_cert) != bool(b.tls_key):
         raise ConfigError("buffer.tls_cert and buffer.tls_key must be given together")
+    for key in ("tls_ca_cert", "tls_client_ca", "tls_client_cert", "tls_client_key"):
+        if getattr(b, key) and not b.tls_cert:
+            raise ConfigError(
+                f"buffer.{key} is set but buffer.tls_cert is not: the buffer's TLS settings "
+                "apply only with TLS on (buffer.tls_cert and buffer.tls_key)"
+            )
+    if bool(b.tls_client_cert) != bool(b.tls_client_key):
+        raise ConfigError("buffer.tls_client_cert and buffer.tls_client_key must be given together")
     if not b.host:
         raise ConfigError("buffer.host='' must be an address to bind, e.g. 127.0.0.1")
+    _needs_token(
+        "buffer.host", b.host, "buffer.auth_token", b.auth_token, BUFFER_TOKEN_ENV,
+        "read, write and drop the runs it holds",
+    )  # fmt: skip
     scheme = b.redis_url.partition("://")[0] if "://" in b.redis_url else ""
     if b.redis_url != "embedded" and scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
@@ -389,13 +572,30 @@ def validate(cfg: Config) -> Config:
         )
     _between("buffer.health_check_s", b.health_check_s, 0.0, 60.0, low_open=True)
 
-    _at_least("trainer.total_steps", t.total_steps, 1)
+    if not RUN_ID_PATTERN.fullmatch(t.run_name):
+        raise ConfigError(
+            f"trainer.run_name={echo(t.run_name)} must match {RUN_ID_PATTERN.pattern}: 1 to "
+            "128 letters, digits, '.', '_' or '-', starting with a letter or digit (it names "
+            "Redis keys, Ray actors and Serve applications)"
+        )
+    _between("trainer.total_steps", t.total_steps, 1, MAX_COUNTER - 1)
     _at_least("trainer.rollout_batch_size", t.rollout_batch_size, 1)
     _at_least("trainer.save_every", t.save_every, 0)
     _at_least("trainer.eval_every", t.eval_every, 0)
     _at_least("trainer.max_learner_restarts", t.max_learner_restarts, 0)
     _between("trainer.metrics_port", t.metrics_port, 0, 65535)
-    _choice("cluster.auth_mode", cfg.cluster.auth_mode, ("disabled", "token"))
+    c = cfg.cluster
+    _choice("cluster.auth_mode", c.auth_mode, ("disabled", "token"))
+    auth_mode = os.environ.get(RAY_AUTH_MODE_ENV, c.auth_mode)  # as the trainer applies it
+    if c.ray_address == "local" and not is_loopback(c.host) and auth_mode != "token":
+        said = f"${RAY_AUTH_MODE_ENV}" if RAY_AUTH_MODE_ENV in os.environ else "cluster.auth_mode"
+        raise ConfigError(
+            f"cluster.host={echo(c.host)} is not a loopback address and Ray's authentication "
+            f"is off ({said}={echo(auth_mode)}): anyone who reaches this machine's Ray ports "
+            "could submit a job and run code as the training user. Set cluster.auth_mode=token "
+            "(Ray then requires its token), or keep cluster.host=127.0.0.1 "
+            '(README "Security")'
+        )
     _at_least("cluster.num_cpus", cfg.cluster.num_cpus, 0)
     _between("cluster.metrics_export_port", cfg.cluster.metrics_export_port, 0, 65535)
     return cfg
@@ -411,35 +611,88 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     base = OmegaConf.structured(Config)
     layers = []
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            layers.append(OmegaConf.load(p))
-        except Exception as exc:  # yaml errors come in several classes
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        layers += _read_recipe(Path(path))
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {echo(item)} must look like section.key=value")
     if overrides:
         try:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"could not parse overrides {list(overrides)}: {exc}") from exc
+            raise ConfigError(f"could not parse overrides {echo(list(overrides))}: {exc}") from exc
     try:
         merged = OmegaConf.merge(base, *layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        msg = str(exc).splitlines()[0]
-        raise ConfigError(f"invalid config at key {key!r}: {msg}") from exc
+        msg = cut(str(exc).splitlines()[0], 2 * MAX_ECHO_CHARS)
+        where = f" (file {str(path)!r})" if path is not None else ""
+        raise ConfigError(f"invalid config at key {echo(key)}{where}: {msg}") from exc
     assert isinstance(cfg, Config)
     return validate(cfg)
 
 
+def _read_recipe(p: Path) -> list[Any]:
+    """The recipe at ``p`` as OmegaConf layers: none for an empty file, else one mapping."""
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+        top = yaml.safe_load(text)  # the shape; OmegaConf's loader then types the values
+        layer = OmegaConf.create(text) if isinstance(top, dict) else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc}") from exc
+    except Exception as exc:  # yaml and OmegaConf errors come in several classes
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+    if top is None:  # empty, or only comments: no overrides
+        return []
+    if layer is None:
+        # a list is not shown: its YAML aliases could expand it beyond any size
+        held = f"a list of {len(top)} items" if isinstance(top, list) else f"the value {echo(top)}"
+        raise ConfigError(
+            f"config file {str(p)!r} must be a mapping of sections (data:, rollout:, ... with "
+            f"their keys, as in configs/*.yaml); it holds {held}"
+        )
+    for name, section in top.items():
+        if name in SECTIONS and not isinstance(section, dict):
+            raise ConfigError(
+                f"config file {str(p)!r}: section {name!r} must be a mapping of its keys "
+                f"(indented KEY: VALUE lines under {name}:), not {type(section).__name__} "
+                f"{echo(section, 80)}"
+            )
+    return [layer]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user and password (also a ``password=`` query argument, which
+    redis-py accepts) replaced by ``***``, for messages, logs and saved configs."""
+    url = re.sub(r"//.*@", f"//{REDACTED}@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", rf"\g<1>{REDACTED}", url)
+
+
+def redacted(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose secrets read ``***``: the tokens that are set (an empty one
+    stays empty: none set) and the user and password of ``buffer.redis_url``. It still loads;
+    the secrets must be given again (or through the environment) to run it."""
+    b, r = cfg.buffer, cfg.reward
+    return dataclasses.replace(
+        cfg,
+        buffer=dataclasses.replace(
+            b, redis_url=redact_url(b.redis_url), auth_token=REDACTED if b.auth_token else ""
+        ),
+        reward=dataclasses.replace(r, http_token=REDACTED if r.http_token else ""),
+    )
+
+
+def to_yaml(cfg: Config) -> str:
+    """``cfg`` as YAML, secrets redacted (:func:`redacted`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(redacted(cfg)))
+
+
 def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
     """Write ``cfg`` as YAML (a resolved recipe that :func:`load_config` reads back), after
-    ``comment`` as ``#`` lines."""
+    ``comment`` as ``#`` lines. Secrets are written as ``***`` (:func:`redacted`): a config
+    file on disk never holds a password or a token."""
     head = "".join(f"# {line}\n" for line in comment.splitlines())
-    Path(path).write_text(head + OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    Path(path).write_text(head + to_yaml(cfg))

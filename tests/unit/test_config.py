@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from shuffle_r1.config import Config, ConfigError, load_config, save_config
+from shuffle_r1.config import (
+    Config,
+    ConfigError,
+    check_reward_function,
+    load_config,
+    save_config,
+)
+from shuffle_r1.limits import MAX_ECHO_CHARS
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -75,12 +82,65 @@ def test_algorithm_name_selects_pts_and_abs(
         ("rollout.max_workers=0", "max_workers"),
         ("data.train_size=-1", "data.train_size"),
         ("just-a-word", "section.key=value"),
+        # issue #20 finding 10: accepted at load, refused minutes later by a service
+        ("trainer.run_name=my run", "trainer.run_name='my run' must match"),
+        ("trainer.run_name=-x", "trainer.run_name='-x' must match"),
+        ("algorithm.shuffle_times=2000", "algorithm.shuffle_times=2000 must be in [1, 1024]"),
+        ("buffer.max_message_mb=4096", "buffer.max_message_mb=4096 must be in [1, 2047]"),
+        ("trainer.total_steps=1000000000000", "trainer.total_steps"),
+        ("buffer.max_staleness=1000000000000", "buffer.max_staleness"),
+        ("reward.accuracy_weight=2e6", "reward.accuracy_weight + reward.format_weight"),
+        ("reward.function=no_such_module_x:fn", "no module 'no_such_module_x'"),
+        ("reward.function=shuffle_r1.rewards.nope:fn", "no module 'shuffle_r1.rewards.nope'"),
+        (
+            "reward.function=shuffle_r1.rewards:math-reward",
+            "must be a Python path 'module:function'",
+        ),
+        ("reward.function=json.decoder.x:y", "no module 'json.decoder.x'"),
     ],
 )
 def test_bad_values_name_the_key(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert fragment in str(info.value)
+
+
+def test_the_largest_allowed_values_load() -> None:
+    cfg = load_config(None, ["algorithm.shuffle_times=1024", "buffer.max_message_mb=2047",
+                             "trainer.run_name=" + "r" * 128])  # fmt: skip
+    assert (cfg.algorithm.shuffle_times, cfg.buffer.max_message_mb) == (1024, 2047)
+
+
+def test_an_echoed_value_is_cut() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["trainer.run_name=" + "x y" * 100_000])
+    assert len(str(info.value)) < MAX_ECHO_CHARS + 400
+    assert "(300002 chars)" in str(info.value)
+
+
+def test_reward_module_is_found_without_running_it(tmp_path: Path, monkeypatch) -> None:
+    """load_config finds the module (here a namespace package of the repository, which the
+    reward workers import from) but does not import it; check_reward_function imports it."""
+    assert "tests.e2e.reward_fns" not in sys.modules
+    cfg = load_config(None, ["reward.function=tests.e2e.reward_fns:distinct_char_share"])
+    assert "tests.e2e.reward_fns" not in sys.modules
+    check_reward_function(cfg)
+    pkg = tmp_path / "broken_reward_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('the import itself fails')\n")
+    (pkg / "fine.py").write_text("NOT_CALLABLE = 3\ndef fn(*a, **k):\n    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(None, ["reward.function=broken_reward_pkg.fine:fn"])  # nothing ran
+    assert "broken_reward_pkg" not in sys.modules
+    with pytest.raises(ConfigError, match="raised RuntimeError: the import itself fails") as info:
+        check_reward_function(cfg)
+    assert "reward.function='broken_reward_pkg.fine:fn'" in str(info.value)
+    for function, says in [
+        ("tests.e2e.reward_fns:nope", "has no attribute 'nope'"),
+        ("shuffle_r1.limits:MAX_COUNTER", "not a callable"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            check_reward_function(load_config(None, [f"reward.function={function}"]))
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -90,6 +150,37 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("rollout: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+_TEN = lambda name: "[" + ", ".join([f"*{name}"] * 10) + "]"  # noqa: E731
+LAUGHS = f"a: &a [0,0,0,0,0,0,0,0,0,0]\nb: &b {_TEN('a')}\nc: &c {_TEN('b')}\nd: {_TEN('c')}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [("- rollout\n- learner\n", "it holds a list of 2 items"),
+     (LAUGHS, "not valid YAML"),  # OmegaConf refuses to expand 10^4 nodes of aliases
+     ("- &a [1, 2]\n- [*a, *a]\n", "it holds a list of 2 items"),
+     ("5\n", "it holds the value 5"),
+     ("just words\n", "it holds the value 'just words'"),
+     ("rollout: 5\n", "section 'rollout' must be a mapping of its keys"),
+     ("rollout:\n", "section 'rollout' must be a mapping of its keys"),
+     (b"\xff\xfe\x00", "cannot be read")],
+)  # fmt: skip
+def test_a_file_that_is_not_a_mapping_of_sections(tmp_path: Path, text, says: str) -> None:
+    """Issue #20 finding 10: a YAML list was a TypeError deep in OmegaConf."""
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert says in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "# a comment\n", "null\n", "---\n"])
+def test_an_empty_file_overrides_nothing(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    assert load_config(path, ["rollout.n=4"]) == load_config(None, ["rollout.n=4"])
 
 
 def test_save_and_reload_round_trip(tmp_path: Path) -> None:
@@ -112,6 +203,19 @@ def test_cli_prints_resolved_config_and_reports_errors() -> None:
     )  # fmt: skip
     assert bad.returncode == 2
     assert "rollout.temperature" in bad.stderr
+
+
+def test_cli_reports_a_list_file_without_a_traceback(tmp_path: Path) -> None:
+    """Issue #20 finding 10: `shuffle-r1 config --config bad.yaml` with a YAML list."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- rollout.n=4\n- learner.lr=1e-5\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "shuffle_r1.cli", "config", "--config", str(bad)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
+    assert f"config error: config file '{bad}' must be a mapping of sections" in run.stderr
 
 
 @pytest.mark.parametrize("recipe", ["geo3k_qwen2_5_vl_3b.yaml", "k12_qwen2_5_vl_7b.yaml"])
