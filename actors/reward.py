@@ -8,15 +8,27 @@ reward and accuracy). A function that raises, returns garbage, or runs past
 ``timeout_s + grace`` gives reward 0 and a counted error: the run never crashes or hangs on
 a reward. (A hung call's thread cannot be killed; it is abandoned and counted.)
 
-The role is a Ray Serve application (:class:`RewardPool`): the trainer scores through a
-deployment handle, and outside verifiers and evaluation scripts through its HTTP endpoint
-(``POST`` JSON to ``reward.http_route`` on Serve's proxy, ``reward.http_host:http_port``).
+The role is a Ray Serve application (:class:`RewardPool`) of two deployments: the trainer
+scores through a handle of the :class:`RewardWorker` replicas, and outside verifiers and
+evaluation scripts through the HTTP endpoint, :class:`RewardEndpoint` (``POST`` JSON to
+``reward.http_route`` on Serve's proxy, ``reward.http_host:http_port``, loopback by default).
+The endpoint is its own replica, so HTTP traffic never occupies a worker the training job is
+waiting for. It refuses, before scoring anything:
+
+- a request without ``Authorization: Bearer <token>`` when a token is set
+  (``reward.http_token``, else ``$SHUFFLE_R1_REWARD_TOKEN``): 401;
+- a body over ``reward.max_request_kb`` (by its Content-Length, or counted as a chunked body
+  arrives, so it is never read whole): 413; more than :data:`MAX_HTTP_ITEMS` items: 413;
+- a request not answered within ``reward.request_timeout_s`` (reading the body included):
+  504; its remaining items are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
+import json
 import logging
 import math
 import os
@@ -31,11 +43,19 @@ from actors.metrics import ray_metric
 from actors.rollout import HEALTH_CHECK_PERIOD_S
 from actors.serving import worker_id
 from shuffle_r1.config import RewardConfig
+from shuffle_r1.limits import echo
 from shuffle_r1.rewards import RewardResult, load_reward_fn
 
 logger = logging.getLogger(__name__)
 
 GRACE_S = 2.0  # on top of reward.timeout_s before a call counts as hung
+TOKEN_ENV = "SHUFFLE_R1_REWARD_TOKEN"  # the endpoint's bearer token when reward.http_token is ""
+# Items one HTTP request may hold: bounds the work (and the time) of one request, whatever
+# its size; a caller with more splits them. The trainer's own scoring has no such limit.
+MAX_HTTP_ITEMS = 256
+# Requests the endpoint replica scores at once, and how many more Serve queues (beyond: 503)
+HTTP_CONCURRENCY = 4
+HTTP_QUEUE = 16
 
 
 @dataclass(frozen=True)
@@ -106,9 +126,17 @@ class RewardWorker:
             self.errors[outcome.error.split(":", 1)[0]] += 1
         return outcome
 
-    def _score(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
+    def _score(
+        self, requests: Sequence[ScoreRequest], stop: threading.Event | None = None
+    ) -> list[RewardResult]:
+        """Score in order; with ``stop``, stop before the next item once it is set (the
+        results are then short: the caller has given up on them)."""
         start = time.perf_counter()
-        results = [self._call_with_deadline(r) for r in requests]
+        results = []
+        for r in requests:
+            if stop is not None and stop.is_set():
+                break
+            results.append(self._call_with_deadline(r))
         self._m_seconds.observe(time.perf_counter() - start)
         self._m_scored.inc(len(results))
         for r in results:
@@ -120,24 +148,6 @@ class RewardWorker:
         """One :class:`RewardResult` per request, in order; failures give reward 0."""
         return await asyncio.to_thread(self._score, requests)
 
-    async def __call__(self, request: Any) -> Any:
-        """``POST <reward.http_route>`` (Ray Serve's HTTP proxy) with a JSON body
-        ``{"response": str, "reference_answer": str}`` → ``{"reward", "accuracy", "format",
-        "error"}``, or ``{"items": [{...}, ...]}`` → ``{"results": [...]}`` in order. A body
-        that is not such JSON answers 400 naming what was wrong."""
-        from starlette.responses import JSONResponse
-
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
-        try:
-            items, single = parse_score_body(body)
-        except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        results = [dataclasses.asdict(r) for r in await self.score(items)]
-        return JSONResponse(results[0] if single else {"results": results})
-
     def error_counts(self) -> dict[str, int]:
         return dict(self.errors)
 
@@ -145,69 +155,218 @@ class RewardWorker:
         return {"worker": self.worker_id, "pid": os.getpid()}
 
 
+class Refused(Exception):
+    """An HTTP request the endpoint answers with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def parse_score_body(body: Any) -> tuple[list[ScoreRequest], bool]:
-    """The requests of an HTTP scoring body (see :meth:`RewardWorker.__call__`) and whether it
-    held a single item. Raises ``ValueError`` naming the field (``items[3].response``)."""
+    """The requests of an HTTP scoring body (see :meth:`RewardEndpoint.__call__`) and whether
+    it held a single item.
+
+    Raises:
+        Refused: 400 naming the field that is wrong (``items[3].response``), or 413 for more
+            than :data:`MAX_HTTP_ITEMS` items.
+    """
     single = isinstance(body, dict) and "items" not in body
     if single:
         raw = [body]
     elif isinstance(body, dict) and isinstance(body["items"], list) and body["items"]:
         raw = body["items"]
     else:
-        raise ValueError(
+        raise Refused(
+            400,
             'expected {"response": ..., "reference_answer": ...} or {"items": [...]} '
-            "with at least one item"
+            f"with at least one item; got {echo(body)}",
+        )
+    if len(raw) > MAX_HTTP_ITEMS:
+        raise Refused(
+            413,
+            f"{len(raw)} items in one request; the endpoint scores at most {MAX_HTTP_ITEMS} "
+            "(actors.reward.MAX_HTTP_ITEMS): send them in several requests",
         )
     items = []
     for i, item in enumerate(raw):
         where = "" if single else f"items[{i}]."
         if not isinstance(item, dict):
-            raise ValueError(f"{where or 'the body'} must be an object, got {type(item).__name__}")
+            raise Refused(
+                400, f"{where or 'the body'} must be an object, got {type(item).__name__}"
+            )
         for key in ("response", "reference_answer"):
             if not isinstance(item.get(key), str):
-                raise ValueError(f"{where}{key} must be a string")
+                raise Refused(400, f"{where}{key} must be a string, got {echo(item.get(key))}")
         items.append(ScoreRequest(item["response"], item["reference_answer"]))
     return items, single
 
 
+class RewardEndpoint(RewardWorker):
+    """The reward role's HTTP endpoint: the application's ingress, one replica of its own
+    (Serve's proxy routes ``reward.http_route`` here), scoring with the same function as the
+    workers, so HTTP callers never occupy a :class:`RewardWorker` the trainer waits for.
+
+    ``token`` is the bearer token callers must send ("" = none: only for a proxy on
+    loopback, which :class:`RewardPool` checks). ``workers`` is the handle of the
+    :class:`RewardWorker` deployment; it is bound only so that both deployments form one
+    Serve application (started, listed and deleted together), and never called.
+    """
+
+    def __init__(self, cfg: RewardConfig, run_id: str, token: str, workers: Any) -> None:
+        super().__init__(cfg, run_id)
+        self._token = token.encode()
+        del workers
+
+    def _authorized(self, header: str) -> bool:
+        if not self._token:
+            return True
+        scheme, _, given = header.partition(" ")
+        # compare_digest: the time taken does not depend on how much of the token matched
+        given_token = given.strip().encode()
+        return scheme.lower() == "bearer" and hmac.compare_digest(given_token, self._token)
+
+    async def _read_body(self, request: Any) -> bytes:
+        """The body, refused (413) as soon as it is known to exceed ``max_request_kb``: by its
+        ``Content-Length`` before any of it is read, else by counting as chunks arrive."""
+        limit = self.cfg.max_request_kb * 1024
+        too_big = (
+            f"the body is larger than reward.max_request_kb={self.cfg.max_request_kb} KiB "
+            f"({limit} bytes); send fewer or shorter items per request"
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise Refused(400, f"Content-Length {echo(declared)} is not a byte count")
+            if int(declared) > limit:
+                raise Refused(413, too_big)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, too_big)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _answer(self, request: Any) -> tuple[int, Any]:
+        body = await self._read_body(request)
+        try:
+            parsed = json.loads(body)
+        except ValueError as exc:  # also UnicodeDecodeError
+            raise Refused(400, f"the body is not JSON: {echo(str(exc))}") from exc
+        items, single = parse_score_body(parsed)
+        stop = threading.Event()
+        try:
+            results = await asyncio.to_thread(self._score, items, stop)
+        except asyncio.CancelledError:  # past the deadline: score no further item
+            stop.set()
+            raise
+        out = [dataclasses.asdict(r) for r in results]
+        return 200, (out[0] if single else {"results": out})
+
+    async def __call__(self, request: Any) -> Any:
+        """``POST <reward.http_route>`` with a JSON body ``{"response": str,
+        "reference_answer": str}`` → ``{"reward", "accuracy", "format", "error"}``, or
+        ``{"items": [{...}, ...]}`` (at most :data:`MAX_HTTP_ITEMS`) → ``{"results": [...]}``
+        in order. Errors answer ``{"error": message}`` (what was wrong, at most 200
+        characters of the input echoed): 401 without the bearer token, 413 for a body over
+        ``reward.max_request_kb`` or too many items, 400 for a body that is not such JSON,
+        504 when not answered within ``reward.request_timeout_s`` seconds."""
+        from starlette.responses import JSONResponse
+
+        headers = {}
+        try:
+            if not self._authorized(request.headers.get("authorization", "")):
+                headers["WWW-Authenticate"] = 'Bearer realm="shuffle-r1 reward"'
+                raise Refused(
+                    401,
+                    "missing or wrong bearer token: send 'Authorization: Bearer <token>' with "
+                    f"the endpoint's token (reward.http_token, or ${TOKEN_ENV} where the "
+                    "trainer runs)",
+                )
+            status, payload = await asyncio.wait_for(
+                self._answer(request), self.cfg.request_timeout_s
+            )
+        except Refused as exc:
+            status, payload = exc.status, {"error": exc.message}
+        except TimeoutError:
+            status = 504
+            payload = {
+                "error": f"not answered within reward.request_timeout_s="
+                f"{self.cfg.request_timeout_s:g} s (reading the body and scoring); its "
+                "remaining items were dropped: send fewer items per request"
+            }
+        return JSONResponse(payload, status_code=status, headers=headers)
+
+
 REWARD_DEPLOYMENT = "RewardWorker"
+ENDPOINT_DEPLOYMENT = "RewardEndpoint"
 
 
 class RewardPool:
     """The reward role: a Ray Serve application of ``cfg.num_workers`` :class:`RewardWorker`
-    replicas (no CPU reserved: scoring is light), reachable by handle from the trainer and over
-    HTTP at ``<url>`` (``POST``, JSON; see :meth:`RewardWorker.__call__`) from outside
-    verifiers and evaluation scripts.
+    replicas (no CPU reserved: scoring is light), which the trainer reaches by handle, and one
+    :class:`RewardEndpoint` replica, the ingress, which serves outside verifiers and
+    evaluation scripts over HTTP at ``<url>`` (``POST``, JSON).
 
-    :meth:`score` splits the requests into contiguous chunks, one per replica; the chunk of a
-    replica that dies is re-sent (at most ``max_resends`` times) and Serve replaces it.
+    :meth:`score` splits the requests into contiguous chunks, one per worker; the chunk of a
+    worker that dies is re-sent (at most ``max_resends`` times) and Serve replaces it.
+
+    The endpoint's token is ``cfg.http_token``, else ``$SHUFFLE_R1_REWARD_TOKEN`` as this
+    process sees it. Raises ``ValueError`` when Serve's proxy listens on a non-loopback
+    address (``reward.http_host``, or whatever Serve was first started with) and no token is
+    set: the endpoint would score for anyone who reaches it.
     """
 
     def __init__(self, cfg: RewardConfig, run_id: str, max_resends: int = 3) -> None:
         from ray import serve
 
-        from actors.serving import LOGGING, ensure_serve
+        from actors.serving import LOGGING, ensure_serve, is_loopback, proxy_host
 
         self.cfg = cfg
         self.app = f"{run_id}-reward"
         self.max_resends = max_resends
         self.resent = 0
         base = ensure_serve(cfg.http_host, cfg.http_port)
-        deployment = serve.deployment(
+        token = cfg.http_token or os.environ.get(TOKEN_ENV, "")
+        bound = proxy_host()
+        if not token and not is_loopback(bound):
+            raise ValueError(
+                f"Ray Serve's HTTP proxy listens on {bound} (reward.http_host="
+                f"{cfg.http_host}), beyond this machine, and the reward endpoint has no token: "
+                f"set ${TOKEN_ENV} (or reward.http_token), or bind it to 127.0.0.1"
+            )
+        shared = dataclasses.replace(cfg, http_token="")  # the token goes to the endpoint only
+        workers = serve.deployment(
             name=REWARD_DEPLOYMENT,
             num_replicas=cfg.num_workers,
             ray_actor_options={"num_cpus": 0},
             max_ongoing_requests=1,  # one chunk per replica at a time: an even spread
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
         )(RewardWorker)
-        self.handle = serve.run(
-            deployment.bind(cfg, run_id),
+        endpoint = serve.deployment(
+            name=ENDPOINT_DEPLOYMENT,
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=HTTP_CONCURRENCY,
+            max_queued_requests=HTTP_QUEUE,  # beyond: Serve answers 503 at once
+            health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        )(RewardEndpoint)
+        serve.run(
+            endpoint.bind(shared, run_id, token, workers.bind(shared, run_id)),
             name=self.app,
             route_prefix=cfg.http_route,
             logging_config=LOGGING,
         )
+        self.handle = serve.get_deployment_handle(REWARD_DEPLOYMENT, self.app)
         self.url = base + cfg.http_route
-        logger.info("reward: %d workers, HTTP endpoint %s", cfg.num_workers, self.url)
+        logger.info(
+            "reward: %d workers, HTTP endpoint %s (%s)",
+            cfg.num_workers,
+            self.url,
+            "bearer token required" if token else "no token: this machine only",
+        )
 
     @property
     def num_workers(self) -> int:

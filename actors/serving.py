@@ -1,7 +1,8 @@
 """Ray Serve plumbing shared by the rollout and reward roles (both are Serve applications).
 
-- :func:`ensure_serve` starts Serve on the cluster once (HTTP proxy on the head node) and
-  says where its HTTP proxy listens;
+- :func:`ensure_serve` starts Serve on the cluster once (HTTP proxy on the head node, bound to
+  the address asked for: loopback by default) and says where its HTTP proxy listens;
+  :func:`proxy_host` says which address it is bound to;
 - :func:`replica_counts` and :func:`set_num_replicas` read and change a deployment's size
   (the latter through Serve's external-scaler API, for deployments deployed with
   ``external_scaler_enabled``);
@@ -16,6 +17,7 @@ is only re-sent when its replica crashed.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -53,8 +55,9 @@ def ensure_serve(http_host: str = "127.0.0.1", http_port: int = 8000) -> str:
     """Start Serve on the connected Ray cluster unless it runs; return its HTTP base URL.
 
     The HTTP proxy runs on the head node only, bound to ``http_host:http_port``
-    (``http_port`` 0 = a free port). Serve keeps the options it was first started with: when
-    it already runs, the URL is where it actually listens, whatever was asked.
+    (``http_port`` 0 = a free port; the default host, loopback, keeps it to this machine).
+    Serve keeps the options it was first started with: when it already runs, the URL is where
+    it actually listens, whatever was asked (:func:`proxy_host` says the address it binds).
     """
     from ray.serve.config import HTTPOptions, ProxyLocation
 
@@ -71,6 +74,25 @@ def ensure_serve(http_host: str = "127.0.0.1", http_port: int = 8000) -> str:
     options = client.http_config
     host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
     return f"http://{host}:{options.port}"
+
+
+def proxy_host() -> str:
+    """The address Serve's HTTP proxy is bound to (``0.0.0.0`` = every interface); Serve must
+    run (:func:`ensure_serve`)."""
+    client = _client()
+    if client is None:
+        raise RuntimeError("Ray Serve is not running on this cluster: call ensure_serve first")
+    return str(client.http_config.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``) reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def _client() -> Any:
