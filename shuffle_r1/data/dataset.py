@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shuffle_r1.data.images import ImageError, ImageSpec
+from shuffle_r1.limits import MAX_PROMPT_ID_BYTES, echo
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ def load_examples(
       vision grid); an image it cannot use skips the row, the reason naming the image.
     - ``limit``: stop once this many examples are loaded (the rows after them are not read,
       nor their images prepared); ``None`` reads the whole file.
-    - ``id_key``: the column that holds a unique id; without it ``uid`` is ``"<stem>-<row>"``.
+    - ``id_key``: the column that holds a unique id, at most ``MAX_PROMPT_ID_BYTES`` bytes of
+      UTF-8 (it becomes the group's prompt id in the replay buffer; a longer one skips its
+      row); without it ``uid`` is ``"<stem>-<row>"``.
     - ``answer_format``: ``"raw"`` keeps the answer as written; ``"gsm8k"`` keeps the text
       after the final ``####``, stripped, without thousands commas (``"1,000"`` -> ``"1000"``).
 
@@ -223,6 +226,15 @@ def _to_example(
         if isinstance(uid, bool) or not isinstance(uid, str | int) or uid == "":
             raise _BadRow(_missing_or_type(record, id_key, "a non-empty string or an integer"))
         uid = str(uid)
+        try:
+            size = len(uid.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # JSON allows lone surrogates ("\ud800")
+            raise _BadRow(f"{id_key!r} {echo(uid, 80)} is not valid Unicode: {exc.reason}") from exc
+        if size > MAX_PROMPT_ID_BYTES:  # the id becomes the group's prompt id in the buffer
+            raise _BadRow(
+                f"{id_key!r} {echo(uid, 80)} is {size} bytes of UTF-8; the replay buffer takes "
+                f"ids of at most {MAX_PROMPT_ID_BYTES} (shuffle_r1.limits.MAX_PROMPT_ID_BYTES)"
+            )
     else:
         uid = default_uid
     images = _images(record.get(image_key), image_key, image_root)

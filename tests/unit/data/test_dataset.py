@@ -157,6 +157,25 @@ def test_duplicate_ids_are_skipped(tmp_path: Path) -> None:
     )
 
 
+def test_ids_too_long_for_the_buffer_are_skipped(tmp_path: Path) -> None:
+    """Issue #20 finding 10: an id over MAX_PROMPT_ID_BYTES was refused by the buffer at the
+    first put, minutes into the run; it is a malformed row, skipped here with file and row."""
+    path = tmp_path / "ids.jsonl"
+    ids = ["a" * 512, "b" * 513, "\N{GREEK SMALL LETTER BETA}" * 257, "\ud800", 10**600 // 10**590]
+    path.write_text(
+        "".join(json.dumps({"id": i, "problem": "p", "answer": "1"}) + "\n" for i in ids)
+    )
+    result = load_examples(path, id_key="id")
+    assert [e.uid for e in result.examples] == ["a" * 512, str(10**10)]
+    skipped = {s.row: str(s) for s in result.skipped}
+    assert sorted(skipped) == [2, 3, 4]
+    assert skipped[2].startswith(f"{path} line 2: 'id' 'bbbbbbbb")
+    assert "is 513 bytes of UTF-8; the replay buffer takes ids of at most 512" in skipped[2]
+    assert "... (515 chars)" in skipped[2]  # the id itself is not echoed whole
+    assert "is 514 bytes of UTF-8" in skipped[3]  # β is 2 bytes: 257 characters, 514 bytes
+    assert "'id' '\\ud800' is not valid Unicode" in skipped[4]
+
+
 def test_images_resolved_against_the_file_folder_or_image_root(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     for name in ("a.png", "b.png"):
