@@ -34,7 +34,15 @@ from shuffle_r1.algos import (
     rollout_silence_ratio,
 )
 from shuffle_r1.config import ALGORITHMS, AlgorithmConfig
-from shuffle_r1.limits import MAX_COUNTER, MAX_PROMPT_ID_BYTES, MAX_SHUFFLE_TIMES, RUN_ID_PATTERN
+from shuffle_r1.limits import (
+    MAX_ABS_REWARD,
+    MAX_COUNTER,
+    MAX_LOGPROB,
+    MAX_PROMPT_ID_BYTES,
+    MAX_SHUFFLE_TIMES,
+    RUN_ID_PATTERN,
+    echo,
+)
 
 # Tag of a SampleResponse.items entry: field number, wire type 2 (length-delimited).
 _ITEM_TAG = bytes([pb.SampleResponse.DESCRIPTOR.fields_by_name["items"].number << 3 | 2])
@@ -60,7 +68,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def resolve_spec(spec: pb.RunSpec | None, defaults: AlgorithmConfig, run_id: str) -> pb.RunSpec:
     """A complete RunSpec: unset fields from ``defaults``; knobs the algorithm does not
     apply are normalised (α = 1 and S = 1 under ``grpo``, S = 1 under ``grpo+pts``), so
-    specs that train the same way compare equal.
+    specs that train the same way compare equal. ``vocab_size`` is kept as given (0 = token
+    ids unchecked).
 
     Raises:
         ValueError: a field is out of range; the message names ``spec.<field>``.
@@ -68,7 +77,7 @@ def resolve_spec(spec: pb.RunSpec | None, defaults: AlgorithmConfig, run_id: str
     spec = spec or pb.RunSpec()
     algorithm = spec.algorithm or defaults.name
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"spec.algorithm={algorithm!r} is not one of {list(ALGORITHMS)}")
+        raise ValueError(f"spec.algorithm={echo(algorithm)} is not one of {list(ALGORITHMS)}")
     keep_ratio = spec.keep_ratio if spec.HasField("keep_ratio") else defaults.keep_ratio
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"spec.keep_ratio={keep_ratio} must be in (0, 1]")
@@ -80,6 +89,7 @@ def resolve_spec(spec: pb.RunSpec | None, defaults: AlgorithmConfig, run_id: str
         keep_ratio=keep_ratio if algorithm != "grpo" else 1.0,
         shuffle_times=shuffle_times if algorithm == "shuffle_r1" else 1,
         seed=spec.seed if spec.HasField("seed") else default_seed(run_id),
+        vocab_size=spec.vocab_size,
     )
 
 
@@ -108,7 +118,8 @@ def check_known_fields(message: Message, path: str) -> None:
 def validate_put(request: pb.PutGroupsRequest) -> str:
     """Check a PutGroups request's shape and values; return its run id.
 
-    Spec-dependent rules (group size under PTS) are :func:`check_group_sizes`.
+    Spec-dependent rules (group size under PTS, token ids within the vocabulary) are
+    :func:`check_against_spec`. Values echoed in a message are cut to 200 characters.
 
     Raises:
         ValueError: the message names the offending field, e.g.
@@ -122,7 +133,7 @@ def validate_put(request: pb.PutGroupsRequest) -> str:
     run_id = request.groups[0].run_id
     if not RUN_ID_PATTERN.fullmatch(run_id):
         raise ValueError(
-            f"groups[0].run_id={run_id!r} must match {RUN_ID_PATTERN.pattern} "
+            f"groups[0].run_id={echo(run_id)} must match {RUN_ID_PATTERN.pattern} "
             "(letters, digits, '.', '_', '-'; at most 128)"
         )
     keys: set[tuple[int, str]] = set()
@@ -131,18 +142,18 @@ def validate_put(request: pb.PutGroupsRequest) -> str:
         check_known_fields(g, at)
         if g.run_id != run_id:
             raise ValueError(
-                f"{at}.run_id={g.run_id!r} differs from groups[0].run_id={run_id!r}: "
+                f"{at}.run_id={echo(g.run_id)} differs from groups[0].run_id={run_id!r}: "
                 "one request puts groups of one run"
             )
         if not 0 <= g.step < MAX_COUNTER:
             raise ValueError(f"{at}.step={g.step} must be in [0, {MAX_COUNTER})")
         if not g.prompt_id or len(g.prompt_id.encode()) > MAX_PROMPT_ID_BYTES:
             raise ValueError(
-                f"{at}.prompt_id={g.prompt_id[:40]!r} must be 1 to {MAX_PROMPT_ID_BYTES} bytes"
+                f"{at}.prompt_id={echo(g.prompt_id)} must be 1 to {MAX_PROMPT_ID_BYTES} bytes"
             )
         if (g.step, g.prompt_id) in keys:
             raise ValueError(
-                f"{at} repeats the key (step {g.step}, prompt_id {g.prompt_id!r}) of an "
+                f"{at} repeats the key (step {g.step}, prompt_id {echo(g.prompt_id)}) of an "
                 "earlier group of this request"
             )
         keys.add((g.step, g.prompt_id))
@@ -171,28 +182,55 @@ def _validate_rollout(r: pb.Rollout, at: str) -> None:
     if not math.isfinite(sum(r.logprobs)):
         bad = next(t for t, v in enumerate(r.logprobs) if not math.isfinite(v))
         raise ValueError(f"{at}.logprobs[{bad}] is {r.logprobs[bad]}; log-probs must be finite")
+    if max(r.logprobs) > MAX_LOGPROB:
+        bad = next(t for t, v in enumerate(r.logprobs) if v > MAX_LOGPROB)
+        raise ValueError(
+            f"{at}.logprobs[{bad}] is {r.logprobs[bad]}; log-probabilities must be <= 0 "
+            f"(up to {MAX_LOGPROB} of rounding): send log-probs, not probabilities or logits"
+        )
     if not math.isfinite(r.reward):
         raise ValueError(f"{at}.reward is {r.reward}; rewards must be finite")
+    if abs(r.reward) > MAX_ABS_REWARD:
+        raise ValueError(
+            f"{at}.reward is {r.reward}; rewards must be in [-{MAX_ABS_REWARD:g}, "
+            f"{MAX_ABS_REWARD:g}] (shuffle_r1.limits.MAX_ABS_REWARD)"
+        )
     if not 0 <= r.weight_version < MAX_COUNTER:
         raise ValueError(f"{at}.weight_version={r.weight_version} must be in [0, {MAX_COUNTER})")
 
 
-def check_group_sizes(groups: Sequence[pb.Group], spec: pb.RunSpec) -> None:
-    """Under PTS every group must pair: n even and floor(α·n/2) >= 1 (§2.3).
+def check_against_spec(groups: Sequence[pb.Group], spec: pb.RunSpec) -> None:
+    """The rules that depend on the run's spec: under PTS every group must pair, n even and
+    floor(α·n/2) >= 1 (§2.3); with ``spec.vocab_size`` > 0 every prompt and response token
+    id must be below it.
 
     Raises:
-        ValueError: names ``groups[i].rollouts``, n and the run's keep ratio.
+        ValueError: names ``groups[i].rollouts`` with n and the run's keep ratio, or the
+            token list, the offending index and id, and the vocabulary size.
     """
-    if spec.algorithm == "grpo":
-        return
+    vocab = spec.vocab_size
     for i, g in enumerate(groups):
-        try:
-            pairs_kept(len(g.rollouts), spec.keep_ratio)
-        except ValueError as exc:
-            raise ValueError(
-                f"groups[{i}].rollouts has {len(g.rollouts)} rollouts, which PTS cannot "
-                f"pair under {spec.algorithm} with keep_ratio {spec.keep_ratio}: {exc}"
-            ) from exc
+        if spec.algorithm != "grpo":
+            try:
+                pairs_kept(len(g.rollouts), spec.keep_ratio)
+            except ValueError as exc:
+                raise ValueError(
+                    f"groups[{i}].rollouts has {len(g.rollouts)} rollouts, which PTS cannot "
+                    f"pair under {spec.algorithm} with keep_ratio {spec.keep_ratio}: {exc}"
+                ) from exc
+        if vocab:
+            _check_vocab(g.prompt_token_ids, vocab, f"groups[{i}].prompt_token_ids")
+            for j, r in enumerate(g.rollouts):
+                _check_vocab(r.token_ids, vocab, f"groups[{i}].rollouts[{j}].token_ids")
+
+
+def _check_vocab(ids: Sequence[int], vocab: int, at: str) -> None:
+    if max(ids) >= vocab:
+        bad = next(t for t, v in enumerate(ids) if v >= vocab)
+        raise ValueError(
+            f"{at}[{bad}] is {ids[bad]}, outside the vocabulary [0, {vocab}) of the run "
+            "(spec.vocab_size): a token id of another tokenizer?"
+        )
 
 
 def prepare_groups(groups: Sequence[pb.Group], spec: pb.RunSpec) -> list[GroupRecord]:

@@ -1,6 +1,7 @@
 """The replay buffer's gRPC server: validates requests, calls the logic and the store.
 
-Status codes: INVALID_ARGUMENT for a malformed request (the message names the field);
+Status codes: INVALID_ARGUMENT for a malformed request (the message names the field and
+echoes at most 200 characters of the value);
 NOT_FOUND for an unknown run or an empty step (Sample with ``expected_groups == 0``, Stats);
 FAILED_PRECONDITION for a spec that differs from the run's, an evicted step or fewer groups
 than ``expected_groups`` (none at all included: the data was lost, e.g. Redis restarted
@@ -59,9 +60,9 @@ from services.replay_buffer.store import (
     PreconditionError,
     SpecChangedError,
 )
-from shuffle_r1.limits import RUN_ID_PATTERN
 from shuffle_r1.algos import advantage_collapse_share, advantage_histogram, rollout_silence_ratio
 from shuffle_r1.config import AlgorithmConfig, BufferConfig
+from shuffle_r1.limits import RUN_ID_PATTERN, echo
 from shuffle_r1.metric_catalog import BY_NAME
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class ReplayBufferServicer:
         spec = self._run_spec(run_id, requested, stored)
         for _attempt in range(2):
             try:
-                logic.check_group_sizes(request.groups, spec)
+                logic.check_against_spec(request.groups, spec)
             except ValueError as exc:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
             records = logic.prepare_groups(request.groups, spec)
@@ -475,7 +476,7 @@ def _parse(cls: type[_M], raw: bytes) -> _M:
 
 def _check_run_id(run_id: str, field: str) -> None:
     if not RUN_ID_PATTERN.fullmatch(run_id):
-        raise ValueError(f"{field}={run_id!r} must match {RUN_ID_PATTERN.pattern}")
+        raise ValueError(f"{field}={echo(run_id)} must match {RUN_ID_PATTERN.pattern}")
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):

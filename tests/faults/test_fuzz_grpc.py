@@ -23,6 +23,7 @@ from protos import replay_buffer_pb2 as pb
 from services.embedded_redis import EmbeddedRedis, redis_client
 from services.replay_buffer.server import SERVICE_NAME, serve
 from shuffle_r1.config import AlgorithmConfig, BufferConfig
+from shuffle_r1.limits import MAX_ABS_REWARD, MAX_LOGPROB
 
 C = grpc.StatusCode
 TOKEN = "fuzz-token-3d9a"
@@ -145,6 +146,7 @@ specs = st.one_of(st.none(), st.builds(
     keep_ratio=st.one_of(st.none(), doubles),
     shuffle_times=st.one_of(st.none(), st.integers(-(2**31), 2**31 - 1)),
     seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+    vocab_size=st.one_of(st.just(0), st.integers(0, 2**32 - 1)),
 ))  # fmt: skip
 
 
@@ -183,6 +185,10 @@ def _rollout(g: pb.Group, draw: st.DrawFn) -> pb.Rollout:
 DEFECTS = {
     "non-finite reward": lambda g, d: setattr(_rollout(g, d), "reward", _non_finite(d)),
     "non-finite log-prob": lambda g, d: _rollout(g, d).logprobs.__setitem__(0, _non_finite(d)),
+    "reward out of range": lambda g, d: setattr(
+        _rollout(g, d), "reward", d(st.sampled_from([-1.0, 1.0])) * d(st.floats(1.01e6, 1e308))),
+    "positive log-prob": lambda g, d: _rollout(g, d).logprobs.__setitem__(
+        0, d(st.floats(0.5, 2.0**127, width=32))),
     "log-probs and tokens differ in length": lambda g, d: _rollout(g, d).logprobs.append(-1.0),
     "empty response": lambda g, d: (r := _rollout(g, d), r.ClearField("token_ids"),
                                     r.ClearField("logprobs")),
@@ -259,6 +265,8 @@ def valid_enough(request: pb.PutGroupsRequest | pb.SampleRequest) -> bool:
                 return False
             if not math.isfinite(r.reward) or not all(map(math.isfinite, r.logprobs)):
                 return False
+            if abs(r.reward) > MAX_ABS_REWARD or max(r.logprobs) > MAX_LOGPROB:
+                return False
     return bool(request.groups)
 
 
@@ -298,9 +306,9 @@ def test_mangled_and_foreign_messages(target, method, data):
 @FUZZ
 @given(request=put_requests())
 def test_structured_puts(target, request):
-    """Typed but wild values: NaN/inf rewards, empty groups, 600-byte prompt ids, negative
-    or huge steps and versions, odd group sizes, bad specs; to the protected run only
-    requests the server must refuse."""
+    """Typed but wild values: NaN/inf/huge rewards, positive log-probs, empty groups,
+    600-byte prompt ids, negative or huge steps and versions, odd group sizes, bad specs; to
+    the protected run only requests the server must refuse."""
     protected = request.groups and request.groups[0].run_id == PROTECTED
     if protected and valid_enough(request):
         request.groups[0].rollouts[0].reward = math.nan  # make it one the server must refuse

@@ -37,6 +37,12 @@ BAD_PUTS = [
      "groups[1].rollouts[2].logprobs has"),
     ("nan reward", lambda g: set_reward(g, float("nan")), "groups[0].rollouts[3].reward is nan"),
     ("inf reward", lambda g: set_reward(g, float("inf")), "groups[0].rollouts[3].reward is inf"),
+    ("huge reward", lambda g: set_reward(g, 1e308),
+     "groups[0].rollouts[3].reward is 1e+308; rewards must be in [-1e+06, 1e+06]"),
+    ("reward below the bound", lambda g: set_reward(g, -1.5e6),
+     "groups[0].rollouts[3].reward is -1500000.0; rewards must be in"),
+    ("positive log-prob", lambda g: set_logprob(g, 0.5),
+     "is 0.5; log-probabilities must be <= 0 (up to 0.0001 of rounding)"),
     ("nan logprob", lambda g: set_logprob(g, float("nan")), "groups[0].rollouts[0].logprobs["),
     ("empty response", lambda g: (g[0].rollouts[1].ClearField("token_ids"),
                                   g[0].rollouts[1].ClearField("logprobs")),
@@ -77,6 +83,64 @@ def test_bad_put_is_invalid_argument(buffer, run_id, stored, change, message):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert message in info.value.details()
     assert_intact(buffer, run_id, stored)
+
+
+def test_token_ids_must_be_in_the_runs_vocabulary(buffer, run_id):
+    def group(prompt_id, prompt_ids, response_ids):
+        g = make_group(run_id, 0, prompt_id, [1, 0, 0, 1])
+        g.prompt_token_ids[:] = prompt_ids
+        for r in g.rollouts:
+            r.token_ids[:] = response_ids
+            r.logprobs[:] = [-0.5] * len(response_ids)
+        return g
+
+    spec = pb.RunSpec(vocab_size=1000)
+    good = group("a", [0, 999], [5, 999, 7])
+    refused = [
+        (group("b", [3, 1000], [5]), "groups[1].prompt_token_ids[1] is 1000, outside the "
+         "vocabulary [0, 1000) of the run (spec.vocab_size)"),
+        (group("b", [3], [5, 6, 2**32 - 1]), "groups[1].rollouts[0].token_ids[2] is 4294967295"),
+    ]  # fmt: skip
+    for bad, message in refused:
+        with pytest.raises(grpc.RpcError) as info:
+            buffer.client.put_groups([good, bad], spec=spec)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in info.value.details()
+    with pytest.raises(grpc.RpcError):
+        buffer.client.stats(run_id)  # NOT_FOUND: nothing of the refused puts was written
+
+    # values at the bounds are accepted: ids below vocab_size, |reward| = 1e6, a log-prob a
+    # rounding above 0; the run keeps its vocab_size and checks later puts without a spec
+    good.rollouts[0].reward, good.rollouts[1].reward = 1e6, -1e6
+    good.rollouts[2].logprobs[0] = 5e-5
+    assert buffer.client.put_groups([good], spec=spec).spec.vocab_size == 1000
+    with pytest.raises(grpc.RpcError) as info:
+        buffer.client.put_groups([refused[0][0]])
+    assert "outside the vocabulary [0, 1000)" in info.value.details()
+    assert buffer.client.sample(run_id, 0, policy_version=0, spec=spec).groups == 1
+
+
+def test_error_messages_echo_at_most_200_characters(buffer, run_id):
+    huge = "x" * 2**20
+    with_run_id, with_prompt_id = random_groups(run_id, 0, 1), random_groups(run_id, 0, 1)
+    with_run_id[0].run_id = huge
+    with_prompt_id[0].prompt_id = huge
+    cases = [
+        (lambda: buffer.client.put_groups(with_run_id), "groups[0].run_id='xxx"),
+        (lambda: buffer.client.put_groups(with_prompt_id), "groups[0].prompt_id='xxx"),
+        (lambda: buffer.client.put_groups(random_groups(run_id, 0, 1),
+                                          spec=pb.RunSpec(algorithm=huge)), "spec.algorithm="),
+        (lambda: buffer.client.sample(huge, 0, 0), "run_id='xxx"),
+        (lambda: buffer.client.stats(huge), "run_id='xxx"),
+        (lambda: buffer.client.drop_run(huge), "run_id='xxx"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
+        details = info.value.details()
+        assert message in details and f"... ({len(huge) + 2} chars)" in details, details
+        assert len(details) < 500, (message, len(details))
 
 
 @pytest.mark.parametrize(
