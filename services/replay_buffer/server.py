@@ -12,8 +12,10 @@ is idempotent); ABORTED when a step's groups were evicted or dropped while a Sam
 them (retry). A refused call changes nothing stored. Nothing else is answered: an
 unexpected error would be INTERNAL, and the fuzz tests (``tests/faults``) check it never is.
 
-Health: the standard ``grpc.health.v1.Health`` service answers SERVING while Redis answers
-(checked every ``buffer.health_check_s``) and NOT_SERVING while it does not.
+Health: the standard ``grpc.health.v1.Health`` service answers SERVING while Redis accepts
+a write (checked every ``buffer.health_check_s``) and NOT_SERVING while it does not answer
+or refuses writes (``maxmemory`` reached under the noeviction policy, a read-only replica):
+then every put would fail.
 
 Stale data (docs/ALGORITHM.md; docs/DESIGN.md "Weight versions"): a group whose oldest rollout's
 weight_version is below the run's newest version minus ``max_staleness`` is *dropped and
@@ -524,10 +526,11 @@ def serve(
     runs come from ``algo``. Metrics go to ``registry`` (a private one if None), served as
     Prometheus ``/metrics`` on ``cfg.host:cfg.metrics_port`` if that is > 0.
 
-    A thread pings Redis every ``cfg.health_check_s`` seconds and sets the health status
-    (service "" and the ReplayBuffer service) to NOT_SERVING while it does not answer and
-    to SERVING when it does again. ``server.stop(grace)`` stops it all: the event it returns
-    is set once the gRPC server, the thread and the metrics endpoint have ended.
+    A thread writes to Redis every ``cfg.health_check_s`` seconds (:meth:`BufferStore.probe`)
+    and sets the health status (service "" and the ReplayBuffer service) to NOT_SERVING
+    while the write fails and to SERVING when it succeeds again. ``server.stop(grace)``
+    stops it all: the event it returns is set once the gRPC server, the thread and the
+    metrics endpoint have ended.
 
     Raises:
         RuntimeError: a PEM file of the config does not exist; Redis does not answer at
@@ -666,12 +669,13 @@ def _watch_redis(
     period_s: float,
     exporter: WSGIServer | None,
 ) -> None:
-    """Until ``server`` terminates: ping Redis every ``period_s`` and keep the health
-    status in step with the answer. Then stop the metrics endpoint and close the store."""
+    """Until ``server`` terminates: write to Redis every ``period_s`` and keep the health
+    status in step with whether it succeeds. Then stop the metrics endpoint and close the
+    store."""
     serving = True
     while server.wait_for_termination(timeout=period_s):  # True: timed out, still running
         try:
-            store.probe()
+            store.probe(expire_s=max(5.0, 3 * period_s))
             answers, reason = True, ""
         except redis.RedisError as exc:
             metrics.redis_errors.labels("health").inc()
@@ -684,10 +688,10 @@ def _watch_redis(
             for service in ("", SERVICE_NAME):
                 health_servicer.set(service, status)
             if answers:
-                log.info("Redis at %s answers again: health SERVING", redact(store.url))
+                log.info("Redis at %s accepts writes again: health SERVING", redact(store.url))
             else:
                 log.warning(
-                    "Redis at %s does not answer (%s): health NOT_SERVING",
+                    "Redis at %s does not accept a write (%s): health NOT_SERVING",
                     redact(store.url), reason,
                 )  # fmt: skip
     if exporter is not None:

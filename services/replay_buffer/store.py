@@ -15,6 +15,9 @@ Cluster hash tag: a run lives in one slot):
 | ``step:<s>:wv`` | hash | prompt_id → the group's oldest weight version (staleness) |
 | ``step:<s>:kept`` | hash | prompt_id → rollouts of the group kept by PTS (held sizes) |
 
+and one key of no run, ``shuffle_r1:buffer:health`` (a string with a few seconds' expiry),
+which the health check writes to learn whether Redis accepts writes.
+
 Values are protobuf bytes or decimal numbers, never pickle. Clients are built by
 :func:`services.embedded_redis.redis_client` (password from the URL or the environment,
 TLS). Redis failures surface as
@@ -499,10 +502,12 @@ class BufferStore:
         Redis does not answer (``redis.AuthenticationError`` if it refuses the password)."""
         self._redis.ping()
 
-    def probe(self) -> None:
-        """One PING within ``probe_timeout_s``, no retry (the health check); raises
-        ``redis.RedisError`` if Redis does not answer in time."""
-        self._probe.ping()
+    def probe(self, expire_s: float) -> None:
+        """One write within ``probe_timeout_s``, no retry (the health check): SET of
+        :data:`HEALTH_KEY` expiring after ``expire_s``. Raises ``redis.RedisError`` if Redis
+        does not answer in time or refuses the write (e.g. ``OutOfMemoryError`` at
+        ``maxmemory`` under the noeviction policy, ``ReadOnlyError`` on a replica)."""
+        self._probe.set(HEALTH_KEY, b"1", px=max(1, round(expire_s * 1000)))
 
     def close(self) -> None:
         """Close the connections (the server calls this when it stops)."""

@@ -1,8 +1,9 @@
 """Redis dies under a running buffer (issue #8). With AOF persistence (fsync always) a
 kill -9 and restart loses no acknowledged write; without persistence the data is gone and
 Sample says so (FAILED_PRECONDITION naming run, step and counts) instead of serving a
-partial batch. While Redis is down every call is UNAVAILABLE and the gRPC health status is
-NOT_SERVING; it is SERVING again once Redis answers."""
+partial batch. While Redis is down, or refuses writes (``maxmemory``), every put is
+UNAVAILABLE and the gRPC health status is NOT_SERVING; it is SERVING again once Redis
+accepts writes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 import grpc
 import pytest
+import redis
 from buffer_helpers import random_groups, run_contents
 from grpc_health.v1 import health_pb2
 
@@ -99,6 +101,32 @@ def test_redis_restarted_without_persistence_is_detected(start_buffer, run_id):
         batch = buffer.client.sample(run_id, 3, policy_version=0, expected_groups=4)
         assert batch.groups == 4
         assert {i.prompt_id for i in batch.items} <= {g.prompt_id for g in groups}
+
+
+def test_health_is_not_serving_while_redis_refuses_writes(start_buffer, run_id):
+    """Redis at ``maxmemory`` under noeviction answers PING but refuses every write: puts
+    fail UNAVAILABLE, so health says NOT_SERVING; SERVING again once writes succeed."""
+    with EmbeddedRedis(appendonly=False) as private:
+        buffer = start_buffer(redis_url=private.url, health_check_s=0.1)
+        admin = redis_client(private.url)
+        for i in range(20):  # 2 MB of data, then a limit 1 MiB below what Redis holds
+            admin.set(f"filler:{i}", b"x" * 100_000)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - 2**20)
+        with pytest.raises(redis.OutOfMemoryError):
+            admin.set("one-more", b"x")
+        assert admin.ping()  # Redis answers ...
+        with pytest.raises(grpc.RpcError) as info:  # ... but a put cannot be written
+            buffer.client.put_groups(random_groups(run_id, 0, 2))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "OutOfMemoryError" in info.value.details()
+        assert wait_for_health(buffer, NOT_SERVING, timeout_s=5) < 5
+        assert buffer.client.health(service="shuffle_r1.buffer.v1.ReplayBuffer") == NOT_SERVING
+
+        admin.config_set("maxmemory", 0)  # no limit: writes succeed again
+        assert wait_for_health(buffer, SERVING, timeout_s=5) < 5
+        assert buffer.client.put_groups(random_groups(run_id, 0, 2)).stored == 2
+        admin.close()
 
 
 def test_health_thread_ends_with_the_server(start_buffer):
