@@ -8,7 +8,8 @@ each item with the probability its pair was drawn with (docs/ALGORITHM.md §1-§
 - ``protos/replay_buffer.proto``: the API and the stored values.
 - :mod:`.server`: ``serve(BufferConfig, AlgorithmConfig) -> (BufferServer, port)``, health,
   metrics.
-- :mod:`.client`: ``ReplayBufferClient(address, token=, root_cert=)``.
+- :mod:`.client`: ``ReplayBufferClient(address, token=, root_cert=, client_cert=,
+  client_key=)``.
 - :mod:`.actor`: the server hosted in a Ray actor.
 - :mod:`.cli`: ``shuffle-r1 buffer serve``.
 - :mod:`.store` (Redis, Lua) and :mod:`.logic` (protobuf ↔ tensors around ``shuffle_r1.algos``).

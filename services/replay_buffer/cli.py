@@ -46,6 +46,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--token", help=f"shared token clients must send (default: ${TOKEN_ENV})")
     s.add_argument("--tls-cert", help="PEM certificate chain of the server (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key of the server")
+    s.add_argument(
+        "--tls-client-ca", help="PEM CA that must sign clients' certificates (mutual TLS)"
+    )
     s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port; 0 = off")
     s.add_argument("--max-staleness", type=int, help="weight versions a group may lag")
     s.add_argument("--keep-steps", type=int, help="newest steps kept per run")
@@ -67,6 +70,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "auth_token": args.token,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
         "max_staleness": args.max_staleness,
         "keep_steps": args.keep_steps,
         "max_message_mb": args.max_message_mb,

@@ -36,6 +36,9 @@ class ReplayBufferClient:
             default) takes ``$SHUFFLE_R1_BUFFER_TOKEN`` as the server does, "" sends none.
         root_cert: PEM bytes, or a path to them, of the CA that signed the server's
             certificate; set it to connect with TLS.
+        client_cert, client_key: PEM bytes, or paths, of this client's certificate chain
+            and private key, for a server that requires one (mutual TLS,
+            ``buffer.tls_client_ca``); with ``root_cert`` only, both or neither.
         timeout_s: deadline of each attempt, seconds.
         retries: further attempts after a retryable failure.
         max_message_mb: largest message sent or received (a batch can be large).
@@ -50,14 +53,25 @@ class ReplayBufferClient:
         retries: int = 3,
         max_message_mb: int = 256,
         backoff_s: float = 0.1,
+        client_cert: bytes | str | Path | None = None,
+        client_key: bytes | str | Path | None = None,
     ) -> None:
+        if (client_cert is None) != (client_key is None) or (
+            client_cert is not None and root_cert is None
+        ):
+            raise ValueError(
+                "client_cert and client_key go together, and with root_cert (mutual TLS)"
+            )
         options = [
             ("grpc.max_receive_message_length", max_message_mb * 2**20),
             ("grpc.max_send_message_length", max_message_mb * 2**20),
         ]
         if root_cert is not None:
-            pem = root_cert if isinstance(root_cert, bytes) else Path(root_cert).read_bytes()
-            credentials = grpc.ssl_channel_credentials(root_certificates=pem)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(root_cert),
+                private_key=_pem(client_key),
+                certificate_chain=_pem(client_cert),
+            )
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
@@ -136,3 +150,10 @@ class ReplayBufferClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    """PEM bytes given as such or as a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()

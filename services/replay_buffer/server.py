@@ -518,8 +518,10 @@ def serve(
 ) -> tuple[BufferServer, int]:
     """Start a replay buffer server; return it (started) and its port.
 
-    Binds ``cfg.host:cfg.port`` (port 0 = a free one; the default host is loopback), with
-    TLS if ``cfg.tls_cert`` and ``cfg.tls_key`` (PEM file paths) are set. Every call but
+    Binds ``cfg.host:cfg.port`` (port 0 = a free one; the default host is loopback) without
+    SO_REUSEPORT, so a port another process holds is an error, not a shared port. TLS if
+    ``cfg.tls_cert`` and ``cfg.tls_key`` (PEM file paths) are set; with ``cfg.tls_client_ca``
+    too, a client must present a certificate that CA signed (mutual TLS). Every call but
     Health needs the shared token ``cfg.auth_token``, or ``$SHUFFLE_R1_BUFFER_TOKEN`` if that
     is empty (no token if both are). Redis is ``cfg.redis_url`` with ``cfg.redis_tls_*``
     (password: see :func:`services.embedded_redis.redis_client`). Algorithm defaults of new
@@ -534,15 +536,23 @@ def serve(
 
     Raises:
         RuntimeError: a PEM file of the config does not exist; Redis does not answer at
-            ``cfg.redis_url``, refuses the password or the TLS handshake; the port or the
-            metrics port cannot be bound. The message names the key, the (redacted) URL or
-            the address.
+            ``cfg.redis_url``, refuses the password or the TLS handshake; the port (e.g.
+            held by another buffer) or the metrics port cannot be bound;
+            ``cfg.tls_client_ca`` without ``cfg.tls_cert``. The message names the key, the
+            (redacted) URL or the address.
     """
     url = redact(cfg.redis_url)
-    for key in ("tls_cert", "tls_key", "redis_tls_ca_cert", "redis_tls_cert", "redis_tls_key"):
+    keys = ("tls_cert", "tls_key", "tls_client_ca", "redis_tls_ca_cert", "redis_tls_cert",
+            "redis_tls_key")  # fmt: skip
+    for key in keys:
         path = getattr(cfg, key)
         if path and not Path(path).is_file():
             raise RuntimeError(f"buffer.{key}={path!r}: no such file (a PEM file is expected)")
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise RuntimeError(
+            "buffer.tls_client_ca is set but buffer.tls_cert is not: client certificates are "
+            "checked only over TLS; set buffer.tls_cert and buffer.tls_key too"
+        )
     try:
         store = BufferStore(
             cfg.redis_url,
@@ -581,6 +591,9 @@ def serve(
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
+            # gRPC sets SO_REUSEPORT by default: a second server on the port would start
+            # and silently take part of the traffic
+            ("grpc.so_reuseport", 0),
         ],
     )
     server.add_generic_rpc_handlers(
@@ -592,7 +605,11 @@ def serve(
     try:
         if cfg.tls_cert:
             credentials = grpc.ssl_server_credentials(
-                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=(
+                    Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+                ),
+                require_client_auth=bool(cfg.tls_client_ca),
             )
             port = server.add_secure_port(address, credentials)
         else:
@@ -601,7 +618,10 @@ def serve(
             raise RuntimeError("no port bound")
     except RuntimeError as exc:  # grpcio raises, or returns 0, for a port it cannot bind
         store.close()
-        raise RuntimeError(f"the replay buffer cannot bind {address}: {exc}") from exc
+        raise RuntimeError(
+            f"the replay buffer cannot bind {address} ({exc}): is another process (another "
+            "buffer?) listening there? Choose another buffer.port, or 0 for a free one"
+        ) from exc
     exporter = None
     if cfg.metrics_port:
         try:
@@ -627,9 +647,10 @@ def serve(
     watcher.start()
     log.info(
         "replay buffer on %s:%d (Redis %s, keep_steps=%d, max_staleness=%d, tls=%s, "
-        "token=%s, metrics=%s)",
+        "client certificates=%s, token=%s, metrics=%s)",
         cfg.host, port, url, cfg.keep_steps, cfg.max_staleness, bool(cfg.tls_cert),
-        bool(token), f"{cfg.host}:{cfg.metrics_port}" if exporter else "off",
+        bool(cfg.tls_client_ca), bool(token),
+        f"{cfg.host}:{cfg.metrics_port}" if exporter else "off",
     )  # fmt: skip
     return BufferServer(server, watcher), port
 
