@@ -59,18 +59,20 @@ def test_a_service_beyond_loopback_needs_its_token(
 
 def test_a_local_ray_beyond_loopback_needs_token_auth(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["cluster.host=0.0.0.0"])
+        load_config(None, ["cluster.host=0.0.0.0", "cluster.auth_mode=disabled"])
     message = str(info.value)
     assert "cluster.host='0.0.0.0' is not a loopback address" in message
     assert "run code as the training user" in message and "cluster.auth_mode=token" in message
     load_config(None, ["cluster.host=0.0.0.0", "cluster.auth_mode=token"])
-    load_config(None, ["cluster.host=0.0.0.0", "cluster.ray_address=auto"])  # joins, binds none
+    load_config(
+        None, ["cluster.host=0.0.0.0", "cluster.auth_mode=disabled", "cluster.ray_address=auto"]
+    )  # fmt: skip - joins a cluster, binds none
     # the trainer lets $RAY_AUTH_MODE win over cluster.auth_mode: so does the check
     monkeypatch.setenv(RAY_AUTH_MODE_ENV, "disabled")
     with pytest.raises(ConfigError, match=r"\$RAY_AUTH_MODE='disabled'"):
         load_config(None, ["cluster.host=0.0.0.0", "cluster.auth_mode=token"])
     monkeypatch.setenv(RAY_AUTH_MODE_ENV, "token")
-    load_config(None, ["cluster.host=0.0.0.0"])
+    load_config(None, ["cluster.host=0.0.0.0", "cluster.auth_mode=disabled"])
 
 
 @pytest.mark.parametrize(
