@@ -66,7 +66,7 @@ def test_a_local_ray_beyond_loopback_needs_token_auth(monkeypatch: pytest.Monkey
     load_config(None, ["cluster.host=0.0.0.0", "cluster.auth_mode=token"])
     load_config(
         None, ["cluster.host=0.0.0.0", "cluster.auth_mode=disabled", "cluster.ray_address=auto"]
-    )  # fmt: skip - joins a cluster, binds none
+    )  # joins a cluster: binds nothing
     # the trainer lets $RAY_AUTH_MODE win over cluster.auth_mode: so does the check
     monkeypatch.setenv(RAY_AUTH_MODE_ENV, "disabled")
     with pytest.raises(ConfigError, match=r"\$RAY_AUTH_MODE='disabled'"):
