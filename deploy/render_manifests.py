@@ -24,6 +24,7 @@ RELEASE = "shuffle-r1"
 FILES = {
     "redis.yaml": DEPLOY / "kuberay" / "redis.yaml",
     "services.yaml": DEPLOY / "kuberay" / "services.yaml",
+    "networkpolicy.yaml": DEPLOY / "kuberay" / "networkpolicy.yaml",
     "configmap-recipe.yaml": DEPLOY / "kuberay" / "recipe-configmap.yaml",
     "rayjob.yaml": DEPLOY / "kuberay" / "rayjob.yaml",
     "raycluster.yaml": DEPLOY / "kuberay" / "raycluster.yaml",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
 import shlex
 from collections.abc import Iterator
@@ -237,7 +238,9 @@ def trainer_config(command: str, objects: tuple[dict[str, Any], ...], workdir: P
     """The config the trainer would run with: ``command`` (a RayJob entrypoint) parsed by the
     real ``shuffle-r1`` CLI and loaded with :func:`shuffle_r1.config.load_config`, the recipe
     read from the image (``/app/...`` is this repository) or from the rendered ConfigMap
-    mounted on the head (written to ``workdir``). Raises ``ConfigError`` for a bad key."""
+    mounted on the head (written to ``workdir``), with the environment variables the head
+    takes from Secrets set (to placeholders) while it loads. Raises ``ConfigError`` for a bad
+    key."""
     argv = shlex.split(command)
     assert argv[:5] == ["cd", "/app", "&&", "exec", "shuffle-r1"], f"unexpected {argv[:5]}"
     args = build_parser().parse_args(argv[5:])
@@ -257,7 +260,23 @@ def trainer_config(command: str, objects: tuple[dict[str, Any], ...], workdir: P
         text = cm["data"][str(recipe.relative_to(mount["mountPath"]))]
         recipe = workdir / recipe.name
         recipe.write_text(text)
-    return load_config(recipe, args.overrides)
+    # the head's environment: each variable the pod takes from a Secret holds a value there
+    head_env = container(groups(ray_cluster_spec(objects))["head"]).get("env", [])
+    from_secrets = {
+        var["name"]: f"<{ref['name']}/{ref['key']}>"
+        for var in head_env
+        if (ref := (var.get("valueFrom") or {}).get("secretKeyRef"))
+    }
+    saved = {name: os.environ.get(name) for name in from_secrets}
+    os.environ.update(from_secrets)
+    try:
+        return load_config(recipe, args.overrides)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def assert_trainer_matches_pods(cfg: Config, objects: tuple[dict[str, Any], ...]) -> None:
@@ -329,6 +348,13 @@ def assert_trainer_matches_pods(cfg: Config, objects: tuple[dict[str, Any], ...]
 
     env = head.get("env", [])
     assert _secret_ref(env, "SHUFFLE_R1_BUFFER_TOKEN") is not None
+    assert _secret_ref(env, "SHUFFLE_R1_REWARD_TOKEN") is not None, "the endpoint needs a token"
+    assert spec["authOptions"] == {"mode": "token", "secretName": spec["authOptions"]["secretName"]}
+    b = cfg.buffer
+    for key in ("tls_cert", "tls_key", "tls_ca_cert", "tls_client_ca", "tls_client_cert",
+                "tls_client_key"):  # fmt: skip
+        path = getattr(b, key)
+        assert not path or _mounted(path, head), f"buffer.{key}={path} is not mounted on the head"
     if redis_sets:
         assert _secret_ref(env, "SHUFFLE_R1_REDIS_PASSWORD") is not None
 

@@ -200,6 +200,7 @@ def test_no_secret_value_in_manifests(rendered: Render) -> None:
     existing = {
         rendered.values["redis"]["auth"]["existingSecret"],
         rendered.values["buffer"]["auth"]["existingSecret"],
+        rendered.values["reward"]["auth"]["existingSecret"],
     }
     for obj in others:
         for path, key, value in walk(obj):
@@ -233,7 +234,13 @@ def test_values_files_hold_no_secret(path: Path) -> None:
     """A secret-looking key in a values file names a Secret or a key in it, never a value."""
     for where, key, value in walk(yaml.safe_load(path.read_text()) or {}):
         if SECRET_NAME.search(str(key)) and not isinstance(value, dict):
-            assert key in ("existingSecret", "secretKey", "pullSecrets"), f"{path.name}{where}"
+            assert key in (
+                "existingSecret",
+                "secretKey",
+                "pullSecrets",
+                "secretName",
+                "clientSecretName",
+            ), f"{path.name}{where}"
         if key == "externalUrl" and value:
             url = urlsplit(value)
             assert url.password is None and url.username is None, f"{path.name}{where}"
@@ -277,6 +284,27 @@ IMPOSSIBLE = {
     "secret in overrides": (
         "recipe: {overrides: {buffer.auth_token: hunter2}}",
         "secrets do not go in values",
+    ),
+    "reward token in overrides": (
+        "recipe: {overrides: {reward.http_token: hunter2}}",
+        "secrets do not go in values",
+    ),
+    "Ray without token auth": ("ray: {authMode: disabled}", "token auth only"),
+    "buffer TLS without a Secret": (
+        "buffer: {tls: {enabled: true}}",
+        "buffer.tls.enabled=true needs buffer.tls.secretName",
+    ),
+    "buffer TLS Secret while TLS is off": (
+        "buffer: {tls: {secretName: buffer-tls}}",
+        "set buffer.tls.enabled=true",
+    ),
+    "reward endpoint beyond the cluster": (
+        "reward: {service: {type: LoadBalancer}}",
+        "/reward/service/type",
+    ),
+    "a network peer that is empty (everyone)": (
+        "networkPolicy: {rewardClients: [{}]}",
+        "/networkPolicy/rewardClients/0",
     ),
     "override not section.key": (
         "recipe: {overrides: {total_steps: 3}}",
@@ -324,3 +352,154 @@ def test_notes_tell_how_to_train_and_scale() -> None:
     assert "shuffle-r1 scale rollout" in r.notes and "bash -c" in r.notes
     job = render_chart("")
     assert "get rayjob shuffle-r1" in job.notes
+
+
+def labels_of(objects: tuple[dict[str, Any], ...]) -> dict[str, dict[str, str]]:
+    """Pod labels by component: each Ray group's and Redis's pod template."""
+    out = {
+        name: g["template"]["metadata"]["labels"]
+        for name, g in groups(ray_cluster_spec(objects)).items()
+    }
+    for sts in (o for o in objects if o["kind"] == "StatefulSet"):
+        out["redis"] = sts["spec"]["template"]["metadata"]["labels"]
+    return out
+
+
+def selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors here: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def allowed(policies: list[dict[str, Any]], pod: dict[str, str]) -> list[dict[str, Any]]:
+    """The ingress rules that apply to a pod with labels ``pod``."""
+    return [
+        rule
+        for p in policies
+        if selected(p["spec"]["podSelector"], pod)
+        for rule in p["spec"].get("ingress", [])
+    ]
+
+
+def test_network_policies_let_only_the_release_reach_ray_the_buffer_and_redis(
+    rendered: Render,
+) -> None:
+    """Every Ray pod and Redis is selected by an Ingress policy (so all else is denied); a
+    rule without ports admits only the release's Ray pods; Redis admits only the head; the
+    metrics ports admit the configured Prometheus; no rule admits everyone."""
+    policies = rendered.of_kind("NetworkPolicy")
+    values = rendered.values
+    assert policies, "networkPolicy.enabled is true by default"
+    pods = labels_of(rendered.objects)
+    ray_pods = {k: v for k, v in pods.items() if k != "redis"}
+    assert set(ray_pods) == {"head", "rollout", "learner"}
+    for p in policies:
+        assert p["spec"]["policyTypes"] == ["Ingress"]
+        for rule in p["spec"]["ingress"]:
+            assert rule.get("from"), f"{p['metadata']['name']}: a rule without from admits all"
+            for peer in rule["from"]:
+                assert peer and all(v for v in peer.values()), f"an empty peer admits all: {peer}"
+    for name, labels in pods.items():
+        assert allowed(policies, labels), f"no policy selects the {name} pods: all may reach them"
+        for rule in allowed(policies, labels):
+            if "ports" not in rule:  # every port: only from the release's Ray pods
+                for peer in rule["from"]:
+                    assert set(peer) == {"podSelector"}, peer
+                    admitted = [n for n, lb in pods.items() if selected(peer["podSelector"], lb)]
+                    assert admitted and set(admitted) <= set(ray_pods), (name, admitted)
+
+    def ports_from(labels: dict[str, str], peers: list[dict[str, Any]]) -> set[int]:
+        return {
+            port["port"]
+            for rule in allowed(policies, labels)
+            if all(peer in rule["from"] for peer in peers)
+            for port in rule.get("ports", [])
+        }
+
+    prometheus = values["networkPolicy"]["prometheus"]
+    metrics = values["metrics"]
+    assert ports_from(pods["head"], prometheus) == {
+        values["ray"]["metricsExportPort"],
+        metrics["trainerPort"],
+        metrics["bufferPort"],
+    }
+    for name in ("rollout", "learner"):
+        assert ports_from(pods[name], prometheus) == {values["ray"]["metricsExportPort"]}
+    assert ports_from(pods["head"], values["networkPolicy"]["operator"]) == {8265}
+    reward_port = values["reward"]["httpPort"]
+    rewarders = values["networkPolicy"]["rewardClients"]
+    assert (reward_port in ports_from(pods["head"], rewarders)) == bool(rewarders)
+    if "redis" in pods:
+        [rule] = allowed(policies, pods["redis"])
+        assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+        admitted = {n for n, lb in pods.items() if selected(rule["from"][0]["podSelector"], lb)}
+        assert admitted == {"head"}, "only the head (the buffer) talks to Redis"
+
+
+def test_network_policies_can_be_turned_off_and_admit_reward_clients() -> None:
+    assert not render_chart("networkPolicy: {enabled: false}").of_kind("NetworkPolicy")
+    r = render_chart(
+        "networkPolicy: {rewardClients: [{podSelector: {matchLabels: {app: verifier}}}]}"
+    )
+    head = labels_of(r.objects)["head"]
+    rules = [
+        rule
+        for rule in allowed(r.of_kind("NetworkPolicy"), head)
+        if {"podSelector": {"matchLabels": {"app": "verifier"}}} in rule["from"]
+    ]
+    assert [rule["ports"] for rule in rules] == [[{"protocol": "TCP", "port": 8000}]]
+
+
+def test_ray_token_auth_and_the_reward_token_come_from_secrets(rendered: Render) -> None:
+    """KubeRay runs Ray with token auth from a Secret holding auth_token; the head gets the
+    reward endpoint's token from a Secret; the endpoint's Service stays in the cluster."""
+    spec = ray_cluster_spec(rendered.objects)
+    values = rendered.values
+    name = spec["authOptions"]["secretName"]
+    assert spec["authOptions"]["mode"] == "token"
+    made = {s["metadata"]["name"]: s for s in rendered.of_kind("Secret")}
+    if values["ray"]["auth"]["existingSecret"]:
+        assert name == values["ray"]["auth"]["existingSecret"] and name not in made
+    else:
+        assert "auth_token" in made[name]["data"]  # the key KubeRay reads
+    env = {v["name"]: v for v in container(groups(spec)["head"])["env"]}
+    ref = env["SHUFFLE_R1_REWARD_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == values["reward"]["auth"]["secretKey"]
+    assert ref["name"] in made or ref["name"] == values["reward"]["auth"]["existingSecret"]
+    for service in rendered.of_kind("Service"):
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]
+
+
+def test_buffer_tls_mounts_the_certificates_and_sets_the_recipe_keys(tmp_path: Path) -> None:
+    """With buffer.tls the head mounts the Secrets read-only and the trainer's buffer.tls_*
+    keys point into them (mutual TLS with clientSecretName); without it, neither."""
+    plain = render_chart("")
+    cfg = trainer_config(train_command(plain), plain.objects, tmp_path)
+    assert not (cfg.buffer.tls_cert or cfg.buffer.tls_client_ca)
+    for clients in ("", "buffer-client-tls"):
+        r = render_chart(
+            f"buffer: {{tls: {{enabled: true, secretName: buffer-tls, "
+            f"clientSecretName: '{clients}'}}}}"
+        )
+        for obj in r.objects:
+            validate_object(obj)
+        pod = groups(ray_cluster_spec(r.objects))["head"]["template"]["spec"]
+        secrets = {v["secret"]["secretName"]: v["name"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["name"]: m for m in container({"template": {"spec": pod}})["volumeMounts"]}
+        cfg = trainer_config(train_command(r), r.objects, tmp_path)
+        assert_trainer_matches_pods(cfg, r.objects)  # every tls_* path is mounted on the head
+        b = cfg.buffer
+        server_dir = mounts[secrets["buffer-tls"]]["mountPath"]
+        assert mounts[secrets["buffer-tls"]]["readOnly"] is True
+        assert (b.tls_cert, b.tls_key, b.tls_ca_cert) == tuple(
+            f"{server_dir}/{f}" for f in ("tls.crt", "tls.key", "ca.crt")
+        )
+        if clients:
+            client_dir = mounts[secrets[clients]]["mountPath"]
+            assert (b.tls_client_ca, b.tls_client_cert, b.tls_client_key) == tuple(
+                f"{client_dir}/{f}" for f in ("ca.crt", "tls.crt", "tls.key")
+            )
+        else:
+            assert not (b.tls_client_ca or b.tls_client_cert) and len(secrets) == 1
+        for group in ("rollout", "learner"):  # only the head holds the keys
+            spec = groups(ray_cluster_spec(r.objects))[group]["template"]["spec"]
+            assert not [v for v in spec["volumes"] if "secret" in v], group

@@ -59,7 +59,8 @@ def test_trainer_args_match_the_pods(kind_file: str, tmp_path: Path) -> None:
 
 
 def test_secrets_are_the_ones_the_readme_creates() -> None:
-    """The plain manifests hold no Secret; they name the ones the README has you create."""
+    """The plain manifests hold no Secret; they name the ones the README has you create (the
+    Redis password, the buffer's and the reward endpoint's tokens, Ray's token for KubeRay)."""
     objects = load(*(p.name for p in MANIFESTS))
     assert not [o for o in objects if o["kind"] == "Secret"]
     refs = set()
@@ -75,7 +76,13 @@ def test_secrets_are_the_ones_the_readme_creates() -> None:
                 collect(v)
 
     collect(list(objects))
-    assert refs == {("shuffle-r1-redis", "redis-password"), ("shuffle-r1-buffer-token", "token")}
+    refs.add((ray_cluster_spec(load("rayjob.yaml"))["authOptions"]["secretName"], "auth_token"))
+    assert refs == {
+        ("shuffle-r1-redis", "redis-password"),
+        ("shuffle-r1-buffer-token", "token"),
+        ("shuffle-r1-reward-token", "token"),
+        ("shuffle-r1-ray-token", "auth_token"),
+    }
     readme = (ROOT / "README.md").read_text()
     for name, key in refs:
         command = rf"kubectl (-n \S+ )?create secret generic {name} --from-literal={key}="

@@ -43,6 +43,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.buffer.auth.existingSecret | default (printf "%s-buffer-token" (include "shuffle-r1.fullname" .)) -}}
 {{- end -}}
 
+{{- define "shuffle-r1.rewardSecret" -}}
+{{- .Values.reward.auth.existingSecret | default (printf "%s-reward-token" (include "shuffle-r1.fullname" .)) -}}
+{{- end -}}
+
+{{/* Ray's token: KubeRay's authOptions.secretName, the token under the key auth_token */}}
+{{- define "shuffle-r1.raySecret" -}}
+{{- .Values.ray.auth.existingSecret | default (printf "%s-ray-token" (include "shuffle-r1.fullname" .)) -}}
+{{- end -}}
+
+{{/* where the head mounts the buffer's TLS Secrets */}}
+{{- define "shuffle-r1.bufferTlsDir" -}}/etc/shuffle-r1-buffer-tls{{- end -}}
+{{- define "shuffle-r1.bufferClientTlsDir" -}}/etc/shuffle-r1-buffer-client-tls{{- end -}}
+
 {{- define "shuffle-r1.redisUrl" -}}
 {{- if .Values.redis.internal -}}
 {{- printf "redis://%s:6379/%d" (include "shuffle-r1.redisName" .) (int .Values.redis.db) -}}
@@ -84,6 +97,18 @@ worker bounds, ports, addresses). A JSON object, key -> value as the command lin
 {{- $_ = set $o "buffer.redis_url" (include "shuffle-r1.redisUrl" .) -}}
 {{- $_ = set $o "buffer.host" "0.0.0.0" -}}
 {{- $_ = set $o "buffer.metrics_port" (int $v.metrics.bufferPort | toString) -}}
+{{- if $v.buffer.tls.enabled -}}
+{{- $dir := include "shuffle-r1.bufferTlsDir" . -}}
+{{- $_ = set $o "buffer.tls_cert" (printf "%s/tls.crt" $dir) -}}
+{{- $_ = set $o "buffer.tls_key" (printf "%s/tls.key" $dir) -}}
+{{- $_ = set $o "buffer.tls_ca_cert" (printf "%s/ca.crt" $dir) -}}
+{{- if $v.buffer.tls.clientSecretName -}}
+{{- $client := include "shuffle-r1.bufferClientTlsDir" . -}}
+{{- $_ = set $o "buffer.tls_client_ca" (printf "%s/ca.crt" $client) -}}
+{{- $_ = set $o "buffer.tls_client_cert" (printf "%s/tls.crt" $client) -}}
+{{- $_ = set $o "buffer.tls_client_key" (printf "%s/tls.key" $client) -}}
+{{- end -}}
+{{- end -}}
 {{- $_ = set $o "trainer.metrics_host" "0.0.0.0" -}}
 {{- $_ = set $o "trainer.metrics_port" (int $v.metrics.trainerPort | toString) -}}
 {{- $_ = set $o "trainer.output_dir" (printf "%s/%s" (trimSuffix "/" $v.outputs.mountPath) .Release.Name) -}}

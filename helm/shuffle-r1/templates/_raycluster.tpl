@@ -15,6 +15,7 @@ autoscalerOptions:
     {{- include "shuffle-r1.containerSecurityContext" . | nindent 4 }}
 authOptions:
   mode: {{ $v.ray.authMode }}
+  secretName: {{ include "shuffle-r1.raySecret" . }}
 headGroupSpec:
   rayStartParams:
     metrics-export-port: {{ int $v.ray.metricsExportPort | quote }}
@@ -104,6 +105,11 @@ spec:
             secretKeyRef:
               name: {{ include "shuffle-r1.bufferSecret" $root }}
               key: {{ $v.buffer.auth.secretKey }}
+        - name: SHUFFLE_R1_REWARD_TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "shuffle-r1.rewardSecret" $root }}
+              key: {{ $v.reward.auth.secretKey }}
         {{- end }}
         {{- with $v.ray.env }}
         {{- toYaml . | nindent 8 }}
@@ -127,6 +133,16 @@ spec:
         - name: recipe
           mountPath: /etc/shuffle-r1
           readOnly: true
+        {{- end }}
+        {{- if and $head $v.buffer.tls.enabled }}
+        - name: buffer-tls
+          mountPath: {{ include "shuffle-r1.bufferTlsDir" $root }}
+          readOnly: true
+        {{- if $v.buffer.tls.clientSecretName }}
+        - name: buffer-client-tls
+          mountPath: {{ include "shuffle-r1.bufferClientTlsDir" $root }}
+          readOnly: true
+        {{- end }}
         {{- end }}
   volumes:
     - name: dshm
@@ -152,5 +168,17 @@ spec:
     - name: recipe
       configMap:
         name: {{ include "shuffle-r1.fullname" $root }}-recipe
+    {{- end }}
+    {{- if and $head $v.buffer.tls.enabled }}
+    - name: buffer-tls
+      secret:
+        secretName: {{ $v.buffer.tls.secretName }}
+        defaultMode: 0400
+    {{- if $v.buffer.tls.clientSecretName }}
+    - name: buffer-client-tls
+      secret:
+        secretName: {{ $v.buffer.tls.clientSecretName }}
+        defaultMode: 0400
+    {{- end }}
     {{- end }}
 {{- end -}}
