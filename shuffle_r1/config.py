@@ -258,7 +258,7 @@ class ClusterConfig:
     # the address a local Ray binds and advertises: loopback keeps it to this machine; any
     # other needs auth_mode=token (README "Security")
     host: str = "127.0.0.1"
-    auth_mode: str = "disabled"  # RAY_AUTH_MODE for a local Ray
+    auth_mode: str = "token"  # RAY_AUTH_MODE of a local Ray (README "Security")
     namespace: str = "shuffle-r1"
     metrics_export_port: int = 0  # a local Ray's metrics export port (Prometheus); 0 = off
 

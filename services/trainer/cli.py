@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shuffle_r1.config import load_config
+from shuffle_r1.config import check_reward_function, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ def train(args: argparse.Namespace) -> int:
     step in progress and exits with 130 or 143 within seconds, every process the run started
     stopped (``services.trainer.stopping``); ``--resume`` continues from the last complete
     checkpoint. Exits 3 at once, before Ray starts, when another run holds the output
-    folder (``services.trainer.runlock``)."""
+    folder (``services.trainer.runlock``), and 74 when the output cannot be written (a full
+    disk, a quota: ``shuffle_r1.integrity.OutputWriteError``), nothing restarted and the
+    last complete checkpoint intact."""
     import ray
 
     from services.trainer.loop import Trainer, init_ray
@@ -48,8 +50,10 @@ def train(args: argparse.Namespace) -> int:
     from services.trainer.runlock import RunLock, RunLockedError
     from services.trainer.state import latest_checkpoint
     from services.trainer.stopping import StopOnSignal
+    from shuffle_r1.integrity import OutputWriteError
 
     cfg = load_config(args.config, args.overrides)
+    check_reward_function(cfg)  # imports it here, not minutes later in a Serve replica
     try:  # before Ray starts: a second run in the folder is refused at once
         lock = RunLock(cfg.trainer.output_dir).acquire()
     except RunLockedError as exc:
@@ -67,6 +71,9 @@ def train(args: argparse.Namespace) -> int:
             trainer = Trainer(cfg, resume=args.resume)
             try:
                 summary = trainer.run()
+            except OutputWriteError as exc:  # a full disk is the operator's, not a crash
+                print(f"shuffle-r1 train: {exc}", file=sys.stderr)
+                return 74  # EX_IOERR
             finally:
                 if stop.signum is None:  # an error, or the end: stop the roles gracefully
                     trainer.close()
@@ -82,7 +89,7 @@ def train(args: argparse.Namespace) -> int:
                 "interrupted (%s): abandoning %s; last complete checkpoint: %s",
                 stop.signal_name,
                 abandoned,
-                latest_checkpoint(Path(cfg.trainer.output_dir)) or "none",
+                latest_checkpoint(Path(cfg.trainer.output_dir), verify=False) or "none",
             )
             if trainer is not None:
                 trainer.close(abandon=True)  # shuts Ray down too

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from actors.reward import RewardPool, ScoreRequest
 from actors.rollout import GenerationRequest, RolloutPool, SamplingSpec
 from actors.serving import ensure_serve
 from protos import replay_buffer_pb2 as pb
-from services.embedded_redis import PASSWORD_ENV, EmbeddedRedis, RedisTLS, ping, redact
+from services.embedded_redis import PASSWORD_ENV, EmbeddedRedis, RedisTLS, probe, redact
 from services.replay_buffer.actor import start_replay_buffer_actor
 from services.replay_buffer.client import ReplayBufferClient
 from services.trainer.metrics import (
@@ -51,16 +52,21 @@ from services.trainer.metrics import (
     read_metrics,
     wilson_interval,
 )
+from services.trainer.runlock import RunLock
 from services.trainer.state import (
     TrainerState,
     checkpoint_dir,
+    files_under,
     latest_checkpoint,
     prune_checkpoints,
+    read_manifest,
     read_state,
+    run_key,
+    saving_checkpoint,
     write_state,
 )
 from shuffle_r1.algos import advantage_collapse_share, grpo_advantages
-from shuffle_r1.config import Config, DataConfig, save_config
+from shuffle_r1.config import BufferConfig, Config, DataConfig, save_config
 from shuffle_r1.data import (
     Example,
     ImageSpec,
@@ -211,13 +217,41 @@ def load_prompt_splits(
 
 
 def init_ray(cfg: Config) -> None:
-    """Join ``cluster.ray_address`` or start a local Ray (``RAY_AUTH_MODE`` set explicitly)."""
+    """Join ``cluster.ray_address`` or start a local Ray, with ``RAY_AUTH_MODE`` set
+    explicitly: ``$RAY_AUTH_MODE`` when the environment has it, else ``cluster.auth_mode``.
+
+    A local Ray 2.60 listens on every interface whatever address it is given (its GCS,
+    raylet and workers bind ``::``, measured; README "Security"), so token authentication is
+    what keeps other hosts from running code on it. In token mode Ray reads its token from
+    ``$RAY_AUTH_TOKEN`` / ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, which is created
+    (owner-only) when none of them exists.
+    With ``auth_mode=disabled`` a local Ray logs a warning that anyone who reaches this
+    machine can submit work to it. ``cluster.host`` is the node address a local Ray
+    advertises (loopback by default: its processes talk over ``lo``).
+    """
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", cfg.cluster.auth_mode)
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = cfg.cluster.auth_mode
+        # Ray reads the mode into its config when it is imported: read it again, as Ray's
+        # own token setup does (ray._private.authentication.authentication_token_setup)
+        from ray._raylet import Config as RayConfig
+
+        RayConfig.initialize("")
+    mode = os.environ["RAY_AUTH_MODE"]
     repo = str(Path(__file__).resolve().parents[2])
-    env = {"PYTHONPATH": repo, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
+    env = {"PYTHONPATH": repo, "RAY_AUTH_MODE": mode}
     if cfg.cluster.ray_address == "local":
+        if mode != "token":
+            logger.warning(
+                "Ray token authentication is off (RAY_AUTH_MODE=%s): the local Ray listens on "
+                "every network interface, and anyone who reaches this machine can run code "
+                "on it as this user. Use cluster.auth_mode=token (the default) unless the "
+                "machine is isolated",
+                mode,
+            )
+        else:
+            _ensure_token_file()
         extra: dict[str, Any] = {}
         if cfg.cluster.metrics_export_port:
             extra["_metrics_export_port"] = cfg.cluster.metrics_export_port
@@ -227,10 +261,78 @@ def init_ray(cfg: Config) -> None:
             namespace=cfg.cluster.namespace,
             runtime_env={"env_vars": env},
             logging_level=logging.WARNING,
+            _node_ip_address=cfg.cluster.host,
             **extra,
         )
     else:
         ray.init(address=cfg.cluster.ray_address, namespace=cfg.cluster.namespace)
+
+
+def _ensure_token_file() -> None:
+    """Make sure a token-mode local Ray finds a token: unless ``$RAY_AUTH_TOKEN`` or
+    ``$RAY_AUTH_TOKEN_PATH`` gives one, Ray reads ``~/.ray/auth_token`` (the file
+    ``ray get-auth-token --generate`` writes; Ray 2.60 does not create it when
+    ``RAY_AUTH_MODE=token`` is set explicitly, and its GCS aborts without one). Create it
+    with 256 random bits, readable by its owner only, when it is missing; a ``shuffle-r1
+    scale`` or ``ray`` command of the same user on this machine finds it there."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            logger.warning("%s is readable by other users: chmod 600 it", path)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    logger.info("Ray token authentication: created a token in %s", path)
+
+
+def redis_for_run(b: BufferConfig, data_dir: Path) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis URL a run's buffer uses, and the private Redis started for it, if any.
+
+    ``b.redis_url`` when a Redis answers there (with the configured password and TLS). For
+    ``embedded``, or when nothing at all listens at a loopback URL (a machine without
+    Redis), a private one is started with AOF persistence in ``data_dir``.
+
+    Raises:
+        RuntimeError: a Redis at the URL refuses it (a wrong password, a failed TLS
+            handshake): the data the user pointed at would never be used, so no stand-in
+            is started for it; or a remote Redis does not answer (a stand-in would keep the
+            run's data on one node, unshared). The URL is redacted in the message.
+    """
+    url = b.redis_url
+    if url != "embedded":
+        why = probe(url, tls=RedisTLS(b.redis_tls_ca_cert, b.redis_tls_cert, b.redis_tls_key))
+        if why is None:
+            return url, None
+        if why != "unreachable":
+            raise RuntimeError(
+                f"the Redis at {redact(url)} (buffer.redis_url) refuses this run: {why}; "
+                f"check the password (in the URL or ${PASSWORD_ENV}) and the TLS settings"
+            )
+        host = urlsplit(url).hostname or ""
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise RuntimeError(
+                f"no Redis answers at {redact(url)} (buffer.redis_url); check the host "
+                "and port, or use 'embedded'"
+            )
+        logger.warning("no Redis answers at %s; starting an embedded one", redact(url))
+    redis = EmbeddedRedis(appendonly=True, data_dir=data_dir).start()
+    return redis.url, redis
+
+
+def vocab_size(tokenizer: Any, model_path: str) -> int:
+    """Token ids a rollout may hold: the larger of the tokenizer's size and the model's
+    output rows (Qwen2.5 pads 151,665 tokens to 151,936 rows, and an engine samples over
+    all of them). The buffer refuses ids at or above it (``RunSpec.vocab_size``)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    rows = getattr(config.get_text_config(), "vocab_size", 0) or 0
+    return max(len(tokenizer), int(rows))
 
 
 def held_out_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -299,7 +401,8 @@ class Trainer:
         cfg, self.precision = resolve_precision(cfg)
         self.cfg = cfg
         self.out = Path(cfg.trainer.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        # one run per folder, before anything in it is touched (RunLockedError otherwise)
+        self.lock = RunLock(self.out).acquire()
         self.cpu = cpu_description()
         said = ", ".join(f"{role} {c.dtype} ({c.reason})" for role, c in self.precision.items())
         self.precision_text = ", ".join(f"{r} {c.dtype}" for r, c in self.precision.items())
@@ -307,13 +410,12 @@ class Trainer:
         save_config(cfg, self.out / "config.yaml", f"precision: {said}\nprocessor: {self.cpu}")
         self.run_id = cfg.trainer.run_name
         self.state = TrainerState()
-        self._redis: EmbeddedRedis | None = None
         self.counters: dict[str, float] = {}
         self.last_prompt_ids: list[str] = []
         torch.manual_seed(cfg.trainer.seed)
 
         init_ray(cfg)
-        redis_url = self._redis_url()
+        redis_url, self._redis = redis_for_run(cfg.buffer, self.out / "redis")
         self.model_path = resolve_model_path(cfg.learner.model_path)
         self.processor: Any = None  # a vision-language model's (shuffle_r1.processor)
         if is_vision_language(self.model_path):
@@ -341,6 +443,7 @@ class Trainer:
             keep_ratio=cfg.algorithm.keep_ratio,
             shuffle_times=cfg.algorithm.shuffle_times,
             seed=cfg.trainer.seed,
+            vocab_size=vocab_size(self.tokenizer, self.model_path),  # refuses ids outside
         )
         ensure_serve(cfg.reward.http_host, cfg.reward.http_port)
         self.rollout = RolloutPool(
@@ -371,33 +474,19 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------
 
-    def _redis_url(self) -> str:
-        """``buffer.redis_url`` when a Redis answers there (with the configured password and
-        TLS). Otherwise, for ``embedded`` or a Redis on this machine, start a private one with
-        AOF persistence in the output folder; a remote Redis that does not answer is an error
-        (a silent stand-in would keep the run's data on one node, unshared)."""
-        b = self.cfg.buffer
-        url = b.redis_url
-        if url != "embedded":
-            if ping(url, tls=RedisTLS(b.redis_tls_ca_cert, b.redis_tls_cert, b.redis_tls_key)):
-                return url
-            host = urlsplit(url).hostname or ""
-            if host not in ("127.0.0.1", "localhost", "::1"):
-                raise RuntimeError(
-                    f"no Redis answers at {redact(url)} (buffer.redis_url); check the host, "
-                    f"the password (${PASSWORD_ENV}) and the TLS settings, or use 'embedded'"
-                )
-            logger.warning("no Redis answers at %s; starting an embedded one", redact(url))
-        self._redis = EmbeddedRedis(appendonly=True, data_dir=self.out / "redis").start()
-        return self._redis.url
-
     def _connect_buffer(self) -> ReplayBufferClient:
         """A client for the buffer actor's current address (it changes when Ray restarts
-        the actor: the server binds a new free port)."""
+        the actor: the server binds a new free port). With ``buffer.tls_cert`` it connects
+        over TLS, trusting ``buffer.tls_ca_cert`` (or the certificate itself when that is
+        empty), and presents ``buffer.tls_client_cert``/``tls_client_key`` if set."""
+        b = self.cfg.buffer
         return ReplayBufferClient(
             ray.get(self.buffer_actor.address.remote()),
-            token=self.cfg.buffer.auth_token or None,
-            max_message_mb=self.cfg.buffer.max_message_mb,
+            token=b.auth_token or None,
+            root_cert=(b.tls_ca_cert or b.tls_cert) if b.tls_cert else None,
+            max_message_mb=b.max_message_mb,
+            client_cert=b.tls_client_cert or None,
+            client_key=b.tls_client_key or None,
         )
 
     def _put_and_sample(self, groups: list[pb.Group], step: int) -> tuple[Any, Any]:
@@ -482,13 +571,18 @@ class Trainer:
         return train, val
 
     def _resume(self) -> None:
-        ckpt = latest_checkpoint(self.out)
+        """Restore everything from the newest checkpoint whose files match its manifest
+        (``services.trainer.state``: a damaged or altered one is logged and skipped)."""
+        key = run_key(self.cfg.buffer.auth_token)
+        ckpt = latest_checkpoint(self.out, key)
         if ckpt is None:
             raise FileNotFoundError(
-                f"--resume: no complete checkpoint under {self.out / 'checkpoints'}"
+                f"--resume: no complete checkpoint that matches its manifest under "
+                f"{self.out / 'checkpoints'} (the log names any that were rejected)"
             )
-        self.learner.load_checkpoint(ckpt / "learner")
-        self.state = read_state(ckpt)
+        files = files_under(read_manifest(ckpt, key), "learner")
+        self.learner.load_checkpoint(ckpt / "learner", files)
+        self.state = read_state(ckpt, key)
         self.sampler.load_state_dict(self.state.sampler)
         self.counters.update(self.state.counters)
         # Steps after the checkpoint are regenerated; their stored groups would clash.
@@ -675,21 +769,31 @@ class Trainer:
         return result
 
     def save(self) -> Path:
-        folder = checkpoint_dir(self.out, self.state.step)
-        self.learner.save_checkpoint(folder / "learner")
+        """Checkpoint the steps done (``services.trainer.state.saving_checkpoint``: written
+        under a temporary name with a manifest, then renamed), keep the newest
+        ``KEEP_CHECKPOINTS``; returns the folder.
+
+        Raises:
+            CheckpointWriteError: no space, quota or permission to write it: an operator
+                error, which stops the run (not a learner failure; nothing is restarted).
+        """
         self.state.weight_version = self.learner.version
         self.state.sampler = self.sampler.state_dict()
         self.state.counters = dict(self.counters)
-        write_state(folder, self.state)
-        prune_checkpoints(self.out, KEEP_CHECKPOINTS)
-        return folder
+        key = run_key(self.cfg.buffer.auth_token)
+        with saving_checkpoint(self.out, self.state.step, key) as folder:
+            self.learner.save_checkpoint(folder / "learner")
+            write_state(folder, self.state)
+        saved = checkpoint_dir(self.out, self.state.step)
+        prune_checkpoints(self.out, KEEP_CHECKPOINTS, saved)
+        return saved
 
     def run(self) -> RunSummary:
         """Train until ``trainer.total_steps``; returns where everything was written."""
         cfg = self.cfg.trainer
         started = time.perf_counter()
         last: dict[str, Any] = {}
-        ckpt = latest_checkpoint(self.out)
+        ckpt = latest_checkpoint(self.out, verify=False)  # for the summary; loaded: verified
         if cfg.eval_every and cfg.val_before_train and self.state.step == 0:
             logger.info("evaluating on %d held-out prompts before training", len(self.val_prompts))
             before = self.evaluate()
@@ -781,15 +885,17 @@ class Trainer:
         newest = self.learner.version
         self.learner.shutdown(graceful=False)
         self.learner = LearnerGroup(self.cfg, self.model_path)
-        ckpt = latest_checkpoint(self.out)
+        key = run_key(self.cfg.buffer.auth_token)
+        ckpt = latest_checkpoint(self.out, key)
         if ckpt is None:
-            logger.error("no checkpoint under %s: training restarts from step 0", self.out)
+            logger.error("no verified checkpoint in %s: training restarts from step 0", self.out)
             self.state = TrainerState()
             self.sampler.load_state_dict({**self.sampler.state_dict(), "epoch": 0, "position": 0})
             torch.manual_seed(self.cfg.trainer.seed)
         else:
-            self.learner.load_checkpoint(ckpt / "learner")
-            self.state = read_state(ckpt)
+            files = files_under(read_manifest(ckpt, key), "learner")
+            self.learner.load_checkpoint(ckpt / "learner", files)
+            self.state = read_state(ckpt, key)
             self.sampler.load_state_dict(self.state.sampler)
             self.counters.update(self.state.counters)
         self.counters["learner/rebuilt"] = rebuilt
@@ -833,6 +939,7 @@ class Trainer:
         self.buffer.close()
         if self._redis is not None:
             self._redis.close()
+        self.lock.release()
 
     def __enter__(self) -> Trainer:
         return self

@@ -1,6 +1,8 @@
-"""The trainer (the driver process, with the local Ray it started) killed with SIGKILL mid-run:
-`shuffle-r1 train --resume` continues from the last complete checkpoint with the same next
-batch an uninterrupted run would have drawn."""
+"""The trainer (the driver process, with the local Ray and the embedded Redis it started)
+killed with SIGKILL mid-run: a second run in the same folder is refused while it runs
+(issue #20, finding 5); nothing it started outlives it (finding 6); `shuffle-r1 train
+--resume` continues from the last complete checkpoint with the same next batch an
+uninterrupted run would have drawn."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None
         "trainer.save_every=1",
         "cluster.namespace=faults-driver",
         "reward.function=tests.e2e.reward_fns:distinct_char_share",
+        "buffer.redis_url=embedded",  # a child redis-server, which must not outlive it
     ]
     cli = [sys.executable, "-m", "shuffle_r1.cli", "train"]
     # its own session, so the kill takes the driver and every Ray process it started
@@ -50,9 +53,18 @@ def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None
         assert driver.poll() is None, driver.stderr.read().decode()[-3000:] if driver.stderr else ""
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.1)
-    os.killpg(driver.pid, signal.SIGKILL)  # mid-run: after step 1's checkpoint
+    second = subprocess.run([*cli, *overrides], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, check=False)  # fmt: skip
+    assert second.returncode == 3, second.stderr[-3000:]
+    assert f"in use by another run (pid {driver.pid}" in second.stderr
+    started = [p.pid for p in psutil.Process(driver.pid).children(recursive=True)]
+    assert any(psutil.Process(p).name() == "redis-server" for p in started if psutil.pid_exists(p))
+    os.kill(driver.pid, signal.SIGKILL)  # mid-run: after step 1's checkpoint; the driver only
     driver.wait(timeout=30)
-    _wait_until_session_gone(driver.pid)
+    left = _wait_until_session_gone(driver.pid)
+    assert not left, f"processes of the killed run still running 30 s later: {left}"
+    assert not [p for p in started if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]  # fmt: skip
     done = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")
                   if (p / COMPLETE).exists())  # fmt: skip
     assert done and done[-1] < STEPS, done  # killed before the end
@@ -77,21 +89,23 @@ def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None
     assert [r["prompt_ids"] for r in rows] == order
 
 
-def _wait_until_session_gone(sid: int, timeout_s: float = 30) -> None:
-    """Every process of the killed session has exited (Ray's own included)."""
+def _wait_until_session_gone(sid: int, timeout_s: float = 30) -> list[str]:
+    """Wait until every process of the killed session has exited (Ray's own included), or
+    ``timeout_s``; return (and then kill) the names of those still there."""
     deadline = time.monotonic() + timeout_s
     while True:
         alive = []
         for p in psutil.process_iter():
             try:
                 if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p.pid)
+                    alive.append(p)
             except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
                 continue
         if not alive:
-            return
+            return []
         if time.monotonic() > deadline:
-            for pid in alive:
-                os.kill(pid, signal.SIGKILL)
-            return
+            names = [f"{p.pid} {p.name()}" for p in alive]
+            for p in alive:
+                p.kill()
+            return names
         time.sleep(0.2)
