@@ -43,12 +43,12 @@ from actors.metrics import ray_metric
 from actors.rollout import HEALTH_CHECK_PERIOD_S
 from actors.serving import worker_id
 from shuffle_r1.config import RewardConfig
-from shuffle_r1.limits import echo
+from shuffle_r1.limits import REWARD_GRACE_S, echo
 from shuffle_r1.rewards import RewardResult, load_reward_fn
 
 logger = logging.getLogger(__name__)
 
-GRACE_S = 2.0  # on top of reward.timeout_s before a call counts as hung
+GRACE_S = REWARD_GRACE_S  # on top of reward.timeout_s before a call counts as hung
 TOKEN_ENV = "SHUFFLE_R1_REWARD_TOKEN"  # the endpoint's bearer token when reward.http_token is ""
 # Items one HTTP request may hold: bounds the work (and the time) of one request, whatever
 # its size; a caller with more splits them. The trainer's own scoring has no such limit.

@@ -35,6 +35,7 @@ from shuffle_r1.limits import (
     MAX_REQUEST_KB,
     MAX_REQUEST_TIMEOUT_S,
     MAX_SHUFFLE_TIMES,
+    REWARD_GRACE_S,
     RUN_ID_PATTERN,
     cut,
     echo,
@@ -482,10 +483,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"reward.http_route={echo(rw.http_route)} must start with '/'")
     _between("reward.max_request_kb", rw.max_request_kb, 1, MAX_REQUEST_KB)
     _between("reward.request_timeout_s", rw.request_timeout_s, 0.0, MAX_REQUEST_TIMEOUT_S, True)
-    if rw.request_timeout_s < rw.timeout_s:
+    if rw.request_timeout_s <= rw.timeout_s + REWARD_GRACE_S:
         raise ConfigError(
-            f"reward.request_timeout_s={rw.request_timeout_s!r} must be >= "
-            f"reward.timeout_s={rw.timeout_s!r}: a request may wait that long for one score"
+            f"reward.request_timeout_s={rw.request_timeout_s!r} must be > reward.timeout_s + "
+            f"{REWARD_GRACE_S:g} = {rw.timeout_s + REWARD_GRACE_S:g}: one hung item takes that "
+            "long to be scored 0, and the request should get its scores, not a 504"
         )
     _needs_token(
         "reward.http_host", rw.http_host, "reward.http_token", rw.http_token, REWARD_TOKEN_ENV,

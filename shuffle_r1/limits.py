@@ -46,3 +46,7 @@ def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     """``repr(value)`` cut to ``limit`` characters (with the full length said), for error
     messages that show the input they refuse without sending a megabyte back."""
     return cut(repr(value), limit)
+
+
+# Seconds on top of reward.timeout_s before a reward call counts as hung (actors/reward.py).
+REWARD_GRACE_S = 2.0

@@ -123,7 +123,7 @@ def test_a_rollout_worker_killed_mid_generation_has_its_prompts_resent(trainer: 
 
 def test_a_reward_worker_killed_mid_scoring_has_its_chunk_resent(trainer: Trainer) -> None:
     trainer.reward.resent = 0
-    victims = ray_actor_pids(f"ServeReplica:{RUN}-reward")
+    victims = ray_actor_pids(f"ServeReplica:{RUN}-reward:RewardWorker")  # not the endpoint
     assert len(victims) == 2
     # the reward function works 100 ms of CPU per response: 8 responses a chunk, 0.8 s
     killer = when(lambda: working(victims[0]), lambda: kill9(victims[0]))

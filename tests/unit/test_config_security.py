@@ -82,7 +82,9 @@ def test_a_local_ray_beyond_loopback_needs_token_auth(monkeypatch: pytest.Monkey
      (["reward.request_timeout_s=0"], "reward.request_timeout_s=0.0 must be in (0.0, 3600.0]"),
      (["reward.request_timeout_s=3601"], "reward.request_timeout_s=3601.0 must be in"),
      (["reward.timeout_s=30", "reward.request_timeout_s=10"],
-      "reward.request_timeout_s=10.0 must be >= reward.timeout_s=30.0"),
+      "reward.request_timeout_s=10.0 must be > reward.timeout_s + 2 = 32"),
+     (["reward.timeout_s=30", "reward.request_timeout_s=32"],  # a hung item: 504, not a 0
+      "reward.request_timeout_s=32.0 must be > reward.timeout_s + 2 = 32"),
      (["buffer.tls_ca_cert=/ca.pem"], "buffer.tls_ca_cert is set but buffer.tls_cert is not"),
      (["buffer.tls_client_ca=/ca.pem"], "buffer.tls_client_ca is set but buffer.tls_cert is not"),
      (["buffer.tls_client_cert=/c.pem", "buffer.tls_client_key=/k.pem"],
