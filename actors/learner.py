@@ -56,7 +56,7 @@ from shuffle_r1.integrity import (
     CheckpointRejectedError,
     CheckpointWriteError,
     check_files,
-    operator_os_error,
+    full_disk_error,
 )
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.precision import resolve_dtype
@@ -416,7 +416,7 @@ class LearnerWorker:
         try:
             self._write_checkpoint(Path(directory), version)
         except BaseException as exc:  # dcp's CheckpointException is a BaseException
-            error = operator_os_error(exc)
+            error = full_disk_error(exc, Path(directory))
             if error is None:
                 raise
             raise CheckpointWriteError.wrap(
@@ -712,7 +712,7 @@ class LearnerGroup:
             self._gather(refs)
         except LearnerFailedError as exc:
             # Ray delivers the rank's error as a RayTaskError whose ``cause`` it is
-            error = operator_os_error(exc)
+            error = full_disk_error(exc, Path(directory))
             if isinstance(error, CheckpointWriteError):
                 raise error from exc
             if error is not None:

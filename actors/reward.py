@@ -42,14 +42,14 @@ from typing import Any
 from actors.metrics import ray_metric
 from actors.rollout import HEALTH_CHECK_PERIOD_S
 from actors.serving import worker_id
-from shuffle_r1.config import RewardConfig
+from shuffle_r1.config import REWARD_TOKEN_ENV, RewardConfig, is_loopback
 from shuffle_r1.limits import REWARD_GRACE_S, echo
 from shuffle_r1.rewards import RewardResult, load_reward_fn
 
 logger = logging.getLogger(__name__)
 
 GRACE_S = REWARD_GRACE_S  # on top of reward.timeout_s before a call counts as hung
-TOKEN_ENV = "SHUFFLE_R1_REWARD_TOKEN"  # the endpoint's bearer token when reward.http_token is ""
+TOKEN_ENV = REWARD_TOKEN_ENV  # the endpoint's bearer token when reward.http_token is ""
 # Items one HTTP request may hold: bounds the work (and the time) of one request, whatever
 # its size; a caller with more splits them. The trainer's own scoring has no such limit.
 MAX_HTTP_ITEMS = 256
@@ -308,7 +308,8 @@ class RewardPool:
     """The reward role: a Ray Serve application of ``cfg.num_workers`` :class:`RewardWorker`
     replicas (no CPU reserved: scoring is light), which the trainer reaches by handle, and one
     :class:`RewardEndpoint` replica, the ingress, which serves outside verifiers and
-    evaluation scripts over HTTP at ``<url>`` (``POST``, JSON).
+    evaluation scripts over HTTP at ``<url>`` (``POST``, JSON); with
+    ``reward.http_endpoint=false`` there is no endpoint and ``url`` is None.
 
     :meth:`score` splits the requests into contiguous chunks, one per worker; the chunk of a
     worker that dies is re-sent (at most ``max_resends`` times) and Serve replaces it.
@@ -322,7 +323,7 @@ class RewardPool:
     def __init__(self, cfg: RewardConfig, run_id: str, max_resends: int = 3) -> None:
         from ray import serve
 
-        from actors.serving import LOGGING, ensure_serve, is_loopback, proxy_host
+        from actors.serving import LOGGING, ensure_serve, proxy_host
 
         self.cfg = cfg
         self.app = f"{run_id}-reward"
@@ -353,19 +354,29 @@ class RewardPool:
             max_queued_requests=HTTP_QUEUE,  # beyond: Serve answers 503 at once
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
         )(RewardEndpoint)
-        serve.run(
-            endpoint.bind(shared, run_id, token, workers.bind(shared, run_id)),
-            name=self.app,
-            route_prefix=cfg.http_route,
-            logging_config=LOGGING,
-        )
+        if cfg.http_endpoint:
+            serve.run(
+                endpoint.bind(shared, run_id, token, workers.bind(shared, run_id)),
+                name=self.app,
+                route_prefix=cfg.http_route,
+                logging_config=LOGGING,
+            )
+            self.url: str | None = base + cfg.http_route
+        else:  # the workers alone, reached by handle: no HTTP route, no endpoint replica
+            serve.run(
+                workers.bind(shared, run_id),
+                name=self.app,
+                route_prefix=None,
+                logging_config=LOGGING,
+            )
+            self.url = None
         self.handle = serve.get_deployment_handle(REWARD_DEPLOYMENT, self.app)
-        self.url = base + cfg.http_route
         logger.info(
-            "reward: %d workers, HTTP endpoint %s (%s)",
+            "reward: %d workers, HTTP endpoint %s",
             cfg.num_workers,
-            self.url,
-            "bearer token required" if token else "no token: this machine only",
+            f"{self.url} ({'bearer token required' if token else 'no token: this machine only'})"
+            if self.url
+            else "off (reward.http_endpoint=false)",
         )
 
     @property

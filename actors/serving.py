@@ -17,7 +17,6 @@ is only re-sent when its replica crashed.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -83,16 +82,6 @@ def proxy_host() -> str:
     if client is None:
         raise RuntimeError("Ray Serve is not running on this cluster: call ensure_serve first")
     return str(client.http_config.host)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an IP address or ``localhost``) reaches this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
 
 
 def _client() -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -30,6 +29,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import redis
+
+from shuffle_r1.config import redact_url as redact  # for messages and logs
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,6 @@ class RedisTLS:
     ca_cert: str = ""
     cert: str = ""
     key: str = ""
-
-
-def redact(url: str) -> str:
-    """``url`` with its user and password (also a ``password=`` query argument, which
-    redis-py accepts) replaced by ``***``, for messages and logs."""
-    url = re.sub(r"//.*@", "//***@", url)
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
 def redis_client(url: str, tls: RedisTLS | None = None, **options: Any) -> redis.Redis:

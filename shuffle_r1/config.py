@@ -130,6 +130,7 @@ class RewardConfig:
     # The reward role is a Ray Serve application; its HTTP endpoint (POST http_route) serves
     # outside verifiers too. http_port 0 = a free port; http_host 0.0.0.0 to expose it, which
     # needs http_token (README "Security").
+    http_endpoint: bool = True  # false: no HTTP endpoint, the trainer's workers only
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     http_route: str = "/reward"

@@ -183,6 +183,30 @@ def _sha256(path: Path, sync: bool = False) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+# Below this many free bytes a failed write counts as a full disk whatever error it raised.
+FULL_DISK_BYTES = 1 << 20
+
+
+def full_disk_error(exc: BaseException, where: Path) -> OSError | None:
+    """:func:`operator_os_error` of ``exc``, or, when ``exc`` names no errno but the file
+    system of ``where`` has less than :data:`FULL_DISK_BYTES` free, an ``ENOSPC`` error.
+
+    Some writers lose the errno of a short write: torch's zip writer (``torch.save``, used by
+    ``torch.distributed.checkpoint`` and DeepSpeed) raises ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos ...`` on a full disk (measured). The free space after
+    the failure is what tells such a failure from a bug.
+    """
+    error = operator_os_error(exc)
+    if error is not None:
+        return error
+    for folder in (where, *where.parents):
+        if folder.exists():
+            if shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+            return None
+    return None
+
+
 def _free_space(path: Path) -> str:
     for folder in (path, *path.parents):
         if folder.exists():

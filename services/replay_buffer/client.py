@@ -14,11 +14,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import replay_buffer_pb2 as pb
 from protos import replay_buffer_pb2_grpc as pb_grpc
+from shuffle_r1.config import BUFFER_TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-TOKEN_ENV = "SHUFFLE_R1_BUFFER_TOKEN"  # the shared token, for servers and clients
+TOKEN_ENV = BUFFER_TOKEN_ENV  # the shared token, for servers and clients
 
 
 class ReplayBufferClient:

@@ -74,8 +74,6 @@ def test_local_ray_refuses_a_remote_client_without_the_token() -> None:
         remote = f"{ip}:{gcs.rsplit(':', 1)[1]}"
         stranger = _connect(remote, _client_env(RAY_AUTH_MODE="disabled"))
         assert stranger.startswith("REFUSED"), stranger
-        guesser = _connect(remote, _client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64))
-        assert guesser.startswith("REFUSED"), guesser
         member = _connect(remote, _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token))
         assert member == "RAN 42", member
     finally:

@@ -20,8 +20,8 @@ import pytest
 from buffer_helpers import outward_ip
 
 from actors.reward import GRACE_S, MAX_HTTP_ITEMS, RewardPool, ScoreRequest
-from actors.serving import is_loopback, proxy_host
-from shuffle_r1.config import RewardConfig
+from actors.serving import proxy_host
+from shuffle_r1.config import RewardConfig, is_loopback
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 

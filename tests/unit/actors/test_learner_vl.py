@@ -23,6 +23,7 @@ from actors.learner import LearnerGroup
 from shuffle_r1.config import Config
 from shuffle_r1.data import ImageSpec, load_examples, render_prompt, vision_inputs
 from shuffle_r1.data.images import expand_image_tokens
+from shuffle_r1.integrity import file_digests
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.processor import load_processor
 from shuffle_r1.training import (
@@ -115,7 +116,7 @@ def scenario(tiny_vl, tmp_path_factory) -> dict[str, Any]:
         group.save_checkpoint(ckpt)
         r["logp1"] = group.compute_logprobs(batch)
         group.update(batch, r["logp1"])
-        group.load_checkpoint(ckpt)
+        group.load_checkpoint(ckpt, file_digests(ckpt))  # as a verified manifest lists it
         r["loaded_version"] = group.version
         r["logp1_loaded"] = group.compute_logprobs(batch)
     finally:
