@@ -132,16 +132,16 @@ class RewardWorker:
         """Score in order; with ``stop``, stop before the next item once it is set (the
         results are then short: the caller has given up on them)."""
         start = time.perf_counter()
-        results = []
+        results: list[RewardResult] = []
         for r in requests:
             if stop is not None and stop.is_set():
                 break
             results.append(self._call_with_deadline(r))
         self._m_seconds.observe(time.perf_counter() - start)
         self._m_scored.inc(len(results))
-        for r in results:
-            if r.error is not None:
-                self._m_errors.inc(1, tags={"kind": r.error.split(":", 1)[0]})
+        for result in results:
+            if result.error is not None:
+                self._m_errors.inc(1, tags={"kind": result.error.split(":", 1)[0]})
         return results
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:

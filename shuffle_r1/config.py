@@ -359,7 +359,7 @@ def _missing_module(name: str) -> str | None:
         portions: list[str] = []
         for entry in entries if spec is None else ():
             finder = pkgutil.get_importer(entry)
-            found = finder.find_spec(prefix) if hasattr(finder, "find_spec") else None
+            found = finder.find_spec(prefix) if finder is not None else None
             if found is not None and found.loader is not None:
                 spec = found
                 break

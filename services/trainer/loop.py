@@ -235,7 +235,7 @@ def init_ray(cfg: Config) -> None:
         os.environ["RAY_AUTH_MODE"] = cfg.cluster.auth_mode
         # Ray reads the mode into its config when it is imported: read it again, as Ray's
         # own token setup does (ray._private.authentication.authentication_token_setup)
-        from ray._raylet import Config as RayConfig
+        from ray._raylet import Config as RayConfig  # type: ignore[attr-defined]
 
         RayConfig.initialize("")
     mode = os.environ["RAY_AUTH_MODE"]
@@ -324,7 +324,7 @@ def redis_for_run(b: BufferConfig, data_dir: Path) -> tuple[str, EmbeddedRedis |
     return redis.url, redis
 
 
-def vocab_size(tokenizer: Any, model_path: str) -> int:
+def vocab_size(tokenizer: Any, model_path: str | Path) -> int:
     """Token ids a rollout may hold: the larger of the tokenizer's size and the model's
     output rows (Qwen2.5 pads 151,665 tokens to 151,936 rows, and an engine samples over
     all of them). The buffer refuses ids at or above it (``RunSpec.vocab_size``)."""
