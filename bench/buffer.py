@@ -52,22 +52,32 @@ GROUP_SIZE, RESPONSE_TOKENS, PROMPT_TOKENS = 16, 512, 256
 SPEC = pb.RunSpec(algorithm="shuffle_r1", keep_ratio=0.5, shuffle_times=8, seed=1)
 
 
-def make_groups(run_id: str, step: int, count: int, rng: random.Random) -> list[pb.Group]:
+def make_groups(
+    run_id: str,
+    step: int,
+    count: int,
+    rng: random.Random,
+    *,
+    group_size: int = GROUP_SIZE,
+    prompt_tokens: int = PROMPT_TOKENS,
+    response_tokens: int = RESPONSE_TOKENS,
+) -> list[pb.Group]:
+    """``count`` random groups of one step (also ``buffer_chunking.py``'s)."""
     return [
         pb.Group(
             run_id=run_id,
             step=step,
             prompt_id=f"prompt-{i:05d}",
-            prompt_token_ids=[rng.randrange(150_000) for _ in range(PROMPT_TOKENS)],
+            prompt_token_ids=[rng.randrange(150_000) for _ in range(prompt_tokens)],
             rollouts=[
                 pb.Rollout(
-                    token_ids=[rng.randrange(150_000) for _ in range(RESPONSE_TOKENS)],
-                    logprobs=[-rng.random() * 3 for _ in range(RESPONSE_TOKENS)],
+                    token_ids=[rng.randrange(150_000) for _ in range(response_tokens)],
+                    logprobs=[-rng.random() * 3 for _ in range(response_tokens)],
                     reward=rng.choice([0.0, 0.1, 0.9, 1.0]),
                     weight_version=step,
                     truncated=rng.random() < 0.1,
                 )
-                for _ in range(GROUP_SIZE)
+                for _ in range(group_size)
             ],
         )
         for i in range(count)

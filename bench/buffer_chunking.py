@@ -31,34 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from protos import replay_buffer_pb2 as pb  # noqa: E402
+from buffer import SPEC, make_groups  # noqa: E402  (bench/buffer.py, beside this file)
+
 from services.embedded_redis import EmbeddedRedis, redis_client  # noqa: E402
 from services.replay_buffer import logic  # noqa: E402
 from services.replay_buffer.store import BufferStore  # noqa: E402
 from shuffle_r1.config import AlgorithmConfig  # noqa: E402
-
-SPEC = pb.RunSpec(algorithm="shuffle_r1", keep_ratio=0.5, shuffle_times=8, seed=1)
-
-
-def make_groups(count: int, n: int, tokens: int, step: int) -> list[pb.Group]:
-    rng = random.Random(step)
-    return [
-        pb.Group(
-            run_id="bench",
-            step=step,
-            prompt_id=f"p{i:06d}",
-            prompt_token_ids=[rng.randrange(50_000) for _ in range(tokens)],
-            rollouts=[
-                pb.Rollout(
-                    token_ids=[rng.randrange(50_000) for _ in range(tokens)],
-                    logprobs=[-rng.random() for _ in range(tokens)],
-                    reward=float(rng.random() < 0.5),
-                )
-                for _ in range(n)
-            ],
-        )
-        for i in range(count)
-    ]
 
 
 def measure(url: str, records: list, unchunked: bool) -> dict[str, float]:
@@ -112,7 +90,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="rollouts per group")
     parser.add_argument("--tokens", type=int, default=6, help="prompt and response tokens")
     args = parser.parse_args()
-    groups = make_groups(args.groups, args.n, args.tokens, step=0)
+    groups = make_groups(
+        "bench", 0, args.groups, random.Random(0),
+        group_size=args.n, prompt_tokens=args.tokens, response_tokens=args.tokens,
+    )  # fmt: skip
     spec = logic.resolve_spec(SPEC, AlgorithmConfig(), "bench")
     records = logic.prepare_groups(groups, spec)
     with EmbeddedRedis() as private:
