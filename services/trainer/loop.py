@@ -66,7 +66,7 @@ from services.trainer.state import (
     write_state,
 )
 from shuffle_r1.algos import advantage_collapse_share, grpo_advantages
-from shuffle_r1.config import BufferConfig, Config, DataConfig, save_config
+from shuffle_r1.config import BufferConfig, Config, DataConfig, is_loopback, save_config
 from shuffle_r1.data import (
     Example,
     ImageSpec,
@@ -313,8 +313,7 @@ def redis_for_run(b: BufferConfig, data_dir: Path) -> tuple[str, EmbeddedRedis |
                 f"the Redis at {redact(url)} (buffer.redis_url) refuses this run: {why}; "
                 f"check the password (in the URL or ${PASSWORD_ENV}) and the TLS settings"
             )
-        host = urlsplit(url).hostname or ""
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        if not is_loopback(urlsplit(url).hostname or ""):
             raise RuntimeError(
                 f"no Redis answers at {redact(url)} (buffer.redis_url); check the host "
                 "and port, or use 'embedded'"
