@@ -11,7 +11,12 @@ it starts inherits (Ray passes its environment down to the raylet and from there
 worker), then starts a small watcher process in its own session whose standard input is a
 pipe from the driver. The kernel closes that pipe when the driver exits, however it
 exits; the watcher then sends SIGTERM to every process of this user whose environment
-carries the mark, waits ``grace_s`` seconds and sends SIGKILL to those still there.
+carries the mark, waits ``grace_s`` seconds and sends SIGKILL to those still there, again
+and again until none is left (a Ray agent was once measured still running 30 s after a
+single such pass: the CI run of issue #20). While the driver runs, the watcher also
+records the driver's descendants every ``SCAN_S`` seconds (PID and start time, so a reused
+PID is never taken for one), and stops those the same way: a process whose environment
+could not be read, or that cleared its environment, is still found.
 
 Linux only (it reads ``/proc/<pid>/environ``); elsewhere :func:`start_reaper` does nothing.
 Processes of a Ray cluster that the run joins (``cluster.ray_address`` not ``local``) do not
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -30,6 +36,8 @@ import time
 from pathlib import Path
 
 MARK_ENV = "SHUFFLE_R1_RUN_MARK"
+SCAN_S = 2.0  # how often the watcher records the driver's descendants
+KILL_FOR_S = 20.0  # how long after the grace the watcher keeps killing what it finds
 
 
 def start_reaper(grace_s: float = 5.0) -> subprocess.Popen[bytes] | None:
@@ -42,7 +50,7 @@ def start_reaper(grace_s: float = 5.0) -> subprocess.Popen[bytes] | None:
     os.environ[MARK_ENV] = mark
     env = {k: v for k, v in os.environ.items() if k != MARK_ENV}  # never its own target
     return subprocess.Popen(
-        [sys.executable, "-m", "services.trainer.reaper", mark, str(grace_s)],
+        [sys.executable, "-m", "services.trainer.reaper", mark, str(grace_s), str(os.getpid())],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         cwd=Path(__file__).resolve().parents[2],
@@ -80,18 +88,69 @@ def marked(mark: str) -> list[int]:
     return found
 
 
-def reap(mark: str, grace_s: float) -> list[int]:
-    """SIGTERM every marked process, SIGKILL those still there after ``grace_s``; return
-    the PIDs that were signalled."""
-    pids = marked(mark)
-    for pid in pids:
+def reap(mark: str, grace_s: float, known: dict[int, str] | None = None) -> list[int]:
+    """SIGTERM every marked process and every still-running process of ``known``
+    (``{pid: start time}``, :func:`descendants`), then SIGKILL those still there after
+    ``grace_s``, repeatedly, until none is left or ``KILL_FOR_S`` more seconds have passed.
+    Returns the PIDs that were signalled."""
+    known = known or {}
+
+    def targets() -> set[int]:
+        found = set(marked(mark))
+        found.update(pid for pid, start in known.items() if _start_time(pid) == start)
+        return {p for p in found if p > 1 and p != os.getpid() and _alive(p)}  # never itself
+
+    signalled = targets()
+    for pid in signalled:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(_alive(p) for p in signalled):
         time.sleep(0.1)
-    for pid in marked(mark):
-        _signal(pid, signal.SIGKILL)
-    return pids
+    deadline = time.monotonic() + KILL_FOR_S
+    while (left := targets()) and time.monotonic() < deadline:
+        for pid in left:
+            _signal(pid, signal.SIGKILL)
+        signalled |= left
+        time.sleep(0.2)
+    return sorted(signalled)
+
+
+def descendants(root: int) -> dict[int, str]:
+    """``{pid: start time}`` of every process below ``root`` (children, their children,
+    ...), from ``/proc/<pid>/stat``.
+
+    Raises:
+        ValueError: ``root`` <= 1 (everything is below init).
+    """
+    if root <= 1:
+        raise ValueError(f"refusing to list the descendants of PID {root}")
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(entry.name)] = int(fields[1])
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[int, str] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        start = _start_time(pid)
+        if start is not None and pid not in found:
+            found[pid] = start
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of ``pid`` (clock ticks since boot, field 22 of ``/proc/<pid>/stat``),
+    None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -108,11 +167,19 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    mark, grace_s = argv[0], float(argv[1])
+    mark, grace_s, driver = argv[0], float(argv[1]), int(argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the driver's
-    while sys.stdin.buffer.read(4096):  # returns b"" once the driver has exited
-        pass
-    reap(mark, grace_s)
+    known: dict[int, str] = {}
+    stdin = sys.stdin.buffer.fileno()
+    while True:
+        # the driver's descendants, while it is still this process's parent: once it has
+        # died this process belongs to another (init), whose tree is not the run's
+        if os.getppid() == driver:
+            known.update(descendants(driver))
+        ready, _, _ = select.select([stdin], [], [], SCAN_S)
+        if ready and not os.read(stdin, 4096):  # b"" once the driver has exited
+            break
+    reap(mark, grace_s, known)
     return 0
 
 

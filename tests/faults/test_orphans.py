@@ -86,3 +86,32 @@ def test_reaper_stops_every_process_the_run_started() -> None:
                 os.kill(pid, signal.SIGKILL)
         bystander.kill()
         bystander.wait()
+
+
+def test_reaper_stops_a_descendant_without_the_mark() -> None:
+    # `env -i` starts sleep with an empty environment: no mark to find it by. The watcher
+    # recorded it as the driver's descendant while the driver ran (every SCAN_S seconds).
+    from services.trainer.reaper import SCAN_S
+
+    driver, pids = _run_driver(
+        "import subprocess, time\n"
+        "from services.trainer.reaper import start_reaper\n"
+        "start_reaper(grace_s=1)\n"
+        "child = subprocess.Popen(['env', '-i', 'sleep', '120'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    try:
+        deadline = time.monotonic() + 10  # until `env` has exec'd sleep without it
+        while b"SHUFFLE_R1_RUN_MARK" in Path(f"/proc/{pids[0]}/environ").read_bytes():
+            assert time.monotonic() < deadline, "env -i kept the environment"
+            time.sleep(0.05)
+        time.sleep(2.5 * SCAN_S)  # at least one scan while the driver runs
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        alive = _gone_within(pids, 15)
+        assert not alive, f"still running after the driver's SIGKILL: {alive}"
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
