@@ -629,10 +629,17 @@ class LearnerGroup:
         batch; the loss and the gradient are the same."""
         return self.cfg.learner.ppo_epochs == 1 and num_rollouts <= self.rollouts_per_minibatch
 
-    def update(self, batch: TrainBatch, old_logprobs: Tensor | None) -> dict[str, float]:
+    def update(
+        self,
+        batch: TrainBatch,
+        old_logprobs: Tensor | None,
+        minibatches: list[list[int]] | None = None,
+    ) -> dict[str, float]:
         """Train on ``batch`` (docs/ALGORITHM.md §3.4, §4): ``learner.ppo_epochs`` passes over its
-        mini-batches of :attr:`rollouts_per_minibatch` rollouts, in order; one optimizer
-        step each, split across ranks and micro-batches (see ``LearnerWorker.train_step``).
+        mini-batches, in order; one optimizer step each, split across ranks and
+        micro-batches (see ``LearnerWorker.train_step``). The mini-batches are
+        ``minibatches`` when given, else consecutive runs of :attr:`rollouts_per_minibatch`
+        rollouts.
 
         Args:
             batch: rollouts, pairs adjacent; ``batch.ref_logprobs`` is needed when
@@ -641,6 +648,8 @@ class LearnerGroup:
                 with, as :meth:`compute_logprobs` returns them; None when
                 :meth:`single_step` holds: the update's own forward pass gives them
                 (detached; the ratio is exactly 1).
+            minibatches: the rows of each optimizer mini-batch (an ABS batch's layout,
+                ``shuffle_r1.training.abs_minibatch_rows``); both rollouts of a pair in one.
 
         Returns:
             means over micro-batches of ``policy_loss``, ``pg_loss``, ``kl``,
@@ -654,7 +663,8 @@ class LearnerGroup:
         """
         if len(batch) == 0:
             raise ValueError("update() got an empty batch; skip the update instead")
-        if old_logprobs is None and batch.old_logprobs is None and not self.single_step(len(batch)):
+        one_step = self.single_step(len(batch)) and (minibatches is None or len(minibatches) < 2)
+        if old_logprobs is None and batch.old_logprobs is None and not one_step:
             raise ValueError(
                 f"update() without old_logprobs needs one optimizer step, but {len(batch)} "
                 f"rollouts make {math.ceil(len(batch) / self.rollouts_per_minibatch)} "
@@ -670,7 +680,8 @@ class LearnerGroup:
         records: list[dict[str, float]] = []
         norms, steps, lr = [], 0, float("nan")
         for _ in range(self.cfg.learner.ppo_epochs):
-            for rows in minibatch_slices(len(batch), self.rollouts_per_minibatch):
+            cuts = minibatches or minibatch_slices(len(batch), self.rollouts_per_minibatch)
+            for rows in cuts:
                 results = [r for _, r in self._run("train_step", batch.select(rows))]
                 records.extend(m for r in results for m in r["micro"])
                 norms.append(results[0]["grad_norm"])

@@ -42,6 +42,9 @@ from shuffle_r1.limits import (
 )
 from shuffle_r1.precision import DTYPE_CHOICES
 
+# algorithm.abs_minibatch_order's choices (shuffle_r1.training.abs_minibatch_rows)
+ABS_MINIBATCH_ORDERS = ("interleaved", "sequential")
+
 ALGORITHMS = ("grpo", "grpo+pts", "shuffle_r1")
 # Secrets a recipe need not hold: an empty buffer.auth_token / reward.http_token is taken from
 # these environment variables when the service starts (and when the config is checked).
@@ -158,6 +161,10 @@ class AlgorithmConfig:
     kl_coef: float = 0.0
     kl_type: str = "low_var_kl"  # low_var_kl | kl | abs | mse
     collapse_tau: float = 0.1
+    # how the learner cuts an ABS batch into optimizer mini-batches
+    # (shuffle_r1.training.abs_minibatch_rows): "interleaved", the upstream layout, gives
+    # optimizer step k the k-th slice of every ABS round; "sequential" gives it whole rounds
+    abs_minibatch_order: str = "interleaved"
 
     @property
     def uses_pts(self) -> bool:
@@ -512,6 +519,7 @@ def validate(cfg: Config) -> Config:
     _at_least("algorithm.kl_coef", a.kl_coef, 0.0)
     _choice("algorithm.kl_type", a.kl_type, ("low_var_kl", "kl", "abs", "mse"))
     _at_least("algorithm.collapse_tau", a.collapse_tau, 0.0)
+    _choice("algorithm.abs_minibatch_order", a.abs_minibatch_order, ABS_MINIBATCH_ORDERS)
 
     _choice("learner.backend", le.backend, ("fsdp2", "deepspeed"))
     _at_least("learner.num_ranks", le.num_ranks, 1)

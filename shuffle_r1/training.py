@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from shuffle_r1.algos import pairs_kept
+from shuffle_r1.config import ABS_MINIBATCH_ORDERS
 
 
 @dataclass
@@ -93,15 +94,26 @@ class TrainBatch:
         """Tokens in the longest response (0 for an empty batch)."""
         return max((len(r) for r in self.response_token_ids), default=0)
 
-    def select(self, rows: slice) -> TrainBatch:
-        """The rollouts ``rows`` (a slice of rollout indices) as a new batch."""
+    def select(self, rows: slice | Sequence[int]) -> TrainBatch:
+        """The rollouts ``rows`` (a slice, or a list of rollout indices in the order wanted)
+        as a new batch."""
+        if isinstance(rows, slice):
+            return TrainBatch(
+                prompt_token_ids=self.prompt_token_ids[rows],
+                response_token_ids=self.response_token_ids[rows],
+                advantages=self.advantages[rows],
+                old_logprobs=None if self.old_logprobs is None else self.old_logprobs[rows],
+                ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows],
+                images=self.images[rows],
+            )
+        index = torch.tensor(list(rows), dtype=torch.long)
         return TrainBatch(
-            prompt_token_ids=self.prompt_token_ids[rows],
-            response_token_ids=self.response_token_ids[rows],
-            advantages=self.advantages[rows],
-            old_logprobs=None if self.old_logprobs is None else self.old_logprobs[rows],
-            ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows],
-            images=self.images[rows],
+            prompt_token_ids=[self.prompt_token_ids[i] for i in rows],
+            response_token_ids=[self.response_token_ids[i] for i in rows],
+            advantages=self.advantages[index],
+            old_logprobs=None if self.old_logprobs is None else self.old_logprobs[index],
+            ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[index],
+            images=[self.images[i] for i in rows] if self.images else [],
         )
 
     @property
@@ -330,6 +342,101 @@ def minibatch_slices(num_rollouts: int, rollouts_per_minibatch: int) -> list[sli
         slice(start, min(start + rollouts_per_minibatch, num_rollouts))
         for start in range(0, num_rollouts, rollouts_per_minibatch)
     ]
+
+
+def abs_minibatch_rows(
+    round_sizes: Sequence[int], rollouts_per_minibatch: int, order: str = "interleaved"
+) -> list[list[int]]:
+    """The rollout rows of each optimizer mini-batch of an ABS batch (docs/ALGORITHM.md §3.4).
+
+    The batch holds the drawn pairs round after round (``round_sizes[r]`` pairs in round
+    r, each pair two adjacent rollouts). It makes ``K = ceil(2·D / rollouts_per_minibatch)``
+    optimizer steps, D = ``sum(round_sizes)``, whichever the order:
+
+    - ``"sequential"``: mini-batch k is rollouts [k·M, (k+1)·M) of the batch, M =
+      ``rollouts_per_minibatch`` (:func:`minibatch_slices`): step k gets whole rounds.
+    - ``"interleaved"`` (the upstream layout): every round is cut into K contiguous parts and
+      mini-batch k is part k of every round, rounds in order. Upstream (Shuffle-R1's code
+      on verl, 8 data-parallel ranks, S = 8) hands each rank one round as its chunk and
+      each optimizer step takes the next slice of every rank's chunk, so step k trains on
+      positions [k·T/K, (k+1)·T/K) of every round and the first step holds each round's
+      first (highest-Φ) draws. Parts differ by at most one pair: round r's ``T_r mod K``
+      longer parts go to the mini-batches after those the previous rounds lengthened, so
+      mini-batch sizes also differ by at most one pair. When K divides every ``T_r`` this
+      is exactly the upstream layout.
+
+    With one round (S = 1, GRPO+PTS) both orders are the same.
+
+    Args:
+        round_sizes: pairs per round, as :class:`~shuffle_r1.algos.ShuffleResult` gives them.
+        rollouts_per_minibatch: M, an even number >= 2.
+        order: ``"interleaved"`` or ``"sequential"``.
+
+    Returns:
+        K lists of row indices into the batch, both rows of a pair always in the same list,
+        none empty.
+
+    Raises:
+        ValueError: an unknown order, a negative round size or an invalid M.
+    """
+    if order not in ABS_MINIBATCH_ORDERS:
+        raise ValueError(f"order must be one of {ABS_MINIBATCH_ORDERS}, got {order!r}")
+    if any(t < 0 for t in round_sizes):
+        raise ValueError(f"round sizes must be >= 0, got {list(round_sizes)}")
+    _check_even("rollouts_per_minibatch", rollouts_per_minibatch, 2)
+    total = 2 * sum(round_sizes)
+    if order == "sequential":
+        return [
+            list(range(s.start, s.stop)) for s in minibatch_slices(total, rollouts_per_minibatch)
+        ]
+    count = math.ceil(total / rollouts_per_minibatch)
+    minibatches: list[list[int]] = [[] for _ in range(count)]
+    first_pair, cursor = 0, 0  # cursor: the mini-batch that gets the next longer part
+    for size in round_sizes:
+        base, extra = divmod(size, count) if count else (0, 0)
+        longer = {(cursor + i) % count for i in range(extra)}
+        cursor = (cursor + extra) % count if count else 0
+        pair = first_pair
+        for k in range(count):
+            part = base + (k in longer)
+            minibatches[k].extend(range(2 * pair, 2 * (pair + part)))
+            pair += part
+        first_pair += size
+    return [rows for rows in minibatches if rows]
+
+
+def minibatch_pair_stats(
+    pair_indices: Sequence[int], minibatches: Sequence[Sequence[int]]
+) -> dict[str, float]:
+    """What each optimizer step of an ABS batch rests on (docs/ALGORITHM.md §3).
+
+    Args:
+        pair_indices: the batch's rollouts' pair index (``SampledItem.pair_index``), one
+            per row.
+        minibatches: rows of each optimizer mini-batch (:func:`abs_minibatch_rows`).
+
+    Returns:
+        ``minibatches`` (K); ``pairs_per_minibatch`` (drawn pairs, repeats counted) and
+        ``distinct_pairs_per_minibatch``, means over the K steps; ``max_multiplicity``, the
+        most times one pair recurs within one step; ``distinct_pairs``, over the whole
+        batch. Empty input gives zeros.
+    """
+    per_step, distinct, most = [], [], 0
+    for rows in minibatches:
+        counts: dict[int, int] = {}
+        for row in rows[::2]:  # a pair is two adjacent rows
+            counts[pair_indices[row]] = counts.get(pair_indices[row], 0) + 1
+        per_step.append(sum(counts.values()))
+        distinct.append(len(counts))
+        most = max([most, *counts.values()])
+    k = len(per_step)
+    return {
+        "minibatches": float(k),
+        "pairs_per_minibatch": sum(per_step) / k if k else 0.0,
+        "distinct_pairs_per_minibatch": sum(distinct) / k if k else 0.0,
+        "max_multiplicity": float(most),
+        "distinct_pairs": float(len(set(pair_indices))),
+    }
 
 
 def pair_aligned_shards(num_rollouts: int, num_shards: int) -> list[slice]:

@@ -314,7 +314,8 @@ class DrawnBatch:
         item_count: items in the batch.
         groups: the StoredGroups the draw was over, in ascending prompt_id order.
         pairs_total: P (0 under ``grpo``).
-        shortfall, skipped: as :class:`shuffle_r1.algos.ShuffleResult`.
+        shortfall, skipped, round_sizes: as :class:`shuffle_r1.algos.ShuffleResult`
+            (``round_sizes`` empty under ``grpo``).
         rollout_silence_ratio, advantage_collapse_share: over the items (§5); NaN if none.
     """
 
@@ -326,6 +327,7 @@ class DrawnBatch:
     skipped: bool
     rollout_silence_ratio: float
     advantage_collapse_share: float
+    round_sizes: tuple[int, ...] = ()
 
 
 def draw_batch(
@@ -350,6 +352,7 @@ def draw_batch(
         tail_bytes = tail.SerializeToString()
         picks = [(g, j, tail_bytes) for g, b in enumerate(bodies) for j in range(len(b))]
         pairs_total, shortfall, skipped = 0, 0, total == 0
+        round_sizes: tuple[int, ...] = ()
     else:
         owner = [(g, k) for g, group in enumerate(groups) for k in range(len(group.pair_weights))]
         weights = torch.tensor([w for g in groups for w in g.pair_weights], dtype=torch.float64)
@@ -361,6 +364,7 @@ def draw_batch(
             tail_bytes = pb.SampledItem(pair_index=p, draw_probability=phi).SerializeToString()
             picks += ((g, 2 * k, tail_bytes), (g, 2 * k + 1, tail_bytes))
         pairs_total, shortfall, skipped = len(owner), drawn.shortfall, drawn.skipped
+        round_sizes = drawn.round_sizes
     heads = [g.item_head for g in groups]
     group_advantages = [list(g.advantages) for g in groups]
     group_truncated = [list(g.truncated) for g in groups]
@@ -384,6 +388,7 @@ def draw_batch(
         skipped=skipped,
         rollout_silence_ratio=rollout_silence_ratio(advantages, truncated),
         advantage_collapse_share=advantage_collapse_share(advantages, collapse_tau),
+        round_sizes=round_sizes,
     )
 
 

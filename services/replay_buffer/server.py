@@ -330,6 +330,7 @@ class ReplayBufferServicer:
             spec=spec,
             rollout_silence_ratio=batch.rollout_silence_ratio,
             advantage_collapse_share=batch.advantage_collapse_share,
+            round_sizes=batch.round_sizes,
         )
         for g in batch.groups:
             if g.images:

@@ -77,7 +77,7 @@ from shuffle_r1.data import (
 from shuffle_r1.data.images import expand_image_tokens
 from shuffle_r1.models import is_vision_language, resolve_model_path
 from shuffle_r1.precision import DtypeChoice, cpu_description, resolve_dtype
-from shuffle_r1.training import TrainBatch
+from shuffle_r1.training import TrainBatch, abs_minibatch_rows, minibatch_pair_stats
 
 logger = logging.getLogger(__name__)
 
@@ -728,7 +728,15 @@ class Trainer:
             times["old_logprobs"] = time.perf_counter() - t
             m["learner/old_logprobs_reused"] = float(reuse)
             t = time.perf_counter()
-            m.update({f"learner/{k}": v for k, v in self.learner.update(batch, old).items()})
+            minibatches = self._minibatches(sample)
+            if minibatches is not None:
+                pairs = [it.pair_index for it in sample.items]
+                m.update(
+                    {f"abs/{k}": v for k, v in minibatch_pair_stats(pairs, minibatches).items()}
+                )
+            m.update(
+                {f"learner/{k}": v for k, v in self.learner.update(batch, old, minibatches).items()}
+            )
             times["update"] = time.perf_counter() - t
             t = time.perf_counter()
             self.learner.publish_weights()
@@ -742,6 +750,18 @@ class Trainer:
         self.exporter.observe_step(step + 1, m, advantages.tolist(), pair_draws)
         self.exporter.count_error("rollout", "resent", gen.resent)
         return m
+
+    def _minibatches(self, sample: Any) -> list[list[int]] | None:
+        """The rows of each optimizer mini-batch of a sampled PTS batch: by
+        ``algorithm.abs_minibatch_order`` over the rounds the buffer drew (one round under
+        ``grpo+pts``, where both orders agree). None under ``grpo``: consecutive runs."""
+        if not sample.round_sizes:
+            return None
+        return abs_minibatch_rows(
+            list(sample.round_sizes),
+            self.learner.rollouts_per_minibatch,
+            self.cfg.algorithm.abs_minibatch_order,
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Mean pass@1 on the validation prompts at ``rollout.val_temperature`` (0: greedy)

@@ -27,6 +27,10 @@ class ShuffleResult:
             ``T_r`` had non-zero weight (summed over rounds).
         skipped: the batch is empty (all weights 0, or no pairs), so the step's update is
             skipped.
+        round_sizes: pairs each round drew, in order (``sum == D``): ``indices`` is their
+            concatenation. ``[P]`` for S = 1; rounds that drew nothing are left out.
+            How the learner cuts the rounds into optimizer mini-batches is
+            :func:`shuffle_r1.training.abs_minibatch_rows`.
     """
 
     indices: Tensor
@@ -34,6 +38,7 @@ class ShuffleResult:
     draw_probabilities: Tensor
     shortfall: int
     skipped: bool
+    round_sizes: tuple[int, ...] = ()
 
 
 def abs_round_sizes(num_pairs: int, shuffle_times: int) -> list[int]:
@@ -97,6 +102,7 @@ def advantage_based_batch_shuffle(
     if shuffle_times == 1:
         indices = torch.arange(pair_weights.numel(), device=pair_weights.device)
         shortfall = 0
+        drawn_sizes = [pair_weights.numel()] if pair_weights.numel() else []
     else:
         drawable = int((pair_weights > 0).sum())
         rounds = [
@@ -106,10 +112,12 @@ def advantage_based_batch_shuffle(
         ]
         indices = torch.cat(rounds) if rounds else pair_weights.new_zeros(0, dtype=torch.long)
         shortfall = sum(sizes) - indices.numel()
+        drawn_sizes = [r.numel() for r in rounds]
     return ShuffleResult(
         indices=indices,
         probabilities=probabilities,
         draw_probabilities=probabilities[indices],
         shortfall=shortfall,
         skipped=indices.numel() == 0,
+        round_sizes=tuple(drawn_sizes),
     )
