@@ -20,7 +20,7 @@ test: setup protos
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (bench/, README "Benchmarks"): BENCHES picks them, default the system ones;
-# BENCHES=algorithms runs the ~2 h GRPO / GRPO+PTS / Shuffle-R1 sweep. TRL (the peer of
+# BENCHES=algorithms runs the ~100 min GRPO / GRPO+PTS / Shuffle-R1 sweep. TRL (the peer of
 # bench/throughput.py) installs here, held to the runtime's pins.
 BENCHES ?=
 bench: setup protos

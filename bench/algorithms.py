@@ -1,33 +1,30 @@
-"""Algorithm benchmark: GRPO vs GRPO+PTS vs Shuffle-R1 (GRPO+PTS+ABS), same budget (issue #7).
+"""Algorithm benchmark: does Shuffle-R1 pay off? GRPO vs GRPO+PTS vs Shuffle-R1 (issue #16).
 
-The paper's headline (Shuffle-R1, §4: PTS+ABS reaches GRPO's accuracy in fewer steps) at
-the scale one CPU machine runs: SmolLM2-135M-Instruct on two-digit addition
-(``data/add2``, recipe ``bench/configs/arith_smollm2_cpu.yaml``). Every run has the
-same model, data, rollout budget (8 prompts x n = 8 = 64 generated rollouts per step),
-optimizer steps per training step and evaluation; runs differ only in ``algorithm.name``
-and the seed (``trainer.seed`` = ``data.seed``: sampling, data order and ABS draws).
+The paper's claim (Shuffle-R1, §4: PTS+ABS reaches GRPO's accuracy in about half the
+steps) tested at the paper's update structure, at the scale one CPU machine runs:
+SmolLM2-135M-Instruct on two-digit addition (``data/add2``), recipe
+``bench/configs/algorithms.yaml``. Three arms (:data:`ARMS`):
 
-    python bench/algorithms.py sweep [--seeds 1 2 3] [--steps 16] [--out DIR]
-    python bench/algorithms.py summarize [--out DIR]
+- ``grpo``: n = 8, trains on every rollout;
+- ``grpo+pts``: n = 16, PTS keeps α = 0.5 (8 rollouts a group), no re-draw (S = 1);
+- ``shuffle_r1``: n = 16, α = 0.5, ABS with S = 4, mini-batches interleaved
+  (``algorithm.abs_minibatch_order``, the upstream layout).
 
-``sweep`` runs each (algorithm, seed) as its own process (``run-one``: a fresh Ray, so one
-failed run does not end the sweep) and skips runs already complete under ``--out``, so an
-interrupted sweep continues where it stopped. Each run folder holds the trainer's
-``metrics.jsonl``, whose ``step`` -1 row is the held-out accuracy before the first update.
+All arms: the same prompts per step (8), the same **trained** rollouts per step (64), K = 4
+optimizer steps per rollout batch, ``ppo_epochs`` 1, constant lr, the same clip,
+temperature, response length and, for a seed, the same prompt order (``trainer.seed`` =
+``data.seed`` = the seed). Held-out: all 200 test problems, greedy, before the first update
+and every ``trainer.eval_every`` steps.
 
-``summarize`` prints one JSON object and writes ``summary.json`` and ``algorithms.png``
-under ``--out``:
+    python bench/algorithms.py sweep [--seeds 1 2 3 4] [--steps 16] [--out DIR]
+    python bench/algorithms.py summarize [--out DIR] [--results DIR]
 
-- ``val_accuracy``: held-out pass@1 (``rollout.val_n`` samples per problem at
-  ``rollout.val_temperature``) per evaluated step, mean and sample std over seeds;
-- ``steps_to_grpo_final``: the first evaluated step at which each algorithm's mean
-  accuracy reaches GRPO's mean accuracy at its last step (None: never), and its ratio to
-  GRPO's own such step (target: <= 0.5 for Shuffle-R1);
-- ``collapse_share_before_pts`` / ``collapse_share_after_abs``: the share of rollouts with
-  |A| < tau among all generated / among those trained on (docs/ALGORITHM.md §5), mean over steps
-  and seeds; ``silence_ratio``: 1 - the non-zero-gradient share of the rollouts trained on
-  (§5);
-- ``step_s``: mean wall time of a training step, seconds.
+``sweep`` runs each (arm, seed) as its own process (``run-one``: a fresh Ray, so one
+failed run does not end the sweep), seeds outermost, and skips runs already complete under
+``--out`` (``done.json``, written last), so an interrupted sweep loses at most the run it
+was in. ``summarize`` (also run at the end of ``sweep``) reads the complete runs and writes
+``summary.json`` and ``algorithms.png`` under ``--results`` (default
+``bench/results/algorithms``); see :func:`summarize` for what they hold.
 """
 
 from __future__ import annotations
@@ -47,73 +44,91 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ALGORITHMS = ("grpo", "grpo+pts", "shuffle_r1")
-LABELS = {"grpo": "GRPO", "grpo+pts": "GRPO+PTS", "shuffle_r1": "GRPO+PTS+ABS (Shuffle-R1)"}
-CONFIG = ROOT / "bench" / "configs" / "arith_smollm2_cpu.yaml"
+# arm -> the overrides that make it; everything else comes from CONFIG
+# (in the order a seed runs them)
+ARMS: dict[str, list[str]] = {
+    "shuffle_r1": ["algorithm.name=shuffle_r1", "rollout.n=16", "algorithm.shuffle_times=4"],
+    "grpo+pts": ["algorithm.name=grpo+pts", "rollout.n=16", "algorithm.shuffle_times=1"],
+    "grpo": ["algorithm.name=grpo", "rollout.n=8"],
+}
+LABELS = {"grpo": "GRPO n=8", "grpo+pts": "GRPO+PTS n=16", "shuffle_r1": "Shuffle-R1 n=16 S=4"}
+BASELINE = "grpo"
+CONFIG = ROOT / "bench" / "configs" / "algorithms.yaml"
 OUT = ROOT / "outputs" / "bench" / "algorithms"
+RESULTS = ROOT / "bench" / "results" / "algorithms"
+# per-step series of metrics.jsonl kept in summary.json (mean over seeds per step)
 TRAIN_SERIES = (
     "reward/accuracy",
     "diag/collapse_share_before_pts",
     "diag/collapse_share_after_abs",
     "diag/silence_ratio",
+    "buffer/shortfall",
+    "abs/minibatches",
+    "abs/pairs_per_minibatch",
+    "abs/distinct_pairs_per_minibatch",
+    "abs/max_multiplicity",
+    "abs/distinct_pairs",
+    "rollout/response_len_mean",
+    "time/step_s",
 )
+# two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard table)
+T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
 
 
-def run_dir(out: Path, algorithm: str, seed: int) -> Path:
-    return out / f"{algorithm.replace('+', '_')}-seed{seed}"
+def run_dir(out: Path, arm: str, seed: int) -> Path:
+    return out / f"{arm.replace('+', '_')}-seed{seed}"
 
 
-def run_one(algorithm: str, seed: int, steps: int, out: Path, config: Path) -> None:
-    """Train one (algorithm, seed) run into :func:`run_dir`; writes ``done.json`` last."""
+def run_one(arm: str, seed: int, steps: int, out: Path, config: Path) -> None:
+    """Train one (arm, seed) run into :func:`run_dir`; writes ``done.json`` last."""
     from services.trainer.loop import Trainer
+    from services.trainer.reaper import start_reaper
     from shuffle_r1.config import load_config
 
-    folder = run_dir(out, algorithm, seed)
+    start_reaper()  # a sweep stopped mid-run leaves nothing of this run running
+    folder = run_dir(out, arm, seed)
     cfg = load_config(
         config,
         [
-            f"algorithm.name={algorithm}",
+            *ARMS[arm],
             f"trainer.seed={seed}",
             f"data.seed={seed}",
             f"trainer.total_steps={steps}",
-            f"trainer.run_name=bench-{algorithm.replace('+', '-')}-s{seed}",
+            f"trainer.run_name=bench-{arm.replace('+', '-')}-s{seed}",
             f"trainer.output_dir={folder}",
         ],
     )
     started = time.perf_counter()
     with Trainer(cfg) as trainer:  # evaluates before the first update (step -1's row)
+        setup_s = time.perf_counter() - started
         summary = trainer.run()
-    done = {"steps": summary.steps, "wall_s": time.perf_counter() - started}
+    done = {"steps": summary.steps, "wall_s": time.perf_counter() - started, "setup_s": setup_s}
     (folder / "done.json").write_text(json.dumps(done))
 
 
 def sweep(seeds: Sequence[int], steps: int, out: Path, config: Path) -> int:
-    """Run every missing (algorithm, seed) in turn, seeds outermost (so a partial sweep has
-    all three algorithms for its first seeds). Returns the number of failed runs."""
+    """Run every missing (arm, seed) in turn, seeds outermost (so a partial sweep has every
+    arm for its first seeds). Returns the number of failed runs."""
     failed = 0
     for seed in seeds:
-        for algorithm in ALGORITHMS:
-            folder = run_dir(out, algorithm, seed)
+        for arm in ARMS:
+            folder = run_dir(out, arm, seed)
             done = folder / "done.json"
             if done.is_file() and json.loads(done.read_text())["steps"] >= steps:
                 print(f"[sweep] {folder.name}: complete, skipped", flush=True)
                 continue
+            if folder.exists():  # an interrupted run: start it again from nothing
+                for stale in ("metrics.jsonl", "prompts.jsonl"):
+                    (folder / stale).unlink(missing_ok=True)
             folder.mkdir(parents=True, exist_ok=True)
             cmd = [
-                sys.executable,
-                __file__,
-                "run-one",
-                "--algorithm",
-                algorithm,
-                "--seed",
-                str(seed),
-                "--steps",
-                str(steps),
-                "--out",
-                str(out),
-                "--config",
-                str(config),
-            ]
+                sys.executable, __file__, "run-one", "--arm", arm, "--seed", str(seed),
+                "--steps", str(steps), "--out", str(out), "--config", str(config),
+            ]  # fmt: skip
             t = time.perf_counter()
             with (folder / "run.log").open("w") as log:
                 rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -123,125 +138,214 @@ def sweep(seeds: Sequence[int], steps: int, out: Path, config: Path) -> int:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    rows: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["step"]] = row  # the last row of a step wins
+    return [rows[s] for s in sorted(rows)]
 
 
 def load_runs(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    """``{algorithm: {seed: {"eval": {step: accuracy}, "train": [row, ...]}}}`` for every
-    complete run under ``out``. Evaluated steps count updates: 0 is the base model, k the
-    model after k training steps (the trainer's row of step k-1)."""
-    runs: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in ALGORITHMS}
-    for algorithm in ALGORITHMS:
-        prefix = f"{algorithm.replace('+', '_')}-seed"
+    """``{arm: {seed: run}}`` for every complete run under ``out``. A run holds ``eval``
+    (``{k: accuracy}``, k = updates done: 0 is the base model, k the model after k training
+    steps, i.e. the trainer's row of step k-1), ``train`` (the step rows), ``elapsed``
+    (``{k: seconds of training and evaluation until that evaluation}``), ``generated``
+    (rollouts generated per step) and ``n_val`` (held-out samples per evaluation)."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in ARMS}
+    for arm in ARMS:
+        prefix = f"{arm.replace('+', '_')}-seed"
         for folder in sorted(out.glob(prefix + "*")):
-            if not (folder / "done.json").is_file() or not folder.name[len(prefix) :].isdigit():
+            seed = folder.name[len(prefix) :]
+            if not (folder / "done.json").is_file() or not seed.isdigit():
                 continue
             rows = _read_jsonl(folder / "metrics.jsonl")  # step -1: the evaluation before
-            evals = {r["step"] + 1: r["val/accuracy"] for r in rows if "val/accuracy" in r}
+            evals, elapsed, clock = {}, {}, 0.0
+            for r in rows:
+                clock += r.get("time/step_s", 0.0) + r.get("time/eval_s", 0.0)
+                if "val/accuracy" in r:
+                    evals[r["step"] + 1] = r["val/accuracy"]
+                    elapsed[r["step"] + 1] = clock
             train = [r for r in rows if r["step"] >= 0]
-            runs[algorithm][int(folder.name[len(prefix) :])] = {"eval": evals, "train": train}
+            n = next(int(a.split("=")[1]) for a in ARMS[arm] if a.startswith("rollout.n="))
+            prompts = _prompts_per_step(folder)
+            runs[arm][int(seed)] = {
+                "eval": evals,
+                "elapsed": elapsed,
+                "train": train,
+                "generated": n * prompts,
+                "n_val": int(next((r["val/samples"] for r in rows if "val/samples" in r), 0)),
+            }
     return runs
 
 
-def first_step_reaching(curve: dict[int, float], target: float) -> int | None:
+def _prompts_per_step(folder: Path) -> int:
+    rows = _read_jsonl(folder / "prompts.jsonl")
+    return len(rows[0]["prompt_ids"]) if rows else 0
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample sd and the 95% t interval of the mean over ``values`` (NaN where there
+    are too few values)."""
+    if not values:
+        return {"mean": math.nan, "sd": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "sd": math.nan, "lo": math.nan, "hi": math.nan, "n": 1}
+    sd = statistics.stdev(values)
+    half = T975[min(len(values) - 1, len(T975)) - 1] * sd / math.sqrt(len(values))
+    return {"mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "n": len(values)}
+
+
+def first_reaching(curve: dict[int, float], target: float) -> int | None:
     """The first evaluated step whose accuracy is >= ``target`` (1e-9 slack), or None."""
     return next((s for s in sorted(curve) if curve[s] >= target - 1e-9), None)
 
 
 def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """The numbers described in the module docstring, from :func:`load_runs`' result.
-    Only seeds that every algorithm completed are compared. Raises ``ValueError`` when no
-    seed has all three algorithms."""
-    seeds = sorted(set.intersection(*(set(runs[a]) for a in ALGORITHMS)))
+    """The analysis the claim needs, over the seeds every arm completed.
+
+    Returns a dict with, per arm (``arms``): ``curves`` (per seed: held-out accuracy at each
+    evaluated step, and the seconds it took to get there), ``val_accuracy`` (per step: mean,
+    sd, 95% t interval over seeds), ``per_step`` (mean over seeds of :data:`TRAIN_SERIES`),
+    ``steps_to_baseline_final`` (first evaluated step at which the arm's mean reaches GRPO's
+    final mean; None: never) with the same in generated rollouts and in seconds, collapse /
+    silence / ABS means; and ``paired_difference`` (per arm other than GRPO, per evaluated
+    step: the mean over seeds of arm − GRPO on the same seed, its 95% t interval), the
+    baseline's ``final_slope`` (accuracy per step over its last ``eval_every``-step
+    interval) and the per-run binomial s.e. of one evaluation.
+
+    Raises:
+        ValueError: no seed has a complete run of every arm.
+    """
+    seeds = sorted(set.intersection(*(set(runs[a]) for a in ARMS)))
     if not seeds:
-        raise ValueError("no seed has a complete run of every algorithm; run the sweep first")
-    result: dict[str, Any] = {"seeds": seeds, "algorithms": {}}
-    mean_curves: dict[str, dict[int, float]] = {}
-    for algorithm in ALGORITHMS:
-        steps = sorted(set.intersection(*(set(runs[algorithm][s]["eval"]) for s in seeds)))
-        curve = {
-            step: _mean_sd([runs[algorithm][s]["eval"][step] for s in seeds]) for step in steps
-        }
-        mean_curves[algorithm] = {step: m for step, (m, _) in curve.items()}
-        train: dict[str, float] = {}
-        for key in (*TRAIN_SERIES, "time/step_s"):
-            values = [r[key] for s in seeds for r in runs[algorithm][s]["train"] if key in r]
-            train[key] = _mean_sd(values)[0]
-        per_step = {
+        raise ValueError("no seed has a complete run of every arm; run the sweep first")
+    steps = sorted(set.intersection(*(set(runs[a][s]["eval"]) for a in ARMS for s in seeds)))
+    out: dict[str, Any] = {"seeds": seeds, "eval_steps": steps, "arms": {}}
+    means: dict[str, dict[int, float]] = {}
+    for arm in ARMS:
+        per = {s: runs[arm][s] for s in seeds}
+        curve = {k: mean_ci([per[s]["eval"][k] for s in seeds]) for k in steps}
+        means[arm] = {k: c["mean"] for k, c in curve.items()}
+        length = min(len(per[s]["train"]) for s in seeds)
+        series = {
             key: [
-                _mean_sd([runs[algorithm][s]["train"][i][key] for s in seeds])[0]
-                for i in range(min(len(runs[algorithm][s]["train"]) for s in seeds))
+                statistics.fmean(vals) if (vals := [per[s]["train"][i][key] for s in seeds
+                                                    if key in per[s]["train"][i]]) else None
+                for i in range(length)
             ]
             for key in TRAIN_SERIES
+        }  # fmt: skip
+        overall = {
+            key: statistics.fmean(v) if (v := [x for x in series[key] if x is not None]) else None
+            for key in TRAIN_SERIES
         }
-        result["algorithms"][algorithm] = {
-            "val_accuracy": {str(k): {"mean": m, "sd": sd} for k, (m, sd) in curve.items()},
-            "final_val_accuracy": curve[steps[-1]][0],
-            "best_val_accuracy": max(m for m, _ in curve.values()),
-            "train_accuracy_mean": train["reward/accuracy"],
-            "collapse_share_before_pts": train["diag/collapse_share_before_pts"],
-            "collapse_share_after_abs": train["diag/collapse_share_after_abs"],
-            "silence_ratio": train["diag/silence_ratio"],
-            "step_s": train["time/step_s"],
-            "per_step": per_step,
+        out["arms"][arm] = {
+            "label": LABELS[arm],
+            "overrides": ARMS[arm],
+            "generated_per_step": per[seeds[0]]["generated"],
+            "curves": {
+                str(s): {
+                    "val_accuracy": {str(k): per[s]["eval"][k] for k in steps},
+                    "elapsed_s": {str(k): per[s]["elapsed"][k] for k in steps},
+                }
+                for s in seeds
+            },
+            "val_accuracy": {str(k): c for k, c in curve.items()},
+            "final_val_accuracy": curve[steps[-1]],
+            "per_step": series,
+            "means": overall,
         }
-    grpo = mean_curves["grpo"]
-    target = grpo[max(grpo)]
-    grpo_steps = first_step_reaching(grpo, target)
-    result["grpo_final_val_accuracy"] = target
-    for algorithm in ALGORITHMS:
-        reached = first_step_reaching(mean_curves[algorithm], target)
-        entry = result["algorithms"][algorithm]
-        entry["steps_to_grpo_final"] = reached
-        entry["steps_ratio_vs_grpo"] = (
-            reached / grpo_steps if reached is not None and grpo_steps else None
+    base = means[BASELINE]
+    target = base[steps[-1]]
+    base_reached = first_reaching(base, target)
+    out["baseline"] = BASELINE
+    out["baseline_final_val_accuracy"] = target
+    if len(steps) >= 2:
+        k0, k1 = steps[-2], steps[-1]
+        out["baseline_final_slope_per_step"] = (base[k1] - base[k0]) / (k1 - k0)
+    n_val = min(runs[a][s]["n_val"] for a in ARMS for s in seeds)
+    out["n_val"] = n_val
+    out["binomial_se_one_eval"] = math.sqrt(target * (1 - target) / n_val) if n_val else None
+    for arm in ARMS:
+        entry = out["arms"][arm]
+        reached = first_reaching(means[arm], target)
+        elapsed = {k: statistics.fmean(runs[arm][s]["elapsed"][k] for s in seeds) for k in steps}
+        entry["steps_to_baseline_final"] = reached
+        entry["steps_ratio_vs_baseline"] = (
+            reached / base_reached if reached is not None and base_reached else None
         )
-    return result
+        entry["rollouts_to_baseline_final"] = (
+            reached * entry["generated_per_step"] if reached is not None else None
+        )
+        entry["seconds_to_baseline_final"] = elapsed[reached] if reached is not None else None
+        entry["mean_elapsed_s"] = {str(k): v for k, v in elapsed.items()}
+        if arm == BASELINE:
+            continue
+        entry["paired_difference"] = {
+            str(k): mean_ci([runs[arm][s]["eval"][k] - runs[BASELINE][s]["eval"][k] for s in seeds])
+            for k in steps
+        }
+        trained = [k for k in steps if k > 0]
+        entry["paired_difference_mean_over_steps"] = mean_ci(
+            [
+                statistics.fmean(runs[arm][s]["eval"][k] - runs[BASELINE][s]["eval"][k]
+                                 for k in trained)
+                for s in seeds
+            ]
+        )  # fmt: skip
+    return out
 
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
-    """Four panels: held-out accuracy (mean +- sd over seeds), training accuracy, advantage
-    collapse after ABS and rollout silence, each against the training step."""
+    """Four panels: held-out accuracy per step (mean, 95% interval over seeds); the paired
+    difference to GRPO per step (95% interval); held-out accuracy against generated
+    rollouts and against wall-clock seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    panels = [
-        ("reward/accuracy", "training accuracy (generated rollouts)"),
-        ("diag/collapse_share_after_abs", "advantage collapse |A|<tau, trained-on share"),
-        ("diag/silence_ratio", "rollout silence ratio"),
-    ]
-    ax = axes[0][0]
-    for algorithm, entry in summary["algorithms"].items():
-        steps = [int(s) for s in entry["val_accuracy"]]
-        means = [v["mean"] for v in entry["val_accuracy"].values()]
-        sds = [v["sd"] for v in entry["val_accuracy"].values()]
-        ax.plot(steps, means, marker="o", label=LABELS[algorithm])
-        ax.fill_between(
-            steps,
-            [m - s for m, s in zip(means, sds, strict=True)],
-            [m + s for m, s in zip(means, sds, strict=True)],
-            alpha=0.15,
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    steps = summary["eval_steps"]
+    for entry in summary["arms"].values():
+        ys = [entry["val_accuracy"][str(k)] for k in steps]
+        means = [y["mean"] for y in ys]
+        line = axes[0][0].plot(steps, means, marker="o", label=entry["label"])[0]
+        axes[0][0].fill_between(
+            steps, [y["lo"] for y in ys], [y["hi"] for y in ys], alpha=0.15, color=line.get_color()
         )
-    ax.axhline(summary["grpo_final_val_accuracy"], color="grey", ls=":", lw=1)
-    ax.set_title(f"held-out accuracy, mean +- sd over seeds {summary['seeds']}")
-    ax.legend(fontsize=8)
-    for ax, (key, title) in zip([axes[0][1], axes[1][0], axes[1][1]], panels, strict=True):
-        for algorithm, entry in summary["algorithms"].items():
-            ys = entry["per_step"][key]
-            ax.plot(range(1, len(ys) + 1), ys, label=LABELS[algorithm])
-        ax.set_title(title)
-    for ax in axes.flat:
-        ax.set_xlabel("training step")
+        gen = entry["generated_per_step"]
+        axes[1][0].plot([k * gen for k in steps], means, marker="o", label=entry["label"])
+        secs = [entry["mean_elapsed_s"][str(k)] for k in steps]
+        axes[1][1].plot(secs, means, marker="o", label=entry["label"])
+        if "paired_difference" in entry:
+            d = [entry["paired_difference"][str(k)] for k in steps]
+            axes[0][1].errorbar(
+                steps,
+                [x["mean"] for x in d],
+                yerr=[[x["mean"] - x["lo"] for x in d], [x["hi"] - x["mean"] for x in d]],
+                marker="o",
+                capsize=3,
+                color=line.get_color(),
+                label=f"{entry['label']} − GRPO",
+            )
+    axes[0][1].axhline(0, color="grey", lw=1)
+    for ax in (axes[0][0], axes[1][0], axes[1][1]):
+        ax.axhline(summary["baseline_final_val_accuracy"], color="grey", ls=":", lw=1)
+    titles = [
+        (f"held-out accuracy (200, greedy), mean and 95% CI, seeds {summary['seeds']}",
+         "training step"),
+        ("paired difference to GRPO, same seed, 95% CI", "training step"),
+        ("held-out accuracy against rollouts generated", "rollouts generated"),
+        ("held-out accuracy against seconds of training + evaluation", "seconds"),
+    ]  # fmt: skip
+    for ax, (title, xlabel) in zip(axes.flat, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -254,31 +358,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("sweep", "run-one", "summarize"):
         s = sub.add_parser(name)
         s.add_argument("--out", type=Path, default=OUT)
+        s.add_argument("--results", type=Path, default=RESULTS)
         if name != "summarize":
             s.add_argument("--steps", type=int, default=16)
             s.add_argument("--config", type=Path, default=CONFIG)
-    sub.choices["sweep"].add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    sub.choices["run-one"].add_argument("--algorithm", choices=ALGORITHMS, required=True)
+    sub.choices["sweep"].add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    sub.choices["run-one"].add_argument("--arm", choices=list(ARMS), required=True)
     sub.choices["run-one"].add_argument("--seed", type=int, required=True)
     args = p.parse_args(argv)
     os.chdir(ROOT)
     if args.command == "run-one":
-        run_one(args.algorithm, args.seed, args.steps, args.out, args.config)
+        run_one(args.arm, args.seed, args.steps, args.out, args.config)
         return 0
     if args.command == "sweep":
         failed = sweep(args.seeds, args.steps, args.out, args.config)
         if failed:
             print(f"[sweep] {failed} run(s) failed; see run.log in their folders", flush=True)
     summary = summarize(load_runs(args.out))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot(summary, args.out / "algorithms.png")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, args.results / "algorithms.png")
     compact = {
         "seeds": summary["seeds"],
-        "grpo_final_val_accuracy": summary["grpo_final_val_accuracy"],
+        "baseline_final_val_accuracy": summary["baseline_final_val_accuracy"],
+        "baseline_final_slope_per_step": summary.get("baseline_final_slope_per_step"),
         **{
-            a: {k: v for k, v in e.items() if k not in ("per_step", "val_accuracy")}
-            for a, e in summary["algorithms"].items()
+            a: {
+                "final": e["final_val_accuracy"],
+                "steps_to_baseline_final": e["steps_to_baseline_final"],
+                "paired_difference_final": e.get("paired_difference", {}).get(
+                    str(summary["eval_steps"][-1])
+                ),
+            }
+            for a, e in summary["arms"].items()
         },
     }
     print(json.dumps(compact))

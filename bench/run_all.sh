@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs the benchmarks named in $@ (default: the system ones; `algorithms` is the ~2 h sweep)
+# Runs the benchmarks named in $@ (default: the system ones; `algorithms` is the ~100 min sweep)
 # one after another — never side by side: they share the machine's 2 cores — and keeps each
-# one's JSON lines in outputs/bench/<name>.jsonl, its log in <name>.log (and the sweep's plot under
-# outputs/bench/algorithms/). Called by `make bench BENCHES="..."`.
+# one's JSON lines in outputs/bench/<name>.jsonl, its log in <name>.log (the sweep's runs under
+# outputs/bench/algorithms/, its summary.json and plot in bench/results/algorithms/).
+# Called by `make bench BENCHES="..."`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,7 +17,7 @@ for name in "${benches[@]}"; do
     throughput) cmd=("$PY" bench/throughput.py) ;;
     buffer)     cmd=("$PY" bench/buffer.py) ;;
     images)     cmd=("$PY" bench/images.py) ;;
-    algorithms) cmd=("$PY" bench/algorithms.py sweep --seeds 1 2 3) ;;
+    algorithms) cmd=("$PY" bench/algorithms.py sweep --seeds 1 2 3 4) ;;
     precision)  cmd=("$PY" bench/precision.py --emulate-avx2) ;;
     vllm_start) cmd=("$PY" bench/vllm_start.py) ;;
     *) echo "run_all: unknown benchmark '$name' (overhead breakdown throughput buffer images algorithms precision vllm_start)" >&2; exit 2 ;;

@@ -20,9 +20,25 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=train)
-    p = sub.add_parser("eval", help="evaluate a model (or a checkpoint) on the validation split")
+    p = sub.add_parser(
+        "eval",
+        help="score a checkpoint (or the base model) on any dataset file",
+        description="Score a checkpoint, or the recipe's own model (--base), on data.val_path "
+        "(any file in the project's formats; data.val_size=N takes its first N problems, 0 "
+        "all) at rollout.val_temperature with rollout.val_n samples a problem, and write a "
+        "JSON summary with the accuracy and its 95%% Wilson interval.",
+    )
     p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    p.add_argument("--checkpoint", help="a checkpoint folder (default: the recipe's model)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--checkpoint",
+        help="a checkpoint folder (checkpoints/step_N) or a run's output folder (its newest "
+        "complete checkpoint)",
+    )
+    which.add_argument(
+        "--base", action="store_true", help="the recipe's model, learner.model_path (default)"
+    )
+    p.add_argument("--out", help="the JSON summary (default: <output_dir>/eval/eval_summary.json)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=evaluate)
     p = sub.add_parser("scale", help="change the number of workers of a running job's role")
@@ -126,16 +142,51 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_model(path: Path) -> tuple[Path, Path]:
+    """``(checkpoint folder, its model folder)`` for ``path``: a checkpoint folder
+    (``checkpoints/step_N``, whose ``learner/model`` is the model in transformers format)
+    or a run's output folder (its newest complete checkpoint).
+
+    Raises:
+        ValueError: ``path`` is neither, named with what was looked for.
+    """
+    from services.trainer.state import latest_checkpoint
+
+    if (path / "learner" / "model").is_dir():
+        return path, path / "learner" / "model"
+    if (path / "checkpoints").is_dir():
+        newest = latest_checkpoint(path, verify=False)
+        if newest is not None and (newest / "learner" / "model").is_dir():
+            return newest, newest / "learner" / "model"
+        raise ValueError(f"{path} is a run folder without a complete checkpoint")
+    raise ValueError(
+        f"{path} is not a checkpoint (no learner/model inside) nor a run folder (no "
+        "checkpoints/ inside)"
+    )
+
+
 def evaluate(args: argparse.Namespace) -> int:
+    """Score a checkpoint or the base model on ``data.val_path`` (issue #16); prints the
+    summary as one JSON line and writes it to ``--out``. Exits 2, before Ray starts, for a
+    checkpoint or dataset file that is not there."""
     from services.trainer.loop import Trainer
+    from services.trainer.metrics import wilson_interval
+    from services.trainer.reaper import start_reaper
 
     overrides = list(args.overrides)
+    checkpoint = None
     if args.checkpoint:
-        model = Path(args.checkpoint) / "learner" / "model"
-        if not model.is_dir():
-            raise SystemExit(f"shuffle-r1 eval: {model} is not a checkpoint's model folder")
+        try:
+            checkpoint, model = checkpoint_model(Path(args.checkpoint))
+        except ValueError as exc:
+            print(f"shuffle-r1 eval: {exc}", file=sys.stderr)
+            return 2
         overrides.append(f"learner.model_path={model}")
     base = load_config(args.config, overrides)
+    if not Path(base.data.val_path).is_file():
+        print(f"shuffle-r1 eval: data.val_path={base.data.val_path} is not a file", file=sys.stderr)
+        return 2
+    check_reward_function(base)
     # Its own run id and folder: evaluation must not touch a training run's data.
     cfg = load_config(
         args.config,
@@ -146,9 +197,33 @@ def evaluate(args: argparse.Namespace) -> int:
             f"trainer.output_dir={Path(base.trainer.output_dir) / 'eval'}",
         ],
     )
+    start_reaper()
     with Trainer(cfg, resume=False) as trainer:
         result = trainer.evaluate()
-    print(json.dumps(result))
+        problems = len(trainer.val_prompts)
+    samples = int(result["val/samples"])
+    low, high = wilson_interval(result["val/accuracy"], samples)
+    summary = {
+        "model": cfg.learner.model_path,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "val_path": cfg.data.val_path,
+        "problems": problems,
+        "samples": samples,
+        "val_n": cfg.rollout.val_n,
+        "val_temperature": cfg.rollout.val_temperature,
+        "max_response_length": cfg.rollout.max_response_length,
+        "accuracy": result["val/accuracy"],
+        # over samples: with val_n > 1 a problem's samples are not independent, so the
+        # interval is narrower than the problems alone support
+        "accuracy_ci95": [low, high],
+        "reward": result["val/reward"],
+        "format": result["val/format"],
+        "eval_s": result["time/eval_s"],
+    }
+    out = Path(args.out) if args.out else Path(cfg.trainer.output_dir) / "eval_summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
     return 0
 
 

@@ -45,13 +45,25 @@ def test_train_then_eval_from_the_command_line(tmp_path: Path) -> None:
         assert line in trained.stdout
     assert (out / "metrics.png").stat().st_size > 0
 
-    evaluated = run(["eval", *TINY, f"trainer.output_dir={out}", "--checkpoint", str(ckpt)])
+    # the run folder stands for its newest checkpoint; any dataset file, its first N problems
+    evaluated = run(["eval", *TINY, f"trainer.output_dir={out}", "--checkpoint", str(out),
+                     f"data.val_path={ROOT / 'data' / 'add2' / 'test.jsonl'}", "data.val_size=6",
+                     "data.answer_format=raw"])  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
-    assert 0.0 <= result["val/accuracy"] <= 1.0 and result["time/eval_s"] > 0
+    assert result["checkpoint"] == str(ckpt) and result["problems"] == 6
+    assert result["model"] == str(ckpt / "learner" / "model")
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["eval_s"] > 0
+    low, high = result["accuracy_ci95"]
+    assert low <= result["accuracy"] <= high and high - low > 0.2  # 6 samples: a wide interval
+    assert json.loads((out / "eval" / "eval_summary.json").read_text()) == result
     # evaluation writes beside the run, never over its metrics (step -1: before training)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [-1, 0, 1]
 
     missing = run(["eval", *TINY, "--checkpoint", str(tmp_path / "nope")])
-    assert missing.returncode != 0 and "not a checkpoint" in missing.stderr
+    assert missing.returncode == 2 and "not a checkpoint" in missing.stderr
+    no_data = run(["eval", *TINY, "--base", f"data.val_path={tmp_path / 'none.jsonl'}"])
+    assert no_data.returncode == 2 and "none.jsonl is not a file" in no_data.stderr
+    both = run(["eval", *TINY, "--base", "--checkpoint", str(ckpt)])
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

@@ -271,3 +271,25 @@ def test_micro_batches_never_cut_a_pair(micro: int) -> None:
                 assert len(slices) == count
                 assert _covers(slices, shard.stop - shard.start)
                 assert all(s.start % 2 == 0 and s.stop % 2 == 0 for s in slices)
+
+
+def test_select_takes_rows_in_the_order_given() -> None:
+    batch = TrainBatch(
+        prompt_token_ids=[[1], [2], [3], [4]],
+        response_token_ids=[[10], [20, 21], [30], [40, 41, 42]],
+        advantages=torch.tensor([0.1, 0.2, 0.3, 0.4]),
+        old_logprobs=torch.arange(12.0).view(4, 3),
+        images=[(b"a",), (), (b"c",), ()],
+    )
+    picked = batch.select([3, 0, 3])  # an ABS mini-batch may hold a pair twice
+    assert picked.prompt_token_ids == [[4], [1], [4]]
+    assert picked.response_token_ids == [[40, 41, 42], [10], [40, 41, 42]]
+    assert picked.advantages.tolist() == pytest.approx([0.4, 0.1, 0.4])
+    assert picked.old_logprobs is not None
+    assert picked.old_logprobs.tolist() == [[9, 10, 11], [0, 1, 2], [9, 10, 11]]
+    assert picked.images == [(), (b"a",), ()]
+    as_slice, as_rows = batch.select(slice(1, 3)), batch.select([1, 2])
+    assert as_rows.prompt_token_ids == as_slice.prompt_token_ids
+    assert torch.equal(as_rows.advantages, as_slice.advantages)
+    text_only = TrainBatch([[1], [2]], [[3], [4]], torch.zeros(2))
+    assert text_only.select([1]).images == []
