@@ -26,11 +26,11 @@ def bench_config(overrides: Sequence[str] = (), path: Path = CONFIG) -> Any:
 
 
 def train_prompts(cfg: Any, count: int) -> list[Any]:
-    """The first ``count`` training prompts of ``cfg`` (``services.trainer.loop.Prompt``:
+    """The first ``count`` training prompts of ``cfg`` (``shuffle_r1.data.splits.Prompt``:
     chat template applied, tokenised), in file order."""
     from transformers import AutoTokenizer
 
-    from services.trainer.loop import load_prompt_splits
+    from shuffle_r1.data.splits import load_prompt_splits
     from shuffle_r1.models import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.learner.model_path))

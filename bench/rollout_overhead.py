@@ -91,7 +91,7 @@ def main() -> None:
         vllm_sampling_params,
     )
     from actors.serving import ensure_serve
-    from services.trainer.loop import init_ray
+    from services.trainer.bootstrap import init_ray
     from shuffle_r1.models import resolve_model_path
 
     cfg = bench_config([f"rollout.n={args.n}", f"rollout.max_response_length={args.max_tokens}"])

@@ -61,7 +61,8 @@ def train(args: argparse.Namespace) -> int:
     last complete checkpoint intact."""
     import ray
 
-    from services.trainer.loop import Trainer, init_ray
+    from services.trainer.bootstrap import init_ray
+    from services.trainer.loop import Trainer
     from services.trainer.reaper import start_reaper
     from services.trainer.runlock import RunLock, RunLockedError
     from services.trainer.state import latest_checkpoint

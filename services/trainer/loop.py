@@ -24,15 +24,11 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import grpc
 import ray
 import torch
 from tqdm import tqdm
@@ -42,16 +38,19 @@ from actors.reward import RewardPool, ScoreRequest
 from actors.rollout import GenerationRequest, RolloutPool, SamplingSpec
 from actors.serving import ensure_serve
 from protos import replay_buffer_pb2 as pb
-from services.embedded_redis import PASSWORD_ENV, EmbeddedRedis, RedisTLS, probe, redact
 from services.replay_buffer.actor import start_replay_buffer_actor
 from services.replay_buffer.client import ReplayBufferClient
+from services.replay_buffer.session import BufferSession, connect_buffer
+from services.trainer.bootstrap import init_ray, redis_for_run, resolve_precision, vocab_size
 from services.trainer.metrics import (
     MetricsWriter,
     TrainerExporter,
+    held_out_summary,
     plot_metrics,
     read_metrics,
-    wilson_interval,
+    step_metrics,
 )
+from services.trainer.records import step_groups, train_batch
 from services.trainer.runlock import RunLock
 from services.trainer.state import (
     TrainerState,
@@ -65,33 +64,17 @@ from services.trainer.state import (
     saving_checkpoint,
     write_state,
 )
-from shuffle_r1.algos import advantage_collapse_share, grpo_advantages
-from shuffle_r1.config import BufferConfig, Config, DataConfig, is_loopback, save_config
-from shuffle_r1.data import (
-    Example,
-    ImageSpec,
-    PromptSampler,
-    load_examples,
-    render_prompt,
-)
-from shuffle_r1.data.images import expand_image_tokens
+from shuffle_r1.algos import grpo_advantages
+from shuffle_r1.config import Config, save_config
+from shuffle_r1.data import PromptSampler
+from shuffle_r1.data.splits import Prompt, load_prompt_splits
 from shuffle_r1.models import is_vision_language, resolve_model_path
-from shuffle_r1.precision import DtypeChoice, cpu_description, resolve_dtype
-from shuffle_r1.training import TrainBatch, abs_minibatch_rows, minibatch_pair_stats
+from shuffle_r1.precision import cpu_description
+from shuffle_r1.training import abs_minibatch_rows, minibatch_pair_stats
 
 logger = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 2
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A dataset example with its rendered, tokenised prompt and its prepared images
-    (``shuffle_r1.data.images``: PNG bytes, their tokens expanded in ``token_ids``)."""
-
-    example: Example
-    token_ids: list[int]
-    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,282 +92,6 @@ class RunSummary:
     last_metrics: dict[str, Any]
     held_out: dict[str, Any] | None
     path: Path
-
-
-def tokenize_prompts(
-    tokenizer: Any, examples: list[Example], max_len: int, policy: str, processor: Any = None
-) -> tuple[list[Prompt], int]:
-    """Render and tokenise every example; returns the prompts and how many were over
-    ``max_len`` tokens. ``policy``: ``skip`` drops those, ``truncate`` keeps their last
-    ``max_len`` tokens (the end of the problem and the generation prompt), ``error`` raises
-    ``ValueError`` naming the first one.
-
-    ``processor`` (a vision-language model's, ``shuffle_r1.processor``) renders the chat
-    template, and each image placeholder is expanded to its image's tokens
-    (``shuffle_r1.data.images.expand_image_tokens``; the example's images are prepared bytes,
-    not resized again). A prompt with images is truncated only when every image token
-    survives the cut; otherwise it is skipped. Raises ``ValueError`` for an example with
-    images but no processor, or whose placeholders and images differ in number.
-    """
-    prompts, overlong = [], 0
-    for ex in examples:
-        text = render_prompt(processor or tokenizer, ex)
-        image_token = -1
-        images = tuple(image for image in ex.images if isinstance(image, bytes))
-        if ex.images:
-            if processor is None:
-                raise ValueError(f"prompt {ex.uid!r} has images but the model has no processor")
-            if len(images) != len(ex.images):
-                raise ValueError(
-                    f"prompt {ex.uid!r} has an image given as a path; load the data with an "
-                    "image_spec so that every image is prepared bytes"
-                )
-            image_token = processor.image_token_id
-            try:
-                text = expand_image_tokens(
-                    text, images, processor.image_processor, processor.image_token
-                )
-            except ValueError as exc:
-                raise ValueError(f"prompt {ex.uid!r}: {exc}") from exc
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_len:
-            overlong += 1
-            if policy == "error":
-                raise ValueError(
-                    f"prompt {ex.uid!r} has {len(ids)} tokens, over data.max_prompt_length="
-                    f"{max_len}; set data.overlong_prompt=skip or truncate"
-                )
-            if policy == "skip" or ids[-max_len:].count(image_token) != ids.count(image_token):
-                continue
-            ids = ids[-max_len:]
-        prompts.append(Prompt(ex, list(ids), images))
-    return prompts, overlong
-
-
-def load_prompt_splits(
-    d: DataConfig, tokenizer: Any, processor: Any = None, model: str | Path = "the model"
-) -> tuple[list[Prompt], list[Prompt], int, int]:
-    """The train and validation prompts of ``d`` (the first ``d.train_size`` / ``d.val_size``
-    examples of each file, 0 = all; read, rendered, tokenised), with the rows skipped and the
-    prompts over ``d.max_prompt_length``, over both files. The trainer's sampler indexes the
-    train list.
-
-    With a vision-language ``processor``, every image is decoded, resized
-    (``d.min_pixels``..``d.max_pixels``) and encoded here; a row whose image cannot be used is
-    skipped and counted (the first five are logged with file, row and why).
-
-    Raises:
-        ValueError: a file yields no usable prompt, or it has images and ``processor`` is None
-            (``model`` is text-only).
-    """
-    spec = None
-    if processor is not None:
-        ip = processor.image_processor
-        spec = ImageSpec(d.min_pixels, d.max_pixels, ip.patch_size * ip.merge_size)
-    out, skipped, overlong = [], 0, 0
-    for path, size in ((d.train_path, d.train_size), (d.val_path, d.val_size)):
-        result = load_examples(
-            path,
-            problem_key=d.problem_key,
-            answer_key=d.answer_key,
-            image_key=d.image_key,
-            id_key=d.id_key or None,
-            answer_format=d.answer_format,
-            image_root=d.image_root or None,
-            image_spec=spec,
-            limit=size or None,
-        )
-        for row in result.skipped[:5]:
-            logger.warning("skipped %s", row)
-        with_images = sum(bool(ex.images) for ex in result.examples)
-        if with_images and processor is None:
-            raise ValueError(
-                f"{path}: {with_images} rows have images (data.image_key={d.image_key!r}) but "
-                f"{model} is a text-only model; use a vision-language model, or set "
-                "data.image_key='' to train on the text alone"
-            )
-        prompts, over = tokenize_prompts(
-            tokenizer, list(result.examples), d.max_prompt_length, d.overlong_prompt, processor
-        )
-        skipped += len(result.skipped)
-        overlong += over
-        if not prompts:
-            raise ValueError(f"{path}: no usable prompt (all rows skipped or overlong)")
-        out.append(prompts)
-    train, val = out
-    logger.info("data: %d train prompts, %d validation prompts", len(train), len(val))
-    return train, val, skipped, overlong
-
-
-def init_ray(cfg: Config) -> None:
-    """Join ``cluster.ray_address`` or start a local Ray, with ``RAY_AUTH_MODE`` set
-    explicitly: ``$RAY_AUTH_MODE`` when the environment has it, else ``cluster.auth_mode``.
-
-    A local Ray 2.60 listens on every interface whatever address it is given (its GCS,
-    raylet and workers bind ``::``, measured; README "Security"), so token authentication is
-    what keeps other hosts from running code on it. In token mode Ray reads its token from
-    ``$RAY_AUTH_TOKEN`` / ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, which is created
-    (owner-only) when none of them exists.
-    With ``auth_mode=disabled`` a local Ray logs a warning that anyone who reaches this
-    machine can submit work to it. ``cluster.host`` is the node address a local Ray
-    advertises (loopback by default: its processes talk over ``lo``).
-    """
-    if ray.is_initialized():
-        return
-    if "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = cfg.cluster.auth_mode
-        # Ray reads the mode into its config when it is imported: read it again, as Ray's
-        # own token setup does (ray._private.authentication.authentication_token_setup)
-        from ray._raylet import Config as RayConfig  # type: ignore[attr-defined]
-
-        RayConfig.initialize("")
-    mode = os.environ["RAY_AUTH_MODE"]
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {"PYTHONPATH": repo, "RAY_AUTH_MODE": mode}
-    if cfg.cluster.ray_address == "local":
-        if mode != "token":
-            logger.warning(
-                "Ray token authentication is off (RAY_AUTH_MODE=%s): the local Ray listens on "
-                "every network interface, and anyone who reaches this machine can run code "
-                "on it as this user. Use cluster.auth_mode=token (the default) unless the "
-                "machine is isolated",
-                mode,
-            )
-        else:
-            _ensure_token_file()
-        extra: dict[str, Any] = {}
-        if cfg.cluster.metrics_export_port:
-            extra["_metrics_export_port"] = cfg.cluster.metrics_export_port
-        ray.init(
-            num_cpus=cfg.cluster.num_cpus or None,
-            include_dashboard=False,
-            namespace=cfg.cluster.namespace,
-            runtime_env={"env_vars": env},
-            logging_level=logging.WARNING,
-            _node_ip_address=cfg.cluster.host,
-            **extra,
-        )
-    else:
-        ray.init(address=cfg.cluster.ray_address, namespace=cfg.cluster.namespace)
-
-
-def _ensure_token_file() -> None:
-    """Make sure a token-mode local Ray finds a token: unless ``$RAY_AUTH_TOKEN`` or
-    ``$RAY_AUTH_TOKEN_PATH`` gives one, Ray reads ``~/.ray/auth_token`` (the file
-    ``ray get-auth-token --generate`` writes; Ray 2.60 does not create it when
-    ``RAY_AUTH_MODE=token`` is set explicitly, and its GCS aborts without one). Create it
-    with 256 random bits, readable by its owner only, when it is missing; a ``shuffle-r1
-    scale`` or ``ray`` command of the same user on this machine finds it there."""
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return
-    path = Path.home() / ".ray" / "auth_token"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if path.stat().st_mode & 0o077:
-            logger.warning("%s is readable by other users: chmod 600 it", path)
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    logger.info("Ray token authentication: created a token in %s", path)
-
-
-def redis_for_run(b: BufferConfig, data_dir: Path) -> tuple[str, EmbeddedRedis | None]:
-    """The Redis URL a run's buffer uses, and the private Redis started for it, if any.
-
-    ``b.redis_url`` when a Redis answers there (with the configured password and TLS). For
-    ``embedded``, or when nothing at all listens at a loopback URL (a machine without
-    Redis), a private one is started with AOF persistence in ``data_dir``.
-
-    Raises:
-        RuntimeError: a Redis at the URL refuses it (a wrong password, a failed TLS
-            handshake): the data the user pointed at would never be used, so no stand-in
-            is started for it; or a remote Redis does not answer (a stand-in would keep the
-            run's data on one node, unshared). The URL is redacted in the message.
-    """
-    url = b.redis_url
-    if url != "embedded":
-        why = probe(url, tls=RedisTLS(b.redis_tls_ca_cert, b.redis_tls_cert, b.redis_tls_key))
-        if why is None:
-            return url, None
-        if why != "unreachable":
-            raise RuntimeError(
-                f"the Redis at {redact(url)} (buffer.redis_url) refuses this run: {why}; "
-                f"check the password (in the URL or ${PASSWORD_ENV}) and the TLS settings"
-            )
-        if not is_loopback(urlsplit(url).hostname or ""):
-            raise RuntimeError(
-                f"no Redis answers at {redact(url)} (buffer.redis_url); check the host "
-                "and port, or use 'embedded'"
-            )
-        logger.warning("no Redis answers at %s; starting an embedded one", redact(url))
-    redis = EmbeddedRedis(appendonly=True, data_dir=data_dir).start()
-    return redis.url, redis
-
-
-def vocab_size(tokenizer: Any, model_path: str | Path) -> int:
-    """Token ids a rollout may hold: the larger of the tokenizer's size and the model's
-    output rows (Qwen2.5 pads 151,665 tokens to 151,936 rows, and an engine samples over
-    all of them). The buffer refuses ids at or above it (``RunSpec.vocab_size``)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    rows = getattr(config.get_text_config(), "vocab_size", 0) or 0
-    return max(len(tokenizer), int(rows))
-
-
-def held_out_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Held-out accuracy before training (the ``step`` -1 row) and at the last evaluation,
-    each with its 95% Wilson interval, from ``metrics.jsonl``'s rows; ``None`` when the run
-    has no evaluation. Keys: ``n_eval`` (samples per evaluation), ``acc_before``,
-    ``acc_before_ci``, ``acc_after``, ``acc_after_ci``, ``after_step`` (training steps done at
-    the last evaluation), ``gain``. The interval treats the samples as independent trials,
-    exact for one sample per problem (``rollout.val_n=1``), too narrow for more."""
-    evals = [r for r in rows if r.get("val/accuracy") is not None]
-    if not evals:
-        return None
-    first, last = evals[0], evals[-1]
-    n = int(last.get("val/samples") or 0)
-    out: dict[str, Any] = {"n_eval": n}
-    if first["step"] == -1:
-        out["acc_before"] = first["val/accuracy"]
-        out["acc_before_ci"] = wilson_interval(first["val/accuracy"], n)
-    out["acc_after"] = last["val/accuracy"]
-    out["acc_after_ci"] = wilson_interval(last["val/accuracy"], n)
-    out["after_step"] = int(last["step"]) + 1
-    if "acc_before" in out and last is not first:
-        out["gain"] = out["acc_after"] - out["acc_before"]
-    return out
-
-
-def resolve_precision(cfg: Config) -> tuple[Config, dict[str, DtypeChoice]]:
-    """``cfg`` with ``learner.dtype`` and ``rollout.dtype`` resolved (``auto`` →
-    ``bfloat16`` or ``float32``, :mod:`shuffle_r1.precision`) for the devices the roles are
-    given (GPUs per rank / per worker, else this machine's CPU), and each choice with why."""
-    le, ro = cfg.learner, cfg.rollout
-    choices = {
-        "learner": resolve_dtype(le.dtype, cuda=le.num_gpus_per_rank > 0),
-        "rollout": resolve_dtype(ro.dtype, cuda=ro.num_gpus_per_worker > 0),
-    }
-    resolved = dataclasses.replace(
-        cfg,
-        learner=dataclasses.replace(le, dtype=choices["learner"].dtype),
-        rollout=dataclasses.replace(ro, dtype=choices["rollout"].dtype),
-    )
-    return resolved, choices
-
-
-def _image_bytes(prompt_id: str, images: Any) -> tuple[bytes, ...]:
-    """The encoded images of a sampled group (``SampleResponse.images[prompt_id]``). Raises
-    ``ValueError`` for an image given by URI: the trainer puts bytes, and a URI would be
-    readable only where its storage is."""
-    if any(image.WhichOneof("source") != "data" for image in images):
-        raise ValueError(
-            f"group {prompt_id!r}: the replay buffer returned an image by URI; the learner "
-            "needs the encoded bytes (put images as Image.data)"
-        )
-    return tuple(image.data for image in images)
 
 
 class Trainer:
@@ -436,13 +143,18 @@ class Trainer:
         self.buffer_actor = start_replay_buffer_actor(
             dataclasses.replace(cfg.buffer, redis_url=redis_url), cfg.algorithm
         )
-        self.buffer = self._connect_buffer()
         self.spec = pb.RunSpec(
             algorithm=cfg.algorithm.name,
             keep_ratio=cfg.algorithm.keep_ratio,
             shuffle_times=cfg.algorithm.shuffle_times,
             seed=cfg.trainer.seed,
             vocab_size=vocab_size(self.tokenizer, self.model_path),  # refuses ids outside
+        )
+        self.session = BufferSession(
+            lambda: connect_buffer(ray.get(self.buffer_actor.address.remote()), cfg.buffer),
+            self.run_id,
+            self.spec,
+            self._count_recovery,
         )
         ensure_serve(cfg.reward.http_host, cfg.reward.http_port)
         self.rollout = RolloutPool(
@@ -459,7 +171,7 @@ class Trainer:
         if resume:
             self._resume()
         else:
-            self.buffer.drop_run(self.run_id)
+            self.session.drop_run()
             self.metrics_path.unlink(missing_ok=True)
             self.prompts_path.unlink(missing_ok=True)
         self.metrics = MetricsWriter(self.metrics_path)
@@ -473,89 +185,16 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------
 
-    def _connect_buffer(self) -> ReplayBufferClient:
-        """A client for the buffer actor's current address (it changes when Ray restarts
-        the actor: the server binds a new free port). With ``buffer.tls_cert`` it connects
-        over TLS, trusting ``buffer.tls_ca_cert`` (or the certificate itself when that is
-        empty), and presents ``buffer.tls_client_cert``/``tls_client_key`` if set."""
-        b = self.cfg.buffer
-        return ReplayBufferClient(
-            ray.get(self.buffer_actor.address.remote()),
-            token=b.auth_token or None,
-            root_cert=(b.tls_ca_cert or b.tls_cert) if b.tls_cert else None,
-            max_message_mb=b.max_message_mb,
-            client_cert=b.tls_client_cert or None,
-            client_key=b.tls_client_key or None,
-        )
+    @property
+    def buffer(self) -> ReplayBufferClient:
+        """The client of the run's buffer session (a new one after a reconnect)."""
+        return self.session.client
 
-    def _put_and_sample(self, groups: list[pb.Group], step: int) -> tuple[Any, Any]:
-        """Put the step's groups and draw its batch; survive the buffer's two failures:
-
-        - the buffer is unreachable (its actor died and Ray restarted it, on a new port):
-          reconnect and redo both — a put is idempotent and the draw is deterministic per
-          step, so nothing is lost or doubled;
-        - the buffer lost groups it had acknowledged (Redis restarted without persistence):
-          Sample refuses the short step (``expected_groups``), the buffer's stats confirm
-          fewer groups than were put, and the trainer puts the step's groups again from its
-          memory, never training on a partial batch.
-
-        Each recovery is tried once per call, then the error propagates.
-        """
-        recovered: set[str] = set()
-        put = None  # the first acknowledged put: a retry finds the groups there (duplicates)
-        while True:
-            try:
-                put = put or self.buffer.put_groups(groups, spec=self.spec)
-                sample = self.buffer.sample(
-                    self.run_id,
-                    step,
-                    policy_version=self.learner.version,
-                    expected_groups=len(groups),
-                    spec=self.spec,
-                )
-                return put, sample
-            except grpc.RpcError as exc:
-                kind = self._buffer_failure(exc, step, len(groups))
-                if kind is None or kind in recovered:
-                    raise
-                recovered.add(kind)
-                if kind == "regenerated_step":
-                    put = None  # the buffer lost it: put again
-                self.counters[f"buffer/{kind}s"] = self.counters.get(f"buffer/{kind}s", 0) + 1
-                self.exporter.count_error("buffer", kind)
-
-    def _buffer_failure(self, exc: grpc.RpcError, step: int, expected: int) -> str | None:
-        """``"reconnect"`` (after reconnecting) or ``"regenerated_step"`` when ``exc`` is a
-        failure :meth:`_put_and_sample` recovers from, else None."""
-        code = exc.code()  # type: ignore[attr-defined]
-        if code == grpc.StatusCode.UNAVAILABLE:
-            logger.warning(
-                "replay buffer at %s unreachable (%s); reconnecting",
-                self.buffer.address,
-                exc.details(),  # type: ignore[attr-defined]
-            )
-            self.buffer.close()
-            self.buffer = self._connect_buffer()
-            return "reconnect"
-        if code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-            return None
-        try:
-            stats = self.buffer.stats(self.run_id)
-            held = next((s.groups_accepted for s in stats.steps if s.step == step), 0)
-        except grpc.RpcError as stats_exc:
-            if stats_exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                raise
-            held = 0  # the buffer does not know the run any more
-        if held >= expected:
-            return None  # not a loss: a real precondition failure (another spec, ...)
-        logger.warning(
-            "replay buffer holds %d of step %d's %d groups (%s); putting them again",
-            held,
-            step,
-            expected,
-            exc.details(),  # type: ignore[attr-defined]
-        )
-        return "regenerated_step"
+    def _count_recovery(self, kind: str) -> None:
+        """Count a buffer failure the session recovered from (``reconnect`` or
+        ``regenerated_step``)."""
+        self.counters[f"buffer/{kind}s"] = self.counters.get(f"buffer/{kind}s", 0) + 1
+        self.exporter.count_error("buffer", kind)
 
     def _load_data(self) -> tuple[list[Prompt], list[Prompt]]:
         """Both splits, tokenised (:func:`load_prompt_splits`); their skipped rows and
@@ -585,7 +224,7 @@ class Trainer:
         self.sampler.load_state_dict(self.state.sampler)
         self.counters.update(self.state.counters)
         # Steps after the checkpoint are regenerated; their stored groups would clash.
-        self.buffer.drop_run(self.run_id)
+        self.session.drop_run()
         logger.info(
             "resumed from %s at step %d, weight version %d",
             ckpt,
@@ -645,33 +284,9 @@ class Trainer:
         times["reward"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        groups = []
-        for g, p in enumerate(prompts):
-            rollouts = [
-                pb.Rollout(
-                    token_ids=c.token_ids,
-                    logprobs=c.logprobs,
-                    reward=s.reward,
-                    weight_version=c.weight_version,
-                    truncated=c.finish_reason == "length",
-                )
-                for c, s in zip(
-                    gen.completions[g * n : (g + 1) * n], scores[g * n : (g + 1) * n], strict=True
-                )
-            ]
-            groups.append(
-                pb.Group(
-                    run_id=self.run_id,
-                    step=step,
-                    prompt_id=p.example.uid,
-                    prompt_token_ids=p.token_ids,
-                    answer=p.example.answer,
-                    rollouts=rollouts,
-                    images=[pb.Image(data=image) for image in p.images],
-                )
-            )
+        groups = step_groups(self.run_id, step, prompts, gen.completions, scores, n)
         self._count("rollout/images", sum(c.images for c in gen.completions if c.index == 0))
-        put, sample = self._put_and_sample(groups, step)
+        put, sample = self.session.put_and_sample(groups, step, self.learner.version)
         times["buffer"] = time.perf_counter() - t
 
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float64).view(-1, n)
@@ -679,31 +294,7 @@ class Trainer:
         pair_draws = [0] * sample.pairs_total  # how often ABS drew each kept pair (§3)
         for item in sample.items[::2] if sample.pairs_total else ():
             pair_draws[item.pair_index] += 1
-        m: dict[str, float] = {
-            "reward/mean": rewards.mean().item(),
-            "reward/accuracy": sum(s.accuracy for s in scores) / len(scores),
-            "reward/format": sum(s.format for s in scores) / len(scores),
-            "reward/errors": float(sum(s.error is not None for s in scores)),
-            "rollout/tokens": float(gen.tokens),
-            "rollout/tokens_per_s": gen.tokens / max(gen.generate_s, 1e-9),
-            "rollout/response_len_mean": gen.tokens / len(gen.completions),
-            "rollout/truncated_share": sum(c.finish_reason == "length" for c in gen.completions)
-            / len(gen.completions),
-            "rollout/weight_version": float(min(c.weight_version for c in gen.completions)),
-            "rollout/resent": float(gen.resent),
-            "rollout/workers": float(len(gen.served)),
-            "buffer/pairs_kept": float(put.pairs_kept),
-            "buffer/pairs_dropped": float(put.pairs_dropped),
-            "buffer/batch_rollouts": float(len(sample.items)),
-            "buffer/pairs_drawn": float(len(sample.items) // 2 if sample.pairs_total else 0),
-            "buffer/shortfall": float(sample.shortfall),
-            "buffer/stale_dropped": float(put.stale + sample.stale_dropped),
-            "diag/collapse_share_before_pts": advantage_collapse_share(
-                advantages, cfg.algorithm.collapse_tau
-            ),
-            "diag/collapse_share_after_abs": sample.advantage_collapse_share,
-            "diag/silence_ratio": sample.rollout_silence_ratio,
-        }
+        m = step_metrics(scores, gen, put, sample, advantages, cfg.algorithm.collapse_tau)
 
         m["learner/skipped_update"] = float(sample.skipped or not sample.items)
         if sample.skipped or not sample.items:
@@ -712,14 +303,8 @@ class Trainer:
             )
             logger.warning("step %d: every kept pair has weight 0; update skipped", step)
         else:
-            images = {pid: _image_bytes(pid, found.images) for pid, found in sample.images.items()}
-            self._count("buffer/images", sum(len(v) for v in images.values()))
-            batch = TrainBatch(
-                prompt_token_ids=[list(it.prompt_token_ids) for it in sample.items],
-                response_token_ids=[list(it.rollout.token_ids) for it in sample.items],
-                advantages=torch.tensor([it.advantage for it in sample.items]),
-                images=[images.get(it.prompt_id, ()) for it in sample.items] if images else [],
-            )
+            batch, images = train_batch(sample)
+            self._count("buffer/images", images)
             t = time.perf_counter()
             # One optimizer step on these weights: the update's forward pass gives the old
             # log-probs (LearnerGroup.single_step), a separate pass would repeat it.
@@ -920,7 +505,7 @@ class Trainer:
         self.counters["learner/rebuilt"] = rebuilt
         self.exporter.count_error("learner", "rebuilt")
         self.learner.version = max(newest, self.learner.version) + 1
-        self.buffer.drop_run(self.run_id)  # the steps after the checkpoint are put again
+        self.session.drop_run()  # the steps after the checkpoint are put again
         logger.info(
             "learner rebuilt from %s; continuing at step %d with weight version %d",
             ckpt or "the initial model",
@@ -955,7 +540,7 @@ class Trainer:
                     logger.warning("shutdown of %s: %s", type(role).__name__, exc)
             ray.kill(self.buffer_actor, no_restart=True)
         self.exporter.close()
-        self.buffer.close()
+        self.session.close()
         if self._redis is not None:
             self._redis.close()
         self.lock.release()

@@ -318,3 +318,68 @@ def plot_metrics(path: Path, out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def held_out_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Held-out accuracy before training (the ``step`` -1 row) and at the last evaluation,
+    each with its 95% Wilson interval, from ``metrics.jsonl``'s rows; ``None`` when the run
+    has no evaluation. Keys: ``n_eval`` (samples per evaluation), ``acc_before``,
+    ``acc_before_ci``, ``acc_after``, ``acc_after_ci``, ``after_step`` (training steps done at
+    the last evaluation), ``gain``. The interval treats the samples as independent trials,
+    exact for one sample per problem (``rollout.val_n=1``), too narrow for more."""
+    evals = [r for r in rows if r.get("val/accuracy") is not None]
+    if not evals:
+        return None
+    first, last = evals[0], evals[-1]
+    n = int(last.get("val/samples") or 0)
+    out: dict[str, Any] = {"n_eval": n}
+    if first["step"] == -1:
+        out["acc_before"] = first["val/accuracy"]
+        out["acc_before_ci"] = wilson_interval(first["val/accuracy"], n)
+    out["acc_after"] = last["val/accuracy"]
+    out["acc_after_ci"] = wilson_interval(last["val/accuracy"], n)
+    out["after_step"] = int(last["step"]) + 1
+    if "acc_before" in out and last is not first:
+        out["gain"] = out["acc_after"] - out["acc_before"]
+    return out
+
+
+def step_metrics(
+    scores: Sequence[Any],
+    gen: Any,
+    put: Any,
+    sample: Any,
+    advantages: Any,
+    collapse_tau: float,
+) -> dict[str, float]:
+    """The ``reward/``, ``rollout/``, ``buffer/`` and ``diag/`` metrics of a step (README
+    "Observability") from its scores (``actors.reward``), its generation result
+    (``actors.rollout``), the buffer's put and sample responses and the GRPO advantages
+    ``(N,)`` of every generated rollout (for the collapse share before PTS, §5)."""
+    from shuffle_r1.algos import advantage_collapse_share
+
+    rewards = [s.reward for s in scores]
+    completions = gen.completions
+    return {
+        "reward/mean": sum(rewards) / len(rewards),
+        "reward/accuracy": sum(s.accuracy for s in scores) / len(scores),
+        "reward/format": sum(s.format for s in scores) / len(scores),
+        "reward/errors": float(sum(s.error is not None for s in scores)),
+        "rollout/tokens": float(gen.tokens),
+        "rollout/tokens_per_s": gen.tokens / max(gen.generate_s, 1e-9),
+        "rollout/response_len_mean": gen.tokens / len(completions),
+        "rollout/truncated_share": sum(c.finish_reason == "length" for c in completions)
+        / len(completions),
+        "rollout/weight_version": float(min(c.weight_version for c in completions)),
+        "rollout/resent": float(gen.resent),
+        "rollout/workers": float(len(gen.served)),
+        "buffer/pairs_kept": float(put.pairs_kept),
+        "buffer/pairs_dropped": float(put.pairs_dropped),
+        "buffer/batch_rollouts": float(len(sample.items)),
+        "buffer/pairs_drawn": float(len(sample.items) // 2 if sample.pairs_total else 0),
+        "buffer/shortfall": float(sample.shortfall),
+        "buffer/stale_dropped": float(put.stale + sample.stale_dropped),
+        "diag/collapse_share_before_pts": advantage_collapse_share(advantages, collapse_tau),
+        "diag/collapse_share_after_abs": sample.advantage_collapse_share,
+        "diag/silence_ratio": sample.rollout_silence_ratio,
+    }

@@ -215,8 +215,8 @@ def words(text: str) -> int:
 def test_overlong_prompts_are_skipped_truncated_or_refused_and_counted(
     word_tokenizer, sizes, max_len
 ):
-    from services.trainer.loop import tokenize_prompts
     from shuffle_r1.data import render_prompt
+    from shuffle_r1.data.splits import tokenize_prompts
 
     examples = [Example(uid=f"q{i}", problem=" ".join(["two"] * k), answer="2")
                 for i, k in enumerate(sizes)]  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.embedded_redis import EmbeddedRedis, free_port
-from services.trainer.loop import redis_for_run
+from services.trainer.bootstrap import redis_for_run
 from shuffle_r1.config import BufferConfig
 
 PASSWORD = "right-5d1e"

@@ -17,11 +17,11 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from services.trainer.loop import load_prompt_splits
 from services.trainer.metrics import read_metrics
 from services.trainer.state import COMPLETE, checkpoint_dir
 from shuffle_r1.config import load_config
 from shuffle_r1.data import PromptSampler
+from shuffle_r1.data.splits import load_prompt_splits
 from shuffle_r1.models import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[2]

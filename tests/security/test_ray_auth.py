@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 HEAD = """
 import sys
 from shuffle_r1.config import load_config
-from services.trainer.loop import init_ray
+from services.trainer.bootstrap import init_ray
 init_ray(load_config(None, ["cluster.num_cpus=1", "cluster.namespace=security"]))
 import ray
 print(ray.get_runtime_context().gcs_address, flush=True)

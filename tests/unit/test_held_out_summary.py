@@ -1,13 +1,11 @@
 """The run summary's held-out accuracy before and after training, with its interval
-(services/trainer/loop.py ``held_out_summary``, services/trainer/metrics.py
-``wilson_interval``)."""
+(services/trainer/metrics.py ``held_out_summary`` and ``wilson_interval``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.trainer.loop import held_out_summary
-from services.trainer.metrics import wilson_interval
+from services.trainer.metrics import held_out_summary, wilson_interval
 
 
 @pytest.mark.parametrize(

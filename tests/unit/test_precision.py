@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.trainer.loop import resolve_precision
+from services.trainer.bootstrap import resolve_precision
 from shuffle_r1.config import ConfigError, load_config
 from shuffle_r1.precision import cpu_description, cpu_flags, has_native_bf16, resolve_dtype
 

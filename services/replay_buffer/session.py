@@ -1,0 +1,139 @@
+"""One run's session with the replay buffer service, as the trainer holds it: put a step's
+groups, draw its batch, and survive the service's two failures without losing or doubling
+a group (README "Fault tolerance")."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from protos import replay_buffer_pb2 as pb
+from services.replay_buffer.client import ReplayBufferClient
+from shuffle_r1.config import BufferConfig
+
+logger = logging.getLogger(__name__)
+
+
+def connect_buffer(address: str, b: BufferConfig) -> ReplayBufferClient:
+    """A client for the buffer at ``address``. With ``b.tls_cert`` it connects over TLS,
+    trusting ``b.tls_ca_cert`` (or the certificate itself when that is empty), and presents
+    ``b.tls_client_cert`` / ``tls_client_key`` if set; ``b.auth_token`` goes with every call."""
+    return ReplayBufferClient(
+        address,
+        token=b.auth_token or None,
+        root_cert=(b.tls_ca_cert or b.tls_cert) if b.tls_cert else None,
+        max_message_mb=b.max_message_mb,
+        client_cert=b.tls_client_cert or None,
+        client_key=b.tls_client_key or None,
+    )
+
+
+class BufferSession:
+    """Puts and samples of run ``run_id`` with ``spec``.
+
+    Args:
+        connect: a new client for the buffer's current address (it changes when Ray
+            restarts the buffer actor: the server binds a new free port).
+        run_id: the run's id (``trainer.run_name``).
+        spec: the run's ``RunSpec``; the buffer refuses a put or sample under another.
+        on_recovery: called with ``"reconnect"`` or ``"regenerated_step"`` each time a
+            failure is recovered from (the trainer counts them).
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], ReplayBufferClient],
+        run_id: str,
+        spec: pb.RunSpec,
+        on_recovery: Callable[[str], None] = lambda kind: None,
+    ) -> None:
+        self._connect = connect
+        self.run_id = run_id
+        self.spec = spec
+        self.on_recovery = on_recovery
+        self.client = connect()
+
+    def put_and_sample(
+        self, groups: list[pb.Group], step: int, policy_version: int
+    ) -> tuple[Any, Any]:
+        """Put the step's groups and draw its batch (``(PutResponse, SampleResponse)``);
+        survive the buffer's two failures:
+
+        - the buffer is unreachable (its actor died and Ray restarted it, on a new port):
+          reconnect and redo both — a put is idempotent and the draw is deterministic per
+          step, so nothing is lost or doubled;
+        - the buffer lost groups it had acknowledged (Redis restarted without persistence):
+          Sample refuses the short step (``expected_groups``), the buffer's stats confirm
+          fewer groups than were put, and the groups are put again from memory, never
+          training on a partial batch.
+
+        Each recovery is tried once per call, then the error propagates.
+
+        Raises:
+            grpc.RpcError: any other failure, or one of the two a second time.
+        """
+        recovered: set[str] = set()
+        put = None  # the first acknowledged put: a retry finds the groups there (duplicates)
+        while True:
+            try:
+                put = put or self.client.put_groups(groups, spec=self.spec)
+                sample = self.client.sample(
+                    self.run_id,
+                    step,
+                    policy_version=policy_version,
+                    expected_groups=len(groups),
+                    spec=self.spec,
+                )
+                return put, sample
+            except grpc.RpcError as exc:
+                kind = self._failure(exc, step, len(groups))
+                if kind is None or kind in recovered:
+                    raise
+                recovered.add(kind)
+                if kind == "regenerated_step":
+                    put = None  # the buffer lost it: put again
+                self.on_recovery(kind)
+
+    def _failure(self, exc: grpc.RpcError, step: int, expected: int) -> str | None:
+        """``"reconnect"`` (after reconnecting) or ``"regenerated_step"`` when ``exc`` is a
+        failure :meth:`put_and_sample` recovers from, else None."""
+        code = exc.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            logger.warning(
+                "replay buffer at %s unreachable (%s); reconnecting",
+                self.client.address,
+                exc.details(),  # type: ignore[attr-defined]
+            )
+            self.client.close()
+            self.client = self._connect()
+            return "reconnect"
+        if code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+            return None
+        try:
+            stats = self.client.stats(self.run_id)
+            held = next((s.groups_accepted for s in stats.steps if s.step == step), 0)
+        except grpc.RpcError as stats_exc:
+            if stats_exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                raise
+            held = 0  # the buffer does not know the run any more
+        if held >= expected:
+            return None  # not a loss: a real precondition failure (another spec, ...)
+        logger.warning(
+            "replay buffer holds %d of step %d's %d groups (%s); putting them again",
+            held,
+            step,
+            expected,
+            exc.details(),  # type: ignore[attr-defined]
+        )
+        return "regenerated_step"
+
+    def drop_run(self) -> None:
+        """Delete everything the buffer holds for the run (a fresh start, or the steps after
+        a checkpoint that a resumed run puts again)."""
+        self.client.drop_run(self.run_id)
+
+    def close(self) -> None:
+        self.client.close()

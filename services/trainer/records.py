@@ -1,0 +1,82 @@
+"""The records a step turns into others: its prompts, completions and scores into the
+replay buffer's protobuf groups, and a sampled batch back into the learner's
+:class:`~shuffle_r1.training.TrainBatch`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from protos import replay_buffer_pb2 as pb
+from shuffle_r1.data.splits import Prompt
+from shuffle_r1.training import TrainBatch
+
+
+def step_groups(
+    run_id: str,
+    step: int,
+    prompts: Sequence[Prompt],
+    completions: Sequence[Any],
+    scores: Sequence[Any],
+    n: int,
+) -> list[pb.Group]:
+    """One ``Group`` per prompt: its ``n`` completions (``actors.rollout`` completions, in
+    prompt order, n per prompt) with their scores (``actors.reward``), the prompt's tokens,
+    reference answer and images. A completion cut at ``rollout.max_response_length`` is
+    marked ``truncated``."""
+    groups = []
+    for g, p in enumerate(prompts):
+        own = slice(g * n, (g + 1) * n)
+        rollouts = [
+            pb.Rollout(
+                token_ids=c.token_ids,
+                logprobs=c.logprobs,
+                reward=s.reward,
+                weight_version=c.weight_version,
+                truncated=c.finish_reason == "length",
+            )
+            for c, s in zip(completions[own], scores[own], strict=True)
+        ]
+        groups.append(
+            pb.Group(
+                run_id=run_id,
+                step=step,
+                prompt_id=p.example.uid,
+                prompt_token_ids=p.token_ids,
+                answer=p.example.answer,
+                rollouts=rollouts,
+                images=[pb.Image(data=image) for image in p.images],
+            )
+        )
+    return groups
+
+
+def train_batch(sample: Any) -> tuple[TrainBatch, int]:
+    """The learner's batch from a ``SampleResponse`` (items in training order, each with
+    its prompt's images), and how many images it carries.
+
+    Raises:
+        ValueError: an image came back by URI (see :func:`_image_bytes`).
+    """
+    images = {pid: _image_bytes(pid, found.images) for pid, found in sample.images.items()}
+    batch = TrainBatch(
+        prompt_token_ids=[list(it.prompt_token_ids) for it in sample.items],
+        response_token_ids=[list(it.rollout.token_ids) for it in sample.items],
+        advantages=torch.tensor([it.advantage for it in sample.items]),
+        images=[images.get(it.prompt_id, ()) for it in sample.items] if images else [],
+    )
+    return batch, sum(len(v) for v in images.values())
+
+
+def _image_bytes(prompt_id: str, images: Any) -> tuple[bytes, ...]:
+    """The encoded images of a sampled group (``SampleResponse.images[prompt_id]``). Raises
+    ``ValueError`` for an image given by URI: the trainer puts bytes, and a URI would be
+    readable only where its storage is."""
+    if any(image.WhichOneof("source") != "data" for image in images):
+        raise ValueError(
+            f"group {prompt_id!r}: the replay buffer returned an image by URI; the learner "
+            "needs the encoded bytes (put images as Image.data)"
+        )
+    return tuple(image.data for image in images)
