@@ -1,4 +1,4 @@
-"""Redis storage of the replay buffer: one Lua script per operation, so each is atomic.
+"""Redis storage of the replay buffer: one Lua script per operation (``lua/``), each atomic.
 
 Keys of a run share the prefix ``shuffle_r1:buffer:{<run_id>}:`` (the braces are a Redis
 Cluster hash tag: a run lives in one slot):
@@ -35,6 +35,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -48,8 +49,8 @@ STORED, DUPLICATE, STALE, EVICTED = 1, 2, 3, 4
 # Groups and bytes (StoredGroup + GroupSummary) per script call of a put, so one call holds
 # Redis ~20-40 ms, under the ~50 ms budget with a margin. Measured with
 # bench/buffer_chunking.py on the 2-core development machine (Redis 7.0, other jobs
-# running): _PUT takes 40-80 us per small group plus 4-9 ms per MB of payload; _CHECK ~2 us
-# per group. Unchunked, 50,000 small groups held Redis 3.1 s, 1000 groups of 16 x 512
+# running): put.lua takes 40-80 us per small group plus 4-9 ms per MB of payload; check.lua
+# ~2 us per group. Unchunked, 50,000 small groups held Redis 3.1 s, 1000 groups of 16 x 512
 # tokens (34 MB) 0.2-0.8 s.
 PUT_CHUNK_GROUPS = 250
 PUT_CHUNK_BYTES = 4 * 2**20
@@ -68,200 +69,13 @@ COUNTERS = (
     "pairs_dropped",
 )
 
-# ARGV: prefix, spec, count, then per group: step, prompt_id, digest. Read-only. Returns
-# {'spec', stored spec} if the run holds another spec, {'conflict', i} for the first group
-# whose key holds another digest, else {'ok'}.
-_CHECK = """
-local prefix = ARGV[1]
-local stored_spec = redis.call('HGET', prefix .. 'run', 'spec')
-if stored_spec and stored_spec ~= ARGV[2] then
-  return {'spec', stored_spec}
-end
-for i = 0, tonumber(ARGV[3]) - 1 do
-  local b = 4 + i * 3
-  local d = redis.call('HGET', prefix .. 'step:' .. ARGV[b] .. ':digest', ARGV[b + 1])
-  if d and d ~= ARGV[b + 2] then
-    return {'conflict', i}
-  end
-end
-return {'ok'}
-"""
-
-# ARGV: prefix, spec, keep_steps, max_staleness, count, newest weight version in the
-# request, then per group: step, prompt_id, digest, oldest weight version,
-# pairs kept, pairs dropped, StoredGroup bytes, GroupSummary bytes, rollouts kept.
-# Returns {'ok', statuses, groups evicted, steps evicted, groups held, rollouts held}.
-_PUT = """
-local prefix = ARGV[1]
-local run, steps = prefix .. 'run', prefix .. 'steps'
-local spec = ARGV[2]
-local stored_spec = redis.call('HGET', run, 'spec')
-if stored_spec and stored_spec ~= spec then
-  return {'spec', stored_spec}
-end
-local keep, max_stale, count = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local W, B = 9, 7
-for i = 0, count - 1 do
-  local b = B + i * W
-  local d = redis.call('HGET', prefix .. 'step:' .. ARGV[b] .. ':digest', ARGV[b + 1])
-  if d and d ~= ARGV[b + 2] then
-    return {'conflict', i}
-  end
-end
-if not stored_spec then
-  redis.call('HSET', run, 'spec', spec)
-end
-local policy = tonumber(redis.call('HGET', run, 'policy_version') or '-1')
-if tonumber(ARGV[6]) > policy then
-  policy = tonumber(ARGV[6])
-  redis.call('HSET', run, 'policy_version', ARGV[6])
-end
-local evicted_below = tonumber(redis.call('HGET', run, 'evicted_below') or '0')
-local statuses, evicted_steps = {}, {}
-local n = {stored = 0, dup = 0, stale = 0, evicted = 0, kept = 0, dropped = 0,
-           esteps = 0, egroups = 0, rollouts = 0, erollouts = 0}
-for i = 0, count - 1 do
-  local b = B + i * W
-  local step, pid = tonumber(ARGV[b]), ARGV[b + 1]
-  local sk = prefix .. 'step:' .. ARGV[b] .. ':'
-  local status
-  if redis.call('HEXISTS', sk .. 'digest', pid) == 1 then
-    status = 2
-    n.dup = n.dup + 1
-  elseif step < evicted_below then
-    status = 4
-  elseif tonumber(ARGV[b + 3]) < policy - max_stale then
-    status = 3
-    n.stale = n.stale + 1
-  elseif not redis.call('ZSCORE', steps, ARGV[b]) and redis.call('ZCARD', steps) >= keep
-      and step < tonumber(redis.call('ZRANGE', steps, 0, 0, 'WITHSCORES')[2]) then
-    status = 4
-  else
-    status = 1
-    redis.call('HSET', sk .. 'groups', pid, ARGV[b + 6])
-    redis.call('HSET', sk .. 'summary', pid, ARGV[b + 7])
-    redis.call('HSET', sk .. 'digest', pid, ARGV[b + 2])
-    redis.call('HSET', sk .. 'wv', pid, ARGV[b + 3])
-    redis.call('HSET', sk .. 'kept', pid, ARGV[b + 8])
-    redis.call('ZADD', steps, step, ARGV[b])
-    n.stored = n.stored + 1
-    n.rollouts = n.rollouts + tonumber(ARGV[b + 8])
-    n.kept = n.kept + tonumber(ARGV[b + 4])
-    n.dropped = n.dropped + tonumber(ARGV[b + 5])
-    while redis.call('ZCARD', steps) > keep do
-      local oldest = redis.call('ZPOPMIN', steps)
-      local ok = prefix .. 'step:' .. oldest[1] .. ':'
-      evicted_steps[#evicted_steps + 1] = oldest[1]
-      n.egroups = n.egroups + redis.call('HLEN', ok .. 'groups')
-      for _, k in ipairs(redis.call('HVALS', ok .. 'kept')) do
-        n.erollouts = n.erollouts + tonumber(k)
-      end
-      n.esteps = n.esteps + 1
-      redis.call('UNLINK', ok .. 'groups', ok .. 'summary', ok .. 'digest', ok .. 'wv',
-                 ok .. 'kept')
-      if tonumber(oldest[2]) + 1 > evicted_below then
-        evicted_below = tonumber(oldest[2]) + 1
-      end
-    end
-  end
-  if status == 4 then
-    n.evicted = n.evicted + 1
-  end
-  statuses[#statuses + 1] = status
-end
-redis.call('HSET', run, 'evicted_below', evicted_below)
-redis.call('HINCRBY', run, 'groups_stored', n.stored)
-redis.call('HINCRBY', run, 'duplicates', n.dup)
-redis.call('HINCRBY', run, 'stale_at_put', n.stale)
-redis.call('HINCRBY', run, 'evicted_at_put', n.evicted)
-redis.call('HINCRBY', run, 'pairs_kept', n.kept)
-redis.call('HINCRBY', run, 'pairs_dropped', n.dropped)
-redis.call('HINCRBY', run, 'evicted_steps', n.esteps)
-redis.call('HINCRBY', run, 'evicted_groups', n.egroups)
-local held = redis.call('HINCRBY', run, 'held_groups', n.stored - n.egroups)
-local held_rollouts = redis.call('HINCRBY', run, 'held_rollouts', n.rollouts - n.erollouts)
-return {'ok', statuses, n.egroups, evicted_steps, held, held_rollouts}
-"""
-
-# ARGV: prefix, step, policy_version, max_staleness, expected_groups, the spec the request
-# asks for ('' = any). Returns the step's members (prompt_id, digest), not the payloads:
-# copying megabytes through Lua is slow, and the payloads may be in this process's cache.
-# A refused call ('spec', 'toofew', ...) changes nothing.
-_SAMPLE = """
-local prefix = ARGV[1]
-local run = prefix .. 'run'
-local step, expected = tonumber(ARGV[2]), tonumber(ARGV[5])
-local spec = redis.call('HGET', run, 'spec')
-if not spec then
-  if expected > 0 then
-    return {'toofew', 0}
-  end
-  return {'norun'}
-end
-if ARGV[6] ~= '' and ARGV[6] ~= spec then
-  return {'spec', spec}
-end
-local sk = prefix .. 'step:' .. ARGV[2] .. ':'
-local accepted = redis.call('HLEN', sk .. 'digest')
-if accepted == 0 then
-  local evicted_below = tonumber(redis.call('HGET', run, 'evicted_below') or '0')
-  if step < evicted_below then
-    return {'evicted', evicted_below}
-  end
-  if expected == 0 then
-    return {'nostep'}
-  end
-end
-if accepted < expected then
-  return {'toofew', accepted}
-end
-local policy = tonumber(ARGV[3])
-if policy > tonumber(redis.call('HGET', run, 'policy_version') or '-1') then
-  redis.call('HSET', run, 'policy_version', ARGV[3])
-end
-local threshold = policy - tonumber(ARGV[4])
-local versions = redis.call('HGETALL', sk .. 'wv')
-local dropped, dropped_rollouts = 0, 0
-for i = 1, #versions, 2 do
-  if tonumber(versions[i + 1]) < threshold then
-    local kept = redis.call('HGET', sk .. 'kept', versions[i]) or '0'
-    dropped_rollouts = dropped_rollouts + tonumber(kept)
-    redis.call('HDEL', sk .. 'groups', versions[i])
-    redis.call('HDEL', sk .. 'summary', versions[i])
-    redis.call('HDEL', sk .. 'wv', versions[i])
-    redis.call('HDEL', sk .. 'kept', versions[i])
-    dropped = dropped + 1
-  end
-end
-redis.call('HINCRBY', run, 'stale_at_sample', dropped)
-local held = redis.call('HINCRBY', run, 'held_groups', 0 - dropped)
-local held_rollouts = redis.call('HINCRBY', run, 'held_rollouts', 0 - dropped_rollouts)
-redis.call('HSET', prefix .. 'cursor', 'last_sampled_step', ARGV[2])
-redis.call('HINCRBY', prefix .. 'cursor', 'samples_served', 1)
-local ids = redis.call('HKEYS', sk .. 'wv')
-local digests = {}
-for i, id in ipairs(ids) do
-  digests[i] = redis.call('HGET', sk .. 'digest', id)
-end
-return {'ok', spec, dropped, ids, digests, held, held_rollouts}
-"""
-
-# ARGV: prefix.
-_DROP = """
-local prefix = ARGV[1]
-local run = prefix .. 'run'
-if redis.call('EXISTS', run) == 0 then
-  return {0, 0}
-end
-local groups = 0
-for _, s in ipairs(redis.call('ZRANGE', prefix .. 'steps', 0, -1)) do
-  local sk = prefix .. 'step:' .. s .. ':'
-  groups = groups + redis.call('HLEN', sk .. 'groups')
-  redis.call('UNLINK', sk .. 'groups', sk .. 'summary', sk .. 'digest', sk .. 'wv', sk .. 'kept')
-end
-redis.call('UNLINK', run, prefix .. 'steps', prefix .. 'cursor')
-return {1, groups}
-"""
+# One Lua script per operation (ARGV and replies documented at the top of each), read
+# once here; redis-py runs each with EVALSHA, loading it on NOSCRIPT.
+_LUA = Path(__file__).with_name("lua")
+_SCRIPTS = {
+    name: (_LUA / f"{name}.lua").read_text(encoding="utf-8")
+    for name in ("check", "put", "sample", "drop")
+}
 
 
 class NotFoundError(LookupError):
@@ -492,10 +306,10 @@ class BufferStore:
             retry=Retry(ExponentialBackoff(), retries=0),
         )
         self._cache = PayloadCache(keep_steps, cache_mb * 2**20)
-        self._check = self._redis.register_script(_CHECK)
-        self._put = self._redis.register_script(_PUT)
-        self._sample = self._redis.register_script(_SAMPLE)
-        self._drop = self._redis.register_script(_DROP)
+        self._check = self._redis.register_script(_SCRIPTS["check"])
+        self._put = self._redis.register_script(_SCRIPTS["put"])
+        self._sample = self._redis.register_script(_SCRIPTS["sample"])
+        self._drop = self._redis.register_script(_SCRIPTS["drop"])
 
     def ping(self) -> None:
         """PING with the timeouts and retries of every call; raises ``redis.RedisError`` if
@@ -586,7 +400,7 @@ class BufferStore:
     def _raise_refusal(
         run_id: str, reply: list, records: Sequence[GroupRecord], offset: int
     ) -> None:
-        """Raise for a ``spec`` or ``conflict`` reply of _CHECK or _PUT (a chunk of
+        """Raise for a ``spec`` or ``conflict`` reply of check.lua or put.lua (a chunk of
         ``records`` from ``offset``)."""
         if reply[0] == b"spec":
             raise SpecChangedError(reply[1])

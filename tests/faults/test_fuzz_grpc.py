@@ -1,6 +1,6 @@
 """Fuzzing the buffer's gRPC API (issue #8): random bytes, mangled and valid-but-wrong
 messages, oversize payloads and wrong tokens, sent through a raw channel to a real server.
-Every answer carries a status server.py documents for the method (never UNKNOWN or
+Every answer carries a status servicer.py documents for the method (never UNKNOWN or
 INTERNAL), the server keeps serving, and a run stored before the fuzzing is byte for byte
 unchanged (its Redis keys' DUMP). The server has its own Redis: random requests may create
 or drop runs."""
@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from protos import replay_buffer_pb2 as pb
 from services.embedded_redis import EmbeddedRedis, redis_client
-from services.replay_buffer.server import SERVICE_NAME, serve
+from services.replay_buffer.server import serve
+from services.replay_buffer.servicer import SERVICE_NAME
 from shuffle_r1.config import AlgorithmConfig, BufferConfig
 from shuffle_r1.limits import MAX_ABS_REWARD, MAX_LOGPROB
 
@@ -32,7 +33,7 @@ FUZZ_RUN = "fuzz-run"
 METHODS = ("PutGroups", "Sample", "Stats", "DropRun")
 REQUESTS = {"PutGroups": pb.PutGroupsRequest, "Sample": pb.SampleRequest,
             "Stats": pb.StatsRequest, "DropRun": pb.DropRunRequest}  # fmt: skip
-# What server.py documents for each method, for a request within the size limit that
+# What servicer.py documents for each method, for a request within the size limit that
 # carries the token (Redis is up here, so no UNAVAILABLE).
 DOCUMENTED = {
     "PutGroups": {C.OK, C.INVALID_ARGUMENT, C.FAILED_PRECONDITION, C.ALREADY_EXISTS, C.ABORTED},
@@ -181,7 +182,7 @@ def _rollout(g: pb.Group, draw: st.DrawFn) -> pb.Rollout:
     return g.rollouts[draw(st.integers(0, len(g.rollouts) - 1))]
 
 
-# One defect each, every one answered INVALID_ARGUMENT (server.py, logic.validate_put).
+# One defect each, every one answered INVALID_ARGUMENT (servicer.py, logic.validate_put).
 DEFECTS = {
     "non-finite reward": lambda g, d: setattr(_rollout(g, d), "reward", _non_finite(d)),
     "non-finite log-prob": lambda g, d: _rollout(g, d).logprobs.__setitem__(0, _non_finite(d)),

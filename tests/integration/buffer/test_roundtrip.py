@@ -9,7 +9,7 @@ from buffer_helpers import make_group, random_groups, run_keys
 from grpc_health.v1 import health_pb2
 
 from protos import replay_buffer_pb2 as pb
-from services.replay_buffer.server import SERVICE_NAME
+from services.replay_buffer.servicer import SERVICE_NAME
 from shuffle_r1.algos import advantage_histogram, grpo_advantages, rollout_silence_ratio
 from shuffle_r1.config import AlgorithmConfig
 
