@@ -44,6 +44,10 @@ from shuffle_r1.precision import DTYPE_CHOICES
 
 # algorithm.abs_minibatch_order's choices (shuffle_r1.training.abs_minibatch_rows)
 ABS_MINIBATCH_ORDERS = ("interleaved", "sequential")
+# algorithm.loss_agg_mode's and algorithm.kl_type's choices, as shuffle_r1.algos.loss
+# implements them (it imports these: one list, and this module stays free of torch)
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
+KL_TYPES = ("low_var_kl", "kl", "abs", "mse")
 
 ALGORITHMS = ("grpo", "grpo+pts", "shuffle_r1")
 # Secrets a recipe need not hold: an empty buffer.auth_token / reward.http_token is taken from
@@ -251,7 +255,7 @@ class TrainerConfig:
     eval_every: int = 5  # 0 = never evaluate
     val_before_train: bool = True  # with eval_every > 0: evaluate before the first update
     seed: int = 1
-    resume: bool = False
+    resume: bool = False  # as `train --resume`: continue from the newest checkpoint
     # a learner rank that dies: rebuild the group from the last checkpoint, this many times
     max_learner_restarts: int = 3
     metrics_port: int = 0  # Prometheus /metrics of the trainer; 0 = off
@@ -282,9 +286,6 @@ class Config:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -515,9 +516,9 @@ def validate(cfg: Config) -> Config:
     )  # fmt: skip
     _between("algorithm.clip_ratio_low", a.clip_ratio_low, 0.0, 1.0)
     _at_least("algorithm.clip_ratio_high", a.clip_ratio_high, 0.0)
-    _choice("algorithm.loss_agg_mode", a.loss_agg_mode, ("token-mean", "seq-mean-token-mean"))
+    _choice("algorithm.loss_agg_mode", a.loss_agg_mode, LOSS_AGG_MODES)
     _at_least("algorithm.kl_coef", a.kl_coef, 0.0)
-    _choice("algorithm.kl_type", a.kl_type, ("low_var_kl", "kl", "abs", "mse"))
+    _choice("algorithm.kl_type", a.kl_type, KL_TYPES)
     _at_least("algorithm.collapse_tau", a.collapse_tau, 0.0)
     _choice("algorithm.abs_minibatch_order", a.abs_minibatch_order, ABS_MINIBATCH_ORDERS)
 

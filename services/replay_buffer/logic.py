@@ -84,10 +84,11 @@ def resolve_spec(spec: pb.RunSpec | None, defaults: AlgorithmConfig, run_id: str
     shuffle_times = spec.shuffle_times if spec.HasField("shuffle_times") else defaults.shuffle_times
     if not 1 <= shuffle_times <= MAX_SHUFFLE_TIMES:
         raise ValueError(f"spec.shuffle_times={shuffle_times} must be in [1, {MAX_SHUFFLE_TIMES}]")
+    applied = AlgorithmConfig(name=algorithm, keep_ratio=keep_ratio, shuffle_times=shuffle_times)
     return pb.RunSpec(
         algorithm=algorithm,
-        keep_ratio=keep_ratio if algorithm != "grpo" else 1.0,
-        shuffle_times=shuffle_times if algorithm == "shuffle_r1" else 1,
+        keep_ratio=applied.effective_keep_ratio,
+        shuffle_times=applied.effective_shuffle_times,
         seed=spec.seed if spec.HasField("seed") else default_seed(run_id),
         vocab_size=spec.vocab_size,
     )

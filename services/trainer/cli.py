@@ -85,7 +85,7 @@ def train(args: argparse.Namespace) -> int:
             # ... and its core worker a C-level one (abseil's failure handler: it logs, then
             # aborts): installing ours again takes the signals back at the C level too
             stop.install()
-            trainer = Trainer(cfg, resume=args.resume)
+            trainer = Trainer(cfg, resume=args.resume or cfg.trainer.resume)
             try:
                 summary = trainer.run()
             except OutputWriteError as exc:  # a full disk is the operator's, not a crash

@@ -218,11 +218,7 @@ class Trainer:
                 f"--resume: no complete checkpoint that matches its manifest under "
                 f"{self.out / 'checkpoints'} (the log names any that were rejected)"
             )
-        files = files_under(read_manifest(ckpt, key), "learner")
-        self.learner.load_checkpoint(ckpt / "learner", files)
-        self.state = read_state(ckpt, key)
-        self.sampler.load_state_dict(self.state.sampler)
-        self.counters.update(self.state.counters)
+        self._restore(ckpt, key)
         # Steps after the checkpoint are regenerated; their stored groups would clash.
         self.session.drop_run()
         logger.info(
@@ -231,6 +227,15 @@ class Trainer:
             self.state.step,
             self.learner.version,
         )
+
+    def _restore(self, ckpt: Path, key: bytes | None) -> None:
+        """Load a verified checkpoint into the learner group and the driver (state, data
+        sampler, RNG, counters): what :meth:`_resume` and :meth:`_rebuild_learner` share."""
+        files = files_under(read_manifest(ckpt, key), "learner")
+        self.learner.load_checkpoint(ckpt / "learner", files)
+        self.state = read_state(ckpt, key)
+        self.sampler.load_state_dict(self.state.sampler)
+        self.counters.update(self.state.counters)
 
     # ---- the step ----------------------------------------------------------------------
 
@@ -381,7 +386,6 @@ class Trainer:
             CheckpointWriteError: no space, quota or permission to write it: an operator
                 error, which stops the run (not a learner failure; nothing is restarted).
         """
-        self.state.weight_version = self.learner.version
         self.state.sampler = self.sampler.state_dict()
         self.state.counters = dict(self.counters)
         key = run_key(self.cfg.buffer.auth_token)
@@ -416,7 +420,6 @@ class Trainer:
             try:
                 metrics = self.step(step)
                 self.state.step = step + 1
-                self.state.buffer_cursor = step
                 if cfg.eval_every and (
                     self.state.step % cfg.eval_every == 0 or self.state.step == cfg.total_steps
                 ):
@@ -497,11 +500,7 @@ class Trainer:
             self.sampler.load_state_dict({**self.sampler.state_dict(), "epoch": 0, "position": 0})
             torch.manual_seed(self.cfg.trainer.seed)
         else:
-            files = files_under(read_manifest(ckpt, key), "learner")
-            self.learner.load_checkpoint(ckpt / "learner", files)
-            self.state = read_state(ckpt, key)
-            self.sampler.load_state_dict(self.state.sampler)
-            self.counters.update(self.state.counters)
+            self._restore(ckpt, key)
         self.counters["learner/rebuilt"] = rebuilt
         self.exporter.count_error("learner", "rebuilt")
         self.learner.version = max(newest, self.learner.version) + 1

@@ -72,10 +72,12 @@ class TrainerState:
     """What the driver needs to continue a run exactly where a checkpoint left it."""
 
     step: int = 0  # training steps completed
-    weight_version: int = 0  # version of the policy the rollout workers hold
     sampler: dict[str, Any] = field(default_factory=dict)
-    buffer_cursor: int = -1  # last step sampled from the replay buffer
     counters: dict[str, float] = field(default_factory=dict)  # cumulative, e.g. skipped rows
+
+    # fields of older checkpoints' trainer_state.json that nothing read (the weight version
+    # is the learner's own, in its checkpoint); skipped when such a checkpoint is loaded
+    RETIRED = ("weight_version", "buffer_cursor")
 
 
 def run_key(token: str) -> bytes | None:
@@ -161,7 +163,7 @@ def read_state(folder: Path, key: bytes | None = None) -> TrainerState:
     random.setstate(
         (int(rng["python_version"][0]), tuple(int(x) for x in rng["python_state"]), None)
     )
-    return TrainerState(**raw)
+    return TrainerState(**{k: v for k, v in raw.items() if k not in TrainerState.RETIRED})
 
 
 def read_manifest(folder: Path, key: bytes | None) -> dict[str, dict[str, Any]]:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
-KL_TYPES = ("low_var_kl", "kl", "abs", "mse")
+from shuffle_r1.config import KL_TYPES, LOSS_AGG_MODES
+
 # Log-ratios are clamped before exp, as in EasyR1, so one stale token cannot overflow.
 _MAX_LOG_RATIO = 20.0
 

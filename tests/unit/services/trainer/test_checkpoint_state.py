@@ -52,7 +52,7 @@ def save(out: Path, step: int, key: bytes | None = KEY) -> Path:
         state = {"exp_avg": torch.full((64,), float(step)), "step": torch.tensor(step)}
         dcp.save({"optimizer": state}, checkpoint_id=str(folder / "learner" / "optimizer"))
         (folder / "learner" / "learner.json").write_text(json.dumps({"version": step}))
-        write_state(folder, TrainerState(step=step, weight_version=step))
+        write_state(folder, TrainerState(step=step, counters={"data/skipped_rows": step}))
     return checkpoint_dir(out, step)
 
 
@@ -75,7 +75,7 @@ def test_a_checkpoint_is_renamed_into_place_with_a_signed_manifest(tmp_path: Pat
         "trainer_state.json",
     }
     assert verify_checkpoint(folder, KEY) == manifest["files"]
-    assert read_state(folder, KEY).weight_version == 3
+    assert read_state(folder, KEY).counters == {"data/skipped_rows": 3}
     assert latest_checkpoint(tmp_path, KEY) == folder
     assert float(load_optimizer(folder)[0]) == 3.0
 
@@ -197,3 +197,13 @@ def test_prune_keeps_the_saved_checkpoint_and_those_before_it(tmp_path: Path) ->
     assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000003"]
     save(tmp_path, 3)  # saved again: replaced whole
     assert verify_checkpoint(third, KEY)
+
+
+def test_an_older_checkpoint_with_retired_state_fields_still_loads(tmp_path: Path) -> None:
+    # trainer_state.json as checkpoints before issue #18 wrote it
+    with saving_checkpoint(tmp_path, 2, KEY) as folder:
+        write_state(folder, TrainerState(step=2))
+        old = {"step": 2, "weight_version": 2, "sampler": {}, "buffer_cursor": 1, "counters": {}}
+        (folder / "trainer_state.json").write_text(json.dumps(old))
+    state = read_state(checkpoint_dir(tmp_path, 2), KEY)
+    assert state == TrainerState(step=2)
