@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -59,6 +58,7 @@ from shuffle_r1.integrity import (
     full_disk_error,
 )
 from shuffle_r1.models import load_policy_model
+from shuffle_r1.net import free_port
 from shuffle_r1.precision import resolve_dtype
 from shuffle_r1.training import (
     TrainBatch,
@@ -123,10 +123,7 @@ class LearnerWorker:
 
     def master_address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port for the process group's rendezvous (rank 0)."""
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address(), free_port("")
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group, load the model, shard it, build the optimizer.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from typing import Any, TypeVar
 
 from ray import serve
 from ray.exceptions import RayActorError
+
+from shuffle_r1.net import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ def worker_id() -> str:
         return str(serve.get_replica_context().replica_id.unique_id)
     except Exception:  # not inside a Serve replica: Serve raises RayServeException
         return f"actor-{os.getpid()}"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def ensure_serve(http_host: str = "127.0.0.1", http_port: int = 8000) -> str:

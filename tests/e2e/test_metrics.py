@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.embedded_redis import free_port
 from services.trainer.loop import Trainer
 from shuffle_r1.config import load_config
 from shuffle_r1.metric_catalog import CATALOG, RAY_ROLES, spec_of_series
+from shuffle_r1.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]

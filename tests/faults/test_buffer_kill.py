@@ -18,8 +18,9 @@ from buffer_helpers import (
 )
 
 from protos import replay_buffer_pb2 as pb
-from services.embedded_redis import EmbeddedRedis, free_port
+from services.embedded_redis import EmbeddedRedis
 from services.replay_buffer.client import TOKEN_ENV, ReplayBufferClient
+from shuffle_r1.net import free_port
 
 TOKEN = "test-token-\N{GREEK SMALL LETTER ALPHA}".encode().hex()
 SAMPLE = "/shuffle_r1.buffer.v1.ReplayBuffer/Sample"

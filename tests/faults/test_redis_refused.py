@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from services.embedded_redis import EmbeddedRedis, free_port
+from services.embedded_redis import EmbeddedRedis
 from services.trainer.bootstrap import redis_for_run
 from shuffle_r1.config import BufferConfig
+from shuffle_r1.net import free_port
 
 PASSWORD = "right-5d1e"
 

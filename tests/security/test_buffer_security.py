@@ -11,8 +11,8 @@ import pytest
 from buffer_helpers import make_tls, outward_ip, random_groups, scrape
 from grpc_health.v1 import health_pb2
 
-from services.embedded_redis import free_port
 from services.replay_buffer.client import ReplayBufferClient
+from shuffle_r1.net import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 REFUSED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

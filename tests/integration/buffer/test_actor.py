@@ -5,10 +5,10 @@ import psutil
 import pytest
 from buffer_helpers import metric_samples, random_groups, scrape
 
-from services.embedded_redis import free_port
 from services.replay_buffer.actor import start_replay_buffer_actor
 from services.replay_buffer.client import ReplayBufferClient
 from shuffle_r1.config import AlgorithmConfig, BufferConfig
+from shuffle_r1.net import free_port
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import math
 
 from buffer_helpers import metric_samples, random_groups, scrape
 
-from services.embedded_redis import free_port
 from shuffle_r1.metric_catalog import by_role
+from shuffle_r1.net import free_port
 
 
 def value(scraped, name: str, **labels: str) -> float:
