@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from shuffle_r1.config import BUFFER_TOKEN_ENV
 from shuffle_r1.integrity import (
     OPERATOR_ERRNOS,
     CheckpointRejectedError,
@@ -63,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 COMPLETE = "MANIFEST.json"  # written last: a folder holds it only when complete
 MANIFEST_FORMAT = "shuffle-r1 checkpoint manifest 1"
-TOKEN_ENV = "SHUFFLE_R1_BUFFER_TOKEN"  # as services.replay_buffer.client.TOKEN_ENV
+TOKEN_ENV = BUFFER_TOKEN_ENV  # the buffer's token signs the manifests too
 _NAME = re.compile(r"step_(\d+)")
 
 
