@@ -96,7 +96,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 0.99
     max_response_length: int = 2048  # tokens
-    # Rollout workers are replicas of a Ray Serve deployment (actors/rollout.py). Without
+    # Rollout workers are replicas of a Ray Serve deployment (actors/rollout/). Without
     # autoscaling their number is num_workers, changed at run time by
     # `shuffle-r1 scale rollout N` within [min_workers, max_workers]; with autoscaling, Serve
     # keeps it in that range from the pending rollout requests (target_prompts_per_worker

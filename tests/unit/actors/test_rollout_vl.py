@@ -120,7 +120,7 @@ def test_bad_image_requests_fail_naming_the_request(engine, tmp_path, k12_reques
 @pytest.mark.slow
 def test_vllm_engine_falls_back_to_transformers_for_vl_models_without_torchvision(tiny_vl, caplog):
     pytest.importorskip("vllm")
-    with caplog.at_level(logging.WARNING, logger="actors.rollout"):
+    with caplog.at_level(logging.WARNING, logger="actors.rollout.engines"):
         engine = make_engine(
             tiny_vl, RolloutConfig(engine="vllm", threads_per_worker=1, dtype="float32"), 0
         )

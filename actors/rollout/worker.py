@@ -1,0 +1,148 @@
+"""The rollout worker (:class:`RolloutWorker`): one engine, as a replica of the rollout Ray
+Serve deployment (:mod:`actors.rollout.pool`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+from torch import Tensor
+
+from actors.metrics import ray_metric
+from actors.rollout.engines import make_engine
+from actors.rollout.records import GenerateReply, GenerationRequest, SamplingSpec, request_seed
+from actors.serving import worker_id
+from shuffle_r1.config import RolloutConfig
+
+
+class RolloutWorker:
+    """One engine, as a replica of the rollout Serve deployment (:class:`RolloutPool`) or as a
+    plain Ray actor (``ray.remote(RolloutWorker)``, in tests).
+
+    ``weight_store`` is the name of the run's :class:`~actors.weights.WeightStore` (in
+    ``namespace``; the worker's metrics carry ``run_id``): the worker loads the newest
+    published weights before it serves its first request, and again whenever a call asks for
+    a version it does not hold. Without a store the worker only loads what
+    :meth:`load_weights` hands it. One engine call runs at a time (generation and weight
+    loads are serialised); Serve's event loop stays free for health checks because the
+    engine runs in a thread.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        cfg: RolloutConfig,
+        seed: int = 0,
+        weight_store: str | None = None,
+        namespace: str | None = None,
+        run_id: str = "",
+    ) -> None:
+        self.worker_id = worker_id()
+        # replicas get the same arguments: mix the worker id into the engine's own RNG seed,
+        # which only unseeded requests use
+        self.engine = make_engine(model_path, cfg, seed ^ (request_seed(0, self.worker_id) >> 32))
+        self._lock = threading.Lock()
+        self._store: Any = (
+            ray.get_actor(weight_store, namespace=namespace) if weight_store else None
+        )
+        tags = {"worker": self.worker_id, "run": run_id}
+        self._m_requests = ray_metric("shuffle_r1_rollout_worker_requests_total")
+        self._m_tokens = ray_metric("shuffle_r1_rollout_worker_tokens_total")
+        self._m_generate = ray_metric("shuffle_r1_rollout_worker_generate_seconds")
+        self._m_version = ray_metric("shuffle_r1_rollout_worker_weight_version")
+        self._m_load = ray_metric("shuffle_r1_rollout_worker_weight_load_seconds")
+        for metric in (
+            self._m_requests,
+            self._m_tokens,
+            self._m_generate,
+            self._m_version,
+            self._m_load,
+        ):
+            metric.set_default_tags(tags)
+        self._m_version.set(0)
+        if self._store is not None:
+            newest: Any = ray.get(self._store.version.remote())
+            self._sync(newest)
+
+    # -- the engine, under the lock ------------------------------------------------------------
+
+    def _sync(self, min_version: int) -> float:
+        """Load the store's newest weights if this worker is below ``min_version``; seconds."""
+        with self._lock:
+            if self._store is None or self.engine.weight_version >= min_version:
+                return 0.0
+            latest: tuple[int, list[ray.ObjectRef]] = ray.get(self._store.latest.remote())
+            version, refs = latest
+            if version < min_version:
+                raise RuntimeError(
+                    f"rollout worker {self.worker_id}: asked for weight version >= {min_version} "
+                    f"but the weight store holds {version}; publish before generating"
+                )
+            return self._load(version, ray.get(refs[0]))
+
+    def _load(self, version: int, state_dict: dict[str, Tensor]) -> float:
+        start = time.perf_counter()
+        self.engine.load_weights(version, state_dict)
+        seconds = time.perf_counter() - start
+        self._m_load.observe(seconds)
+        self._m_version.set(version)
+        return seconds
+
+    def _generate(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingSpec, min_version: int
+    ) -> GenerateReply:
+        self._sync(min_version)
+        with self._lock:
+            start = time.perf_counter()
+            completions = self.engine.generate(requests, sampling)
+            seconds = time.perf_counter() - start
+            version = self.engine.weight_version
+        self._m_generate.observe(seconds)
+        self._m_requests.inc(len(requests))
+        self._m_tokens.inc(sum(len(c.token_ids) for c in completions))
+        if self._store is not None:
+            self._store.record.remote(self.worker_id, version, [r.request_id for r in requests])
+        return GenerateReply(self.worker_id, completions, seconds)
+
+    # -- the calls -----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        sampling: SamplingSpec,
+        min_version: int = 0,
+    ) -> GenerateReply:
+        """``sampling.n`` completions per request (flat, request order then index), after
+        loading weights of at least ``min_version`` from the store if this worker is behind."""
+        return await asyncio.to_thread(self._generate, requests, sampling, min_version)
+
+    async def sync_weights(self, min_version: int) -> dict[str, Any]:
+        """Pull the store's newest weights if below ``min_version``; returns :meth:`ping`
+        with the seconds the load took (0.0 when already there)."""
+        seconds = await asyncio.to_thread(self._sync, min_version)
+        return {**self.ping(), "load_s": seconds}
+
+    def load_weights(self, version: int, state: dict[str, Tensor] | ray.ObjectRef) -> float:
+        """Load ``state`` (a state dict, or an object ref to one) as ``version``; return the
+        seconds it took. A ref passed as a top-level argument arrives already resolved."""
+        state_dict = ray.get(state) if isinstance(state, ray.ObjectRef) else state
+        with self._lock:
+            return self._load(version, state_dict)
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def ping(self) -> dict[str, Any]:
+        """``{"worker", "engine", "weight_version", "pid"}``: alive, and which engine serves."""
+        return {
+            "worker": self.worker_id,
+            "engine": self.engine.name,
+            "weight_version": self.engine.weight_version,
+            "pid": os.getpid(),
+        }
