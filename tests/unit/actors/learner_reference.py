@@ -1,4 +1,4 @@
-"""The single-process update a learner group must reproduce (tests of actors/learner.py)."""
+"""The single-process update a learner group must reproduce (tests of actors/learner/)."""
 
 from __future__ import annotations
 

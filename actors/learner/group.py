@@ -1,0 +1,289 @@
+"""The learner as one: :class:`LearnerGroup`, the single controller the trainer calls, drives
+N :class:`~actors.learner.worker.LearnerWorker` ranks.
+
+It cuts a :class:`~shuffle_r1.training.TrainBatch` as docs/ALGORITHM.md §3.4 says — mini-batches
+in order, each into contiguous pair-aligned shards, one per rank, each into micro-batches — and
+averages the metrics. Every rank runs the same number of micro-batches (a short shard is
+padded with rollouts that carry no signal), so the ranks' collectives stay in step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from torch import Tensor
+
+from actors.learner.worker import LOSS_METRICS, WRITE_ADVICE, LearnerWorker
+from shuffle_r1.config import Config
+from shuffle_r1.integrity import CheckpointRejectedError, CheckpointWriteError, full_disk_error
+from shuffle_r1.precision import resolve_dtype
+from shuffle_r1.training import (
+    TrainBatch,
+    microbatch_count,
+    minibatch_slices,
+    pair_aligned_shards,
+    rollouts_per_optimizer_step,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class LearnerFailedError(RuntimeError):
+    """A rank of a :class:`LearnerGroup` failed (raised, or its process died); the group has
+    killed every rank. Build a new group (from a checkpoint) to go on."""
+
+
+class LearnerGroup:
+    """N :class:`LearnerWorker` ranks driven as one learner (the trainer's single controller).
+
+    Args:
+        cfg: the run's config; reads ``learner`` (ranks, backend, optimizer, batch sizes),
+            ``algorithm`` (loss, α for the mini-batch size), ``rollout.n`` and
+            ``rollout.temperature`` (log-probs are ``log_softmax(logits / T)``).
+        model_path: a transformers folder every rank can read; default
+            ``shuffle_r1.models.resolve_model_path(cfg.learner.model_path)``.
+
+    Needs a running Ray with ``learner.num_ranks`` free CPUs (and GPUs when
+    ``learner.num_gpus_per_rank > 0``). If a rank fails, the group kills every rank (the
+    others would wait on it in a collective) and raises :class:`LearnerFailedError`; build a
+    new group to go on.
+
+    Attributes:
+        version: the weight version: 0 as loaded (or the checkpoint's), +1 per :meth:`update`
+            that stepped the optimizer.
+        last_publish_s: seconds the last :meth:`publish_weights` took.
+    """
+
+    def __init__(self, cfg: Config, model_path: str | Path | None = None) -> None:
+        if model_path is None:
+            from shuffle_r1.models import resolve_model_path
+
+            model_path = resolve_model_path(cfg.learner.model_path)
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        self.version = 0
+        self.last_publish_s = 0.0
+        self._published: tuple[int, ray.ObjectRef] | None = None
+        rollout_on_cuda = cfg.rollout.num_gpus_per_worker > 0
+        self.publish_dtype = resolve_dtype(cfg.rollout.dtype, cuda=rollout_on_cuda).dtype
+        le = cfg.learner
+        actor = ray.remote(LearnerWorker).options(
+            num_cpus=1, num_gpus=le.num_gpus_per_rank, resources=dict(le.ray_resources) or None
+        )
+        # Actor handles: their methods are typed by Ray at run time only.
+        self.workers: list[Any] = [
+            actor.remote(rank, le.num_ranks, cfg, self.model_path) for rank in range(le.num_ranks)
+        ]
+        started = time.perf_counter()
+        address = self._gather([self.workers[0].master_address.remote()])[0]
+        self._gather([w.setup.remote(*address) for w in self.workers])
+        logger.info(
+            "learner: %d %s ranks on %s ready in %.1f s",
+            le.num_ranks,
+            le.backend,
+            self.model_path,
+            time.perf_counter() - started,
+        )
+
+    @property
+    def rollouts_per_minibatch(self) -> int:
+        """Rollouts per optimizer step (``training.rollouts_per_optimizer_step``, α-scaled)."""
+        return rollouts_per_optimizer_step(
+            self.cfg.learner.global_batch_size,
+            self.cfg.rollout.n,
+            self.cfg.algorithm.effective_keep_ratio,
+        )
+
+    def _gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """Results in order; on the first failure kill every rank and raise."""
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+        except Exception as exc:
+            self.shutdown(graceful=False)
+            raise LearnerFailedError(
+                f"a learner rank failed; the learner group is shut down: {exc}"
+            ) from exc
+        return ray.get(refs)
+
+    def _run(self, method: str, batch: TrainBatch) -> list[tuple[slice, Any]]:
+        """Call ``method(shard, count)`` on every rank with its pair-aligned shard."""
+        if not self.workers:
+            raise RuntimeError("the learner group is shut down")
+        shards = pair_aligned_shards(len(batch), len(self.workers))
+        count = microbatch_count(
+            [s.stop - s.start for s in shards], self.cfg.learner.micro_batch_size
+        )
+        refs = [
+            getattr(w, method).remote(batch.select(s), count)
+            for w, s in zip(self.workers, shards, strict=True)
+        ]
+        return list(zip(shards, self._gather(refs), strict=True))
+
+    def compute_logprobs(self, batch: TrainBatch) -> Tensor:
+        """Log-probs ``(B, L)`` (nats, float32, CPU) of the response tokens under the current
+        weights, ``L = batch.max_response_len``, 0 past each response. The batch is split
+        across the ranks in contiguous pair-aligned shards; rows come back in order.
+
+        Raises:
+            ValueError: the batch has an odd number of rollouts (pairs cannot be kept whole).
+        """
+        out = torch.zeros(len(batch), batch.max_response_len)
+        for rows, part in self._run("compute_logprobs", batch):
+            out[rows, : part.shape[1]] = part
+        return out
+
+    def single_step(self, num_rollouts: int) -> bool:
+        """Whether an update on ``num_rollouts`` rollouts is one optimizer step on the current
+        weights (one mini-batch, ``learner.ppo_epochs`` = 1). Then every micro-batch's forward
+        pass runs on the weights that would compute the old log-probs, so :meth:`update` may
+        take them from that pass (``old_logprobs=None``) and skip a forward pass over the
+        batch; the loss and the gradient are the same."""
+        return self.cfg.learner.ppo_epochs == 1 and num_rollouts <= self.rollouts_per_minibatch
+
+    def update(
+        self,
+        batch: TrainBatch,
+        old_logprobs: Tensor | None,
+        minibatches: list[list[int]] | None = None,
+    ) -> dict[str, float]:
+        """Train on ``batch`` (docs/ALGORITHM.md §3.4, §4): ``learner.ppo_epochs`` passes over its
+        mini-batches, in order; one optimizer step each, split across ranks and
+        micro-batches (see ``LearnerWorker.train_step``). The mini-batches are
+        ``minibatches`` when given, else consecutive runs of :attr:`rollouts_per_minibatch`
+        rollouts.
+
+        Args:
+            batch: rollouts, pairs adjacent; ``batch.ref_logprobs`` is needed when
+                ``algorithm.kl_coef > 0``.
+            old_logprobs: ``(B, L)`` log-probs of the batch under the weights it was drawn
+                with, as :meth:`compute_logprobs` returns them; None when
+                :meth:`single_step` holds: the update's own forward pass gives them
+                (detached; the ratio is exactly 1).
+            minibatches: the rows of each optimizer mini-batch (an ABS batch's layout,
+                ``shuffle_r1.training.abs_minibatch_rows``); both rollouts of a pair in one.
+
+        Returns:
+            means over micro-batches of ``policy_loss``, ``pg_loss``, ``kl``,
+            ``clip_fraction``, ``approx_kl``; mean ``grad_norm`` over optimizer steps
+            (before clipping); ``num_optimizer_steps`` (steps taken; a non-finite gradient
+            skips one); ``lr``.
+
+        Raises:
+            ValueError: an empty or odd-sized batch, ``kl_coef > 0`` without ref log-probs,
+                or ``old_logprobs=None`` for more than one optimizer step.
+        """
+        if len(batch) == 0:
+            raise ValueError("update() got an empty batch; skip the update instead")
+        one_step = self.single_step(len(batch)) and (minibatches is None or len(minibatches) < 2)
+        if old_logprobs is None and batch.old_logprobs is None and not one_step:
+            raise ValueError(
+                f"update() without old_logprobs needs one optimizer step, but {len(batch)} "
+                f"rollouts make {math.ceil(len(batch) / self.rollouts_per_minibatch)} "
+                f"mini-batches x {self.cfg.learner.ppo_epochs} epochs: later steps run on "
+                "updated weights; pass compute_logprobs(batch)"
+            )
+        if self.cfg.algorithm.kl_coef > 0 and batch.ref_logprobs is None:
+            raise ValueError(
+                f"algorithm.kl_coef={self.cfg.algorithm.kl_coef} needs batch.ref_logprobs"
+            )
+        if old_logprobs is not None:
+            batch = batch.with_logprobs(old=old_logprobs)
+        records: list[dict[str, float]] = []
+        norms, steps, lr = [], 0, float("nan")
+        for _ in range(self.cfg.learner.ppo_epochs):
+            cuts = minibatches or minibatch_slices(len(batch), self.rollouts_per_minibatch)
+            for rows in cuts:
+                results = [r for _, r in self._run("train_step", batch.select(rows))]
+                records.extend(m for r in results for m in r["micro"])
+                norms.append(results[0]["grad_norm"])
+                steps += int(results[0]["stepped"])
+                lr = results[0]["lr"]
+        if steps:
+            self.version += 1
+        metrics = {k: sum(r[k] for r in records) / len(records) for k in LOSS_METRICS}
+        metrics.update(grad_norm=sum(norms) / len(norms), num_optimizer_steps=float(steps), lr=lr)
+        return metrics
+
+    def publish_weights(self) -> tuple[int, ray.ObjectRef]:
+        """``(version, ref)``: the full state dict put into the object store once, from rank
+        0: CPU tensors, keys as in transformers, in the rollout engines' dtype
+        (:attr:`publish_dtype`; a bf16 copy would round away updates a float32 engine can
+        use). A second call at the same version returns the same ref. The time taken is in
+        :attr:`last_publish_s`.
+        """
+        if self._published is not None and self._published[0] == self.version:
+            return self._published
+        started = time.perf_counter()
+        results = self._gather([w.publish.remote(self.publish_dtype) for w in self.workers])
+        self._published = (self.version, results[0][0])
+        self.last_publish_s = time.perf_counter() - started
+        return self._published
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """Write model, optimizer and version to ``directory`` (layout:
+        ``LearnerWorker.save_checkpoint``); a folder every rank can reach.
+
+        Raises:
+            CheckpointWriteError: a rank could not write for lack of space, quota or
+                permission; an operator error, not a learner failure (the ranks are stopped,
+                as after any failure of a collective).
+            LearnerFailedError: a rank failed otherwise.
+        """
+        refs = [w.save_checkpoint.remote(str(directory), self.version) for w in self.workers]
+        try:
+            self._gather(refs)
+        except LearnerFailedError as exc:
+            # Ray delivers the rank's error as a RayTaskError whose ``cause`` it is
+            error = full_disk_error(exc, Path(directory))
+            if isinstance(error, CheckpointWriteError):
+                raise error from exc
+            if error is not None:
+                raise CheckpointWriteError.wrap(
+                    error, f"saving checkpoint {directory}", Path(directory), WRITE_ADVICE
+                ) from exc
+            raise
+
+    def load_checkpoint(self, directory: str | Path, files: dict[str, dict[str, Any]]) -> None:
+        """Restore model, optimizer and version from ``directory``; any rank count may load it
+        (FSDP2; DeepSpeed needs the same).
+
+        ``files`` are the expected files of ``directory`` from its checkpoint's verified
+        manifest (``services.trainer.state.files_under``). Every rank first checks the folder
+        as it sees it (``LearnerWorker.check_checkpoint``: a rank on another node may see
+        another copy); only when all match does any rank deserialise anything.
+
+        Raises:
+            CheckpointRejectedError: a rank found a file missing, extra, or different; nothing
+                was loaded and the group is unchanged.
+        """
+        refs = [w.check_checkpoint.remote(str(directory), files) for w in self.workers]
+        found = [f"rank {r}: {p}" for r, ps in enumerate(self._gather(refs)) for p in ps]
+        if found:
+            more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+            raise CheckpointRejectedError(
+                f"checkpoint {directory} does not match its manifest as the learner ranks see "
+                f"it: {'; '.join(found[:5])}{more}; nothing was loaded"
+            )
+        metas = self._gather([w.load_checkpoint.remote(str(directory)) for w in self.workers])
+        self.version = int(metas[0]["version"])
+        self._published = None
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every rank (idempotent). ``graceful`` first lets them leave the process group."""
+        workers, self.workers = self.workers, []
+        if graceful and workers:
+            try:
+                ray.get([w.shutdown.remote() for w in workers], timeout=60)
+            except Exception as exc:  # a dead rank: kill the rest anyway
+                logger.warning("learner shutdown: %s", exc)
+        for w in workers:
+            ray.kill(w)
