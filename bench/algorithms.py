@@ -197,6 +197,14 @@ def mean_ci(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "n": len(values)}
 
 
+def _mean_of(values: Sequence[Any]) -> float | None:
+    """The mean of the finite numbers among ``values`` (a metric may be missing, or null in
+    metrics.jsonl when it was NaN: e.g. the silence ratio of a step without an update), or
+    None when there are none."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
+
+
 def first_reaching(curve: dict[int, float], target: float) -> int | None:
     """The first evaluated step whose accuracy is >= ``target`` (1e-9 slack), or None."""
     return next((s for s in sorted(curve) if curve[s] >= target - 1e-9), None)
@@ -230,13 +238,9 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
         means[arm] = {k: c["mean"] for k, c in curve.items()}
         length = min(len(per[s]["train"]) for s in seeds)
         series = {
-            key: [
-                statistics.fmean(vals) if (vals := [per[s]["train"][i][key] for s in seeds
-                                                    if key in per[s]["train"][i]]) else None
-                for i in range(length)
-            ]
+            key: [_mean_of([per[s]["train"][i].get(key) for s in seeds]) for i in range(length)]
             for key in TRAIN_SERIES
-        }  # fmt: skip
+        }
         overall = {
             key: statistics.fmean(v) if (v := [x for x in series[key] if x is not None]) else None
             for key in TRAIN_SERIES

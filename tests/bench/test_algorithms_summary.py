@@ -121,3 +121,16 @@ def test_no_complete_seed_is_an_error(tmp_path: Path) -> None:
 def test_first_step_reaching() -> None:
     assert algorithms.first_reaching({0: 0.1, 4: 0.3, 8: 0.2}, 0.3) == 4
     assert algorithms.first_reaching({0: 0.1, 4: 0.2}, 0.3) is None
+
+
+def test_a_null_metric_of_a_skipped_update_is_left_out_of_the_means(tmp_path: Path) -> None:
+    for arm in algorithms.ARMS:
+        for seed in (1, 2):
+            write_run(tmp_path, arm, seed, {0: 0.2, 4: 0.3}, 0.1)
+    # seed 2's step 1 had no update: its silence ratio was NaN, written as null
+    path = algorithms.run_dir(tmp_path, "shuffle_r1", 2) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[2]["diag/silence_ratio"] = None
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = algorithms.summarize(algorithms.load_runs(tmp_path))
+    assert summary["arms"]["shuffle_r1"]["per_step"]["diag/silence_ratio"] == [0.25] * 4
