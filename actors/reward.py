@@ -1,7 +1,7 @@
 """Reward workers: score completions with a pluggable verifiable-reward function.
 
 The function is named by a Python path in ``reward.function`` (default
-``shuffle_r1.rewards:math_reward``, docs/ALGORITHM.md §6) and called as
+``shuffle_r1.rewards:math_reward``, docs/algorithm.md §6) and called as
 ``fn(response, reference_answer, accuracy_weight=..., format_weight=..., timeout_s=...)``;
 it returns a :class:`shuffle_r1.rewards.RewardResult` (or a plain float, taken as both
 reward and accuracy). A function that raises, returns garbage, or runs past

@@ -1,4 +1,4 @@
-"""The weight store: where rollout workers find the newest policy weights (docs/DESIGN.md).
+"""The weight store: where rollout workers find the newest policy weights (docs/architecture.md).
 
 One named Ray actor per run holds ``(weight version, object ref)`` of the newest weights the
 learner published. Rollout workers pull from it: a joining worker loads the newest version

@@ -63,7 +63,7 @@ def main() -> None:
                 len(trainer.train_prompts), prompts, seed=cfg.data.seed + step
             )
             # Only steps that updated count: a step whose groups all lack reward contrast
-            # skips the update (docs/ALGORITHM.md §3) and would hide the learner's cost.
+            # skips the update (docs/algorithm.md §3) and would hide the learner's cost.
             rows, skipped, tried = [], 0, 0
             while len(rows) < args.steps - 1 and tried < 3 * args.steps:
                 m = trainer.step(step)

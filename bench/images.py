@@ -1,7 +1,7 @@
 """Multimodal data benchmark: preparing and tokenising K12's 500 image prompts.
 
 For each pixel range — the CPU recipe's (56²..112², ``configs/k12_tiny_vl_cpu.yaml``) and the
-paper's (512²..2048², docs/ALGORITHM.md §7) — it loads ``data/k12/k12.json`` with an
+paper's (512²..2048², docs/algorithm.md §7) — it loads ``data/k12/k12.json`` with an
 :class:`~shuffle_r1.data.ImageSpec` (decode, RGB, resize onto the 28-pixel grid, PNG bytes),
 then tokenises the prompts two ways with the tiny Qwen2.5-VL's processor (built into the model
 cache if missing; the paper's Qwen2.5-VL uses the same image processor rules):

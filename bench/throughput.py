@@ -1,7 +1,7 @@
 """System throughput against a peer: TRL's GRPOTrainer vs shuffle-r1 on this machine (#7).
 
 Same model (SmolLM2-135M-Instruct, the embedded default's), task (two-digit addition,
-``data/add2``), prompt (docs/ALGORITHM.md §6's instruction + problem, the model's chat
+``data/add2``), prompt (docs/algorithm.md §6's instruction + problem, the model's chat
 template), reward (``math_reward_last_number_fallback``), group size ``--n``, prompts per step
 ``--prompts``, completion limit ``--max-tokens``, sampling (T = 1.0, top-p 1.0), loss (GRPO
 advantages, PPO clip 0.2, no KL, token-mean), learning rate, fp32 training, and one

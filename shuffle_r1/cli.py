@@ -8,7 +8,7 @@
     shuffle-r1 buffer serve --redis-url URL --port P ...        run the replay buffer service
 
 Commands that run a service import it when they are called, so the library itself does not
-depend on Ray, Redis or gRPC (docs/DESIGN.md: the arrows only point down).
+depend on Ray, Redis or gRPC (docs/architecture.md: the arrows only point down).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ applies ``key=value`` overrides on top (``algorithm.shuffle_times=4``). Everythi
 validated when it is loaded: an unknown key, a value of the wrong type or a value outside
 its allowed range raises :class:`ConfigError` naming the key, the value and what is allowed.
 
-Defaults are the paper's reference recipe (``docs/ALGORITHM.md`` §7: Qwen2.5-VL-3B/7B
+Defaults are the paper's reference recipe (``docs/algorithm.md`` §7: Qwen2.5-VL-3B/7B
 on Geometry3K/K12); the CPU recipes in ``configs/`` scale it down.
 """
 
@@ -89,7 +89,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    """Generation of a group of n rollouts per prompt (docs/ALGORITHM.md §7)."""
+    """Generation of a group of n rollouts per prompt (docs/algorithm.md §7)."""
 
     engine: str = "vllm"  # vllm | hf
     n: int = 16
@@ -149,7 +149,7 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """GRPO, GRPO+PTS or Shuffle-R1 (PTS+ABS), docs/ALGORITHM.md §1-§5.
+    """GRPO, GRPO+PTS or Shuffle-R1 (PTS+ABS), docs/algorithm.md §1-§5.
 
     ``keep_ratio`` is α (PTS keeps floor(α·n/2) pairs per group); ``shuffle_times`` is S.
     ``grpo`` trains on every rollout (no pairing, no shuffle); ``grpo+pts`` pairs and keeps
@@ -187,7 +187,7 @@ class AlgorithmConfig:
 
 @dataclass
 class LearnerConfig:
-    """The policy model and its optimisation (docs/ALGORITHM.md §7)."""
+    """The policy model and its optimisation (docs/algorithm.md §7)."""
 
     model_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
     backend: str = "fsdp2"  # fsdp2 | deepspeed

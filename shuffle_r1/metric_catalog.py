@@ -104,7 +104,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "advantage",
         "histogram",
         "trainer",
-        "GRPO advantage of every rollout generated, before PTS (docs/ALGORITHM.md §1, §5)",
+        "GRPO advantage of every rollout generated, before PTS (docs/algorithm.md §1, §5)",
     ),
     _m(
         "advantage_collapse_share",

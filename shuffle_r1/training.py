@@ -2,7 +2,7 @@
 
 A training batch is a list of rollouts (prompt token ids + response token ids, and the
 prompt's images for a multimodal model) with one advantage each, in the order the buffer
-served them: both rollouts of a PTS pair are adjacent (docs/ALGORITHM.md §3.4). This module
+served them: both rollouts of a PTS pair are adjacent (docs/algorithm.md §3.4). This module
 
 - collates rollouts into right-padded model inputs (:func:`collate`; their images go through
   ``shuffle_r1.data.images.vision_inputs``);
@@ -42,7 +42,7 @@ class TrainBatch:
         prompt_token_ids: B lists of prompt token ids (at least one token each).
         response_token_ids: B lists of response token ids (may be empty: such a row has no
             response token, contributes nothing and serves as padding).
-        advantages: ``(B,)`` float, one advantage per rollout (docs/ALGORITHM.md §1).
+        advantages: ``(B,)`` float, one advantage per rollout (docs/algorithm.md §1).
         old_logprobs: optional ``(B, L)`` log-probs (nats) of the response tokens under the
             policy the batch was drawn with; ``L`` ≥ the longest response.
         ref_logprobs: optional ``(B, L)`` log-probs under the reference policy (KL loss).
@@ -308,7 +308,7 @@ def rollouts_per_optimizer_step(global_batch_size: int, n: int, keep_ratio: floa
     ``global_batch_size`` prompts per optimizer step as GRPO counts them, ``n`` rollouts per
     prompt, α = ``keep_ratio`` (1 for plain GRPO). PTS keeps ``2·floor(α·n/2)`` = α·n
     rollouts of each group, so the mini-batch shrinks by α and a training step makes as
-    many optimizer steps as GRPO's (docs/ALGORITHM.md §2). Reference: 128 · 16 · 0.5 = 1024.
+    many optimizer steps as GRPO's (docs/algorithm.md §2). Reference: 128 · 16 · 0.5 = 1024.
 
     Raises:
         ValueError: ``global_batch_size`` < 1, or ``n`` / ``keep_ratio`` invalid for PTS.
@@ -347,7 +347,7 @@ def minibatch_slices(num_rollouts: int, rollouts_per_minibatch: int) -> list[sli
 def abs_minibatch_rows(
     round_sizes: Sequence[int], rollouts_per_minibatch: int, order: str = "interleaved"
 ) -> list[list[int]]:
-    """The rollout rows of each optimizer mini-batch of an ABS batch (docs/ALGORITHM.md §3.4).
+    """The rollout rows of each optimizer mini-batch of an ABS batch (docs/algorithm.md §3.4).
 
     The batch holds the drawn pairs round after round (``round_sizes[r]`` pairs in round
     r, each pair two adjacent rollouts). It makes ``K = ceil(2·D / rollouts_per_minibatch)``
@@ -408,7 +408,7 @@ def abs_minibatch_rows(
 def minibatch_pair_stats(
     pair_indices: Sequence[int], minibatches: Sequence[Sequence[int]]
 ) -> dict[str, float]:
-    """What each optimizer step of an ABS batch rests on (docs/ALGORITHM.md §3).
+    """What each optimizer step of an ABS batch rests on (docs/algorithm.md §3).
 
     Args:
         pair_indices: the batch's rollouts' pair index (``SampledItem.pair_index``), one

@@ -2,7 +2,7 @@
 
 - :class:`LearnerGroup` (:mod:`actors.learner.group`): the single controller the trainer
   calls; cuts each batch into mini-batches, pair-aligned shards and micro-batches
-  (docs/ALGORITHM.md §3.4), keeps the weight version, publishes weights, saves and loads
+  (docs/algorithm.md §3.4), keeps the weight version, publishes weights, saves and loads
   checkpoints, and kills every rank when one fails (:class:`LearnerFailedError`).
 - :class:`LearnerWorker` (:mod:`actors.learner.worker`): one rank, a Ray actor in one
   ``torch.distributed`` process group; computes log-probs and runs micro-batches.

@@ -1,7 +1,7 @@
 """The learner as one: :class:`LearnerGroup`, the single controller the trainer calls, drives
 N :class:`~actors.learner.worker.LearnerWorker` ranks.
 
-It cuts a :class:`~shuffle_r1.training.TrainBatch` as docs/ALGORITHM.md §3.4 says — mini-batches
+It cuts a :class:`~shuffle_r1.training.TrainBatch` as docs/algorithm.md §3.4 says — mini-batches
 in order, each into contiguous pair-aligned shards, one per rank, each into micro-batches — and
 averages the metrics. Every rank runs the same number of micro-batches (a short shard is
 padded with rollouts that carry no signal), so the ranks' collectives stay in step.
@@ -155,7 +155,7 @@ class LearnerGroup:
         old_logprobs: Tensor | None,
         minibatches: list[list[int]] | None = None,
     ) -> dict[str, float]:
-        """Train on ``batch`` (docs/ALGORITHM.md §3.4, §4): ``learner.ppo_epochs`` passes over its
+        """Train on ``batch`` (docs/algorithm.md §3.4, §4): ``learner.ppo_epochs`` passes over its
         mini-batches, in order; one optimizer step each, split across ranks and
         micro-batches (see ``LearnerWorker.train_step``). The mini-batches are
         ``minibatches`` when given, else consecutive runs of :attr:`rollouts_per_minibatch`

@@ -212,7 +212,7 @@ class LearnerWorker:
         """One optimizer step on this rank's shard of a mini-batch (collective).
 
         The shard runs as ``count`` micro-batches; each micro-batch's policy loss
-        (``algorithm.loss_agg_mode`` mean over its tokens, docs/ALGORITHM.md §4) is scaled by
+        (``algorithm.loss_agg_mode`` mean over its tokens, docs/algorithm.md §4) is scaled by
         ``1/count`` and back-propagated; FSDP2/ZeRO average the gradients over the ranks,
         so every micro-batch weighs ``1/(count·N)`` in the step (EasyR1's accumulation).
         Then the gradient norm is clipped to ``learner.grad_clip`` and AdamW steps; a

@@ -143,7 +143,7 @@ ROWS: list[tuple[str, list[JSON]]] = [
         ],
     ),
     (
-        "Shuffle-R1 diagnostics (docs/ALGORITHM.md §2, §3, §5)",
+        "Shuffle-R1 diagnostics (docs/algorithm.md §2, §3, §5)",
         [
             heatmap("Advantage distribution (before PTS)", "advantage"),
             ts(

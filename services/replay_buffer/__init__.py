@@ -3,7 +3,7 @@
 A trainer puts each step's groups (a prompt's n rollouts with token ids, log-probs,
 rewards and weight versions); the buffer computes GRPO advantages and PTS pairs, stores
 the kept pairs with their ABS weights in Redis, and serves the step's batch drawn by ABS,
-each item with the probability its pair was drawn with (docs/ALGORITHM.md §1-§3, §5).
+each item with the probability its pair was drawn with (docs/algorithm.md §1-§3, §5).
 
 - ``protos/replay_buffer.proto``: the API and the stored values.
 - :mod:`.server`: ``serve(BufferConfig, AlgorithmConfig) -> (BufferServer, port)``, health.

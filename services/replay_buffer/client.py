@@ -101,7 +101,7 @@ class ReplayBufferClient:
         spec: pb.RunSpec | None = None,
     ) -> pb.SampleResponse:
         """The training batch of ``step``: items in training order, pairs adjacent, each
-        with the probability its pair was drawn with (docs/ALGORITHM.md §3)."""
+        with the probability its pair was drawn with (docs/algorithm.md §3)."""
         request = pb.SampleRequest(
             run_id=run_id,
             step=step,

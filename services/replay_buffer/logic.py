@@ -1,6 +1,6 @@
 """The buffer's algorithm glue: protobuf groups ↔ tensors, around ``shuffle_r1.algos``.
 
-On put: GRPO advantages per group (docs/ALGORITHM.md §1), then PTS pairs and their weights
+On put: GRPO advantages per group (docs/algorithm.md §1), then PTS pairs and their weights
 (§2, §3.1); the result is stored as a StoredGroup whose kept rollouts are pre-encoded
 SampledItem fragments. On sample: ABS over the step's pairs (§3) with a generator seeded
 from the run seed and the step, and the batch is assembled from those fragments. A

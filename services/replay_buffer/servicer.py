@@ -12,7 +12,7 @@ every write is idempotent); ABORTED when a step's groups were evicted or dropped
 Sample read them (retry). A refused call changes nothing stored. Nothing else is answered: an
 unexpected error would be INTERNAL, and the fuzz tests (``tests/faults``) check it never is.
 
-Stale data (docs/ALGORITHM.md; docs/DESIGN.md "Weight versions"): a group whose oldest rollout's
+Stale data (docs/architecture.md §3, "Weight versions"): a group whose oldest rollout's
 weight_version is below the run's newest version minus ``max_staleness`` is *dropped and
 counted* at put (status PUT_STATUS_STALE, not an error: a lagging rollout worker is normal
 operation and the other groups of the request still count), and dropped (deleted) and

@@ -1,11 +1,11 @@
-"""The trainer: one controller that drives every role through a training step (docs/DESIGN.md).
+"""The trainer: the single controller of every role in a training step (docs/architecture.md).
 
 One step:
 
 1. the data sampler draws ``trainer.rollout_batch_size`` prompts;
 2. the rollout pool generates ``rollout.n`` rollouts per prompt, first syncing every worker
    to the newest weight version;
-3. the reward pool scores them (docs/ALGORITHM.md §6);
+3. the reward pool scores them (docs/algorithm.md §6);
 4. the groups go to the replay buffer service over gRPC, which computes GRPO advantages
    and runs PTS (§1, §2); the trainer then samples the step's ABS batch (§3);
 5. the learner group recomputes old-policy log-probs on that batch and updates the policy
@@ -355,7 +355,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Mean pass@1 on the validation prompts at ``rollout.val_temperature`` (0: greedy)
-        with ``rollout.val_n`` samples each (docs/ALGORITHM.md §7)."""
+        with ``rollout.val_n`` samples each (docs/algorithm.md §7)."""
         cfg = self.cfg.rollout
         sampling = SamplingSpec(
             n=cfg.val_n,

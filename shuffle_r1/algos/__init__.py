@@ -1,4 +1,4 @@
-"""The Shuffle-R1 algorithm, one file per step of ``docs/ALGORITHM.md``.
+"""The Shuffle-R1 algorithm, one file per step of ``docs/algorithm.md``.
 
 GRPO advantage (§1) → Pairwise Trajectory Sampling (§2) → Advantage-based Batch Shuffle
 (§3) → PPO clipped policy loss (§4); rollout-silence and advantage-collapse metrics (§5).

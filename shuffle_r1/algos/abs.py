@@ -15,7 +15,7 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class ShuffleResult:
-    """The re-drawn batch of one step (docs/ALGORITHM.md §3).
+    """The re-drawn batch of one step (docs/algorithm.md §3).
 
     Attributes:
         indices: ``(D,)`` long, pair indices into the step's P pairs in draw order (round

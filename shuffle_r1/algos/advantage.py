@@ -1,4 +1,4 @@
-"""GRPO advantage: each rollout's reward as a z-score within its group (docs/ALGORITHM.md §1)."""
+"""GRPO advantage: each rollout's reward as a z-score within its group (docs/algorithm.md §1)."""
 
 from __future__ import annotations
 

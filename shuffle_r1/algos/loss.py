@@ -19,7 +19,7 @@ _MAX_LOG_RATIO = 20.0
 
 @dataclass(frozen=True)
 class PolicyLossOutput:
-    """Policy loss of one micro-batch and its metrics (docs/ALGORITHM.md §4).
+    """Policy loss of one micro-batch and its metrics (docs/algorithm.md §4).
 
     Attributes:
         loss: scalar to back-propagate, ``pg_loss + kl_coef * kl`` (KL only if kl_coef > 0).

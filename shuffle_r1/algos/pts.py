@@ -14,7 +14,7 @@ _FLOOR_TOLERANCE = 1e-9
 
 @dataclass(frozen=True)
 class PairSelection:
-    """The pairs PTS keeps, per group (docs/ALGORITHM.md §2, §3.1).
+    """The pairs PTS keeps, per group (docs/algorithm.md §2, §3.1).
 
     Attributes:
         pairs: ``(G, M, 2)`` long, ``[high, low]`` rollout indices within the group;

@@ -1,6 +1,6 @@
 """The images of multimodal prompts: decode, make RGB, resize onto the vision grid, encode.
 
-docs/ALGORITHM.md §7: images are RGB and resized to between ``data.min_pixels`` and
+docs/algorithm.md §7: images are RGB and resized to between ``data.min_pixels`` and
 ``data.max_pixels`` pixels (512²–2048² in the reference recipe). Qwen2.5-VL's vision tower cuts
 an image into 14×14 patches and merges 2×2 patches into one language-model token, so both sides
 must be multiples of ``factor`` = patch size × merge size = 28; the target size is transformers'

@@ -1,4 +1,4 @@
-"""The prompt of the reference recipe (docs/ALGORITHM.md §6).
+"""The prompt of the reference recipe (docs/algorithm.md §6).
 
 The user turn holds, in this order: :data:`INSTRUCTION`, the image(s), the problem. The
 model's chat template adds its own system message.

@@ -1,4 +1,4 @@
-"""Verifiable rewards (docs/ALGORITHM.md §6). The default is :func:`math_reward`; the config names a
+"""Verifiable rewards (docs/algorithm.md §6). The default is :func:`math_reward`; the config names a
 reward function as ``"module:function"`` (``reward.function``), loaded by :func:`load_reward_fn`."""
 
 from shuffle_r1.rewards.math import (

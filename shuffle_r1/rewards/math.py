@@ -1,4 +1,4 @@
-"""The math reward of the reference recipe (docs/ALGORITHM.md §6).
+"""The math reward of the reference recipe (docs/algorithm.md §6).
 
     reward = accuracy_weight · accuracy + format_weight · format        (0.9 and 0.1 by default)
 
@@ -54,7 +54,7 @@ WORKER_START_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class RewardResult:
-    """One response's reward (docs/ALGORITHM.md §6).
+    """One response's reward (docs/algorithm.md §6).
 
     ``reward`` is the weighted sum; ``accuracy`` and ``format`` are 0.0 or 1.0. ``error`` is
     None when accuracy was decided, else why it could not be (the verification timed out, the

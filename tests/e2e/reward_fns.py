@@ -1,7 +1,7 @@
 """A reward with variance on a random tiny model's output, so PTS/ABS have pairs to draw.
 
 math_reward is 0 for every rollout of an untrained random model (no group has contrast and
-every update would be skipped, as docs/ALGORITHM.md §3 specifies). This one scores the share of
+every update would be skipped, as docs/algorithm.md §3 specifies). This one scores the share of
 distinct characters in the response, which varies between rollouts of one prompt.
 """
 

@@ -220,7 +220,7 @@ def test_cli_reports_a_list_file_without_a_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("recipe", ["geo3k_qwen2_5_vl_3b.yaml", "k12_qwen2_5_vl_7b.yaml"])
 def test_gpu_vl_recipes_carry_the_papers_hyperparameters(recipe: str) -> None:
-    """docs/ALGORITHM.md §7, typed out here rather than read from the defaults."""
+    """docs/algorithm.md §7, typed out here rather than read from the defaults."""
     cfg = load_config(ROOT / "configs" / recipe)
     r, le, a, d, t = cfg.rollout, cfg.learner, cfg.algorithm, cfg.data, cfg.trainer
     assert (r.n, r.temperature, r.top_p, r.engine) == (16, 1.0, 0.99, "vllm")

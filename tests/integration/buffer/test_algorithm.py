@@ -1,4 +1,4 @@
-"""PTS and ABS through the service equal the library's on the same input (docs/ALGORITHM.md §1-§3).
+"""PTS and ABS through the service equal the library's on the same input (docs/algorithm.md §1-§3).
 
 The expected batch is computed here with ``shuffle_r1.algos`` from the rewards as put: the
 step's pairs are flattened group by group in ascending prompt_id order, and ABS is seeded
@@ -49,7 +49,7 @@ def service_batch(batch):
 
 
 def test_worked_examples_of_section_8(buffer, run_id):
-    # docs/ALGORITHM.md §8, α = 0.5, S = 1: the kept pair of each row and its weight W.
+    # docs/algorithm.md §8, α = 0.5, S = 1: the kept pair of each row and its weight W.
     rows = {
         "a": ([1, 0, 0, 1], (0, 2), 1.7320508),
         "b": ([1, 0.1, 0, 0.1], (0, 2), 2.1320),

@@ -1,5 +1,5 @@
 """Put → Sample → Stats → DropRun through a real server and Redis: what comes back is
-exactly what was put, arranged as docs/ALGORITHM.md §2-§3 say."""
+exactly what was put, arranged as docs/algorithm.md §2-§3 say."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Advantage-based Batch Shuffle, docs/ALGORITHM.md §3 (with its three required improvements)."""
+"""Advantage-based Batch Shuffle, docs/algorithm.md §3 (with its three required improvements)."""
 
 from collections import Counter
 

@@ -1,4 +1,4 @@
-"""GRPO advantage, docs/ALGORITHM.md §1 and the A column of §8."""
+"""GRPO advantage, docs/algorithm.md §1 and the A column of §8."""
 
 import math
 import re

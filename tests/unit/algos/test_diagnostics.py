@@ -1,4 +1,4 @@
-"""Rollout silence and advantage collapse metrics, docs/ALGORITHM.md §5."""
+"""Rollout silence and advantage collapse metrics, docs/algorithm.md §5."""
 
 import math
 import re

@@ -1,4 +1,4 @@
-"""PPO clipped policy loss and KL loss, docs/ALGORITHM.md §4, against hand-written float64 loops."""
+"""PPO clipped policy loss and KL loss, docs/algorithm.md §4, against hand-written float64 loops."""
 
 import math
 import re

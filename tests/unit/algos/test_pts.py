@@ -1,4 +1,4 @@
-"""Pairwise Trajectory Sampling, docs/ALGORITHM.md §2 and the pairs/W/kept columns of §8."""
+"""Pairwise Trajectory Sampling, docs/algorithm.md §2 and the pairs/W/kept columns of §8."""
 
 import itertools
 import math

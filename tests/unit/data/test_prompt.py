@@ -1,4 +1,4 @@
-"""The prompt (docs/ALGORITHM.md §6): instruction, then images, then the problem, via a real chat
+"""The prompt (docs/algorithm.md §6): instruction, then images, then the problem, via a real chat
 template."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from shuffle_r1.data import INSTRUCTION, Example, build_messages, load_examples, render_prompt
 
 DATA = Path(__file__).resolve().parents[3] / "data"
-# Typed out from docs/ALGORITHM.md §6, not copied from the code under test.
+# Typed out from docs/algorithm.md §6, not copied from the code under test.
 PAPER_INSTRUCTION = (
     "You FIRST think about the reasoning process as an internal monologue and then provide the "
     "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final "

@@ -1,4 +1,4 @@
-"""The math reward (docs/ALGORITHM.md §6) on real GSM8K answers, LaTeX equivalences and timeouts."""
+"""The math reward (docs/algorithm.md §6) on real GSM8K answers, LaTeX equivalences and timeouts."""
 
 from __future__ import annotations
 
