@@ -365,7 +365,10 @@ def abs_minibatch_rows(
       mini-batch sizes also differ by at most one pair. When K divides every ``T_r`` this
       is exactly the upstream layout.
 
-    With one round (S = 1, GRPO+PTS) both orders are the same.
+    With one round (S = 1) both orders keep the draw order; they cut at the same places
+    when ``rollouts_per_minibatch`` divides the batch (otherwise ``interleaved`` makes K
+    near-equal parts, ``sequential`` full ones and a short last one). The trainer uses
+    ``sequential`` for ``grpo+pts``.
 
     Args:
         round_sizes: pairs per round, as :class:`~shuffle_r1.algos.ShuffleResult` gives them.

@@ -342,15 +342,16 @@ class Trainer:
         return m
 
     def _minibatches(self, sample: Any) -> list[list[int]] | None:
-        """The rows of each optimizer mini-batch of a sampled PTS batch: by
-        ``algorithm.abs_minibatch_order`` over the rounds the buffer drew (one round under
-        ``grpo+pts``, where both orders agree). None under ``grpo``: consecutive runs."""
+        """The rows of each optimizer mini-batch of a sampled PTS batch: under
+        ``shuffle_r1`` by ``algorithm.abs_minibatch_order`` over the rounds the buffer drew;
+        under ``grpo+pts`` (one round, no re-draw) consecutive mini-batches, as before the
+        order existed. None under ``grpo``: consecutive runs of rollouts."""
         if not sample.round_sizes:
             return None
+        a = self.cfg.algorithm
+        order = a.abs_minibatch_order if a.name == "shuffle_r1" else "sequential"
         return abs_minibatch_rows(
-            list(sample.round_sizes),
-            self.learner.rollouts_per_minibatch,
-            self.cfg.algorithm.abs_minibatch_order,
+            list(sample.round_sizes), self.learner.rollouts_per_minibatch, order
         )
 
     def evaluate(self) -> dict[str, float]:

@@ -5,7 +5,8 @@ deserialised.
 A checkpoint folder ``<output_dir>/checkpoints/step_<N>/`` holds:
 
 - ``learner/``: the model in HF format and the optimizer state (``actors.learner``);
-- ``trainer_state.json``: step, weight version, data sampler position, buffer cursor;
+- ``trainer_state.json``: step, data sampler position, counters (the weight version is the
+  learner's, in ``learner/learner.json``);
 - ``rng.pt``: the driver's torch / python RNG states (tensors only, loaded with
   ``weights_only=True``);
 - ``MANIFEST.json`` (:data:`COMPLETE`): the SHA-256 digest and size of every other file.
