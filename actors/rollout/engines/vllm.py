@@ -49,7 +49,7 @@ def vllm_sampling_params(sampling: SamplingSpec, request_id: str) -> Any:
 class VLLMEngine(Engine):
     """A vLLM ``LLM`` running inside this process (the Ray actor's).
 
-    On CPU (``docs/FACTS.md``, "vLLM inside a Ray actor"): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+    On CPU (``docs/measured.md``, "vLLM inside a Ray actor"): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
     keeps the engine in-process (~3.3 GB with a 2 GB KV cache; with multiprocessing it
     starts 3 children and weight updates take seconds). The engine computes in
     ``cfg.dtype`` (``auto``: :mod:`shuffle_r1.precision`; bf16 without native bf16
@@ -205,7 +205,7 @@ class VLLMEngine(Engine):
         )
 
     def load_weights(self, version: int, state_dict: dict[str, Tensor]) -> None:
-        """In place, per ``docs/FACTS.md`` (0.25–0.4 s for 135M on CPU): every worker
+        """In place, per ``docs/measured.md`` (0.25–0.4 s for 135M on CPU): every worker
         reloads through ``model_runner.reload_weights``; on CPU a tied ``lm_head`` is
         re-packed (its weight is the embedding's, which the reload does not re-pack); the
         prefix cache is reset, else cached prefixes keep old-weight KV values."""

@@ -287,7 +287,7 @@ def test_autoscaling_pool_grows_on_pending_prompts_and_shrinks_when_idle(ray_clu
 def test_vllm_in_place_update_matches_a_fresh_engine(
     ray_cluster, pool, tiny, tiny_other, other_state
 ):
-    """docs/FACTS.md: after the in-place update, log-probs equal a fresh engine's on the new
+    """docs/measured.md: after the in-place update, log-probs equal a fresh engine's on the new
     weights (bitwise on SmolLM2). Both engines run as RolloutWorker actors."""
     pool.shutdown()  # frees the CPUs for two vLLM workers (the pool is not used after this)
     cfg = RolloutConfig(engine="vllm", threads_per_worker=1, kv_cache_gb=1, dtype="float32")
