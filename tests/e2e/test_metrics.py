@@ -74,16 +74,25 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
         # Ray's agent reports every second (tests/conftest.py); give it a few rounds
         deadline = time.monotonic() + 60
         wanted = {s for m in CATALOG if m.role in RAY_ROLES for s in m.series}
-        # ... until the workers' counters include the last evaluation's requests too
-        requests = STEPS * cfg.trainer.rollout_batch_size + EVALS * len(trainer.val_prompts)
+        # ... until every worker counter includes the last evaluation too: the rollout and
+        # reward workers report on their own clocks, so one can lag the other by a round
+        totals = {
+            "shuffle_r1_rollout_worker_requests_total": STEPS * cfg.trainer.rollout_batch_size
+            + EVALS * len(trainer.val_prompts),
+            "shuffle_r1_reward_worker_scored_total": STEPS
+            * cfg.trainer.rollout_batch_size
+            * cfg.rollout.n
+            + EVALS * len(trainer.val_prompts) * cfg.rollout.val_n,
+        }
         while True:
             ray_samples = scrape(ray_metrics_url)
-            counted = sum(
-                v
-                for lab, v in ray_samples.get("shuffle_r1_rollout_worker_requests_total", [])
-                if lab.get("run") == RUN
+            counted = {
+                name: sum(v for lab, v in ray_samples.get(name, []) if lab.get("run") == RUN)
+                for name in totals
+            }
+            done = wanted <= set(ray_samples) and all(
+                counted[name] >= total for name, total in totals.items()
             )
-            done = wanted <= set(ray_samples) and counted >= requests
             if done or time.monotonic() > deadline:
                 break
             time.sleep(1)
