@@ -241,6 +241,10 @@ class BufferConfig:
     max_message_mb: int = 256
     metrics_port: int = 0  # Prometheus /metrics of the buffer service; 0 = off
     health_check_s: float = 1.0  # period of the Redis check behind the gRPC health status
+    # Put each rollout's sampling log-probs into the buffer (RunSpec.logprobs). Nothing
+    # reads them in a synchronous run (the learner recomputes old log-probs, docs/algorithm.md
+    # §3.4), so they are left out: they were half of every rollout's bytes.
+    store_rollout_logprobs: bool = False
 
 
 @dataclass

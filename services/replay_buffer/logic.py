@@ -91,6 +91,7 @@ def resolve_spec(spec: pb.RunSpec | None, defaults: AlgorithmConfig, run_id: str
         shuffle_times=applied.effective_shuffle_times,
         seed=spec.seed if spec.HasField("seed") else default_seed(run_id),
         vocab_size=spec.vocab_size,
+        logprobs=spec.logprobs,
     )
 
 
@@ -175,15 +176,17 @@ def _validate_rollout(r: pb.Rollout, at: str) -> None:
     check_known_fields(r, at)
     if not r.token_ids:
         raise ValueError(f"{at}.token_ids is empty: a response has at least one token")
-    if len(r.logprobs) != len(r.token_ids):
+    if not r.logprobs:  # required or forbidden by the run's spec (check_against_spec)
+        pass
+    elif len(r.logprobs) != len(r.token_ids):
         raise ValueError(
             f"{at}.logprobs has {len(r.logprobs)} values but token_ids has "
             f"{len(r.token_ids)}: send one log-prob per response token"
         )
-    if not math.isfinite(sum(r.logprobs)):
+    elif not math.isfinite(sum(r.logprobs)):
         bad = next(t for t, v in enumerate(r.logprobs) if not math.isfinite(v))
         raise ValueError(f"{at}.logprobs[{bad}] is {r.logprobs[bad]}; log-probs must be finite")
-    if max(r.logprobs) > MAX_LOGPROB:
+    elif max(r.logprobs) > MAX_LOGPROB:
         bad = next(t for t, v in enumerate(r.logprobs) if v > MAX_LOGPROB)
         raise ValueError(
             f"{at}.logprobs[{bad}] is {r.logprobs[bad]}; log-probabilities must be <= 0 "
@@ -203,14 +206,29 @@ def _validate_rollout(r: pb.Rollout, at: str) -> None:
 def check_against_spec(groups: Sequence[pb.Group], spec: pb.RunSpec) -> None:
     """The rules that depend on the run's spec: under PTS every group must pair, n even and
     floor(α·n/2) >= 1 (§2.3); with ``spec.vocab_size`` > 0 every prompt and response token
-    id must be below it.
+    id must be below it; every rollout carries its log-probs under ``LOGPROBS_REQUIRED``
+    and none under ``LOGPROBS_OMITTED``.
 
     Raises:
-        ValueError: names ``groups[i].rollouts`` with n and the run's keep ratio, or the
-            token list, the offending index and id, and the vocabulary size.
+        ValueError: names ``groups[i].rollouts`` with n and the run's keep ratio, the
+            token list, the offending index and id, and the vocabulary size, or the
+            rollout whose log-probs the spec requires or forbids.
     """
     vocab = spec.vocab_size
+    required = spec.logprobs == pb.LOGPROBS_REQUIRED
     for i, g in enumerate(groups):
+        for j, r in enumerate(g.rollouts):
+            if bool(r.logprobs) != required:
+                raise ValueError(
+                    f"groups[{i}].rollouts[{j}].logprobs "
+                    + (
+                        "is empty: this run's spec.logprobs is LOGPROBS_REQUIRED (one "
+                        "log-prob per response token)"
+                        if required
+                        else f"has {len(r.logprobs)} values: this run's spec.logprobs is "
+                        "LOGPROBS_OMITTED (send none)"
+                    )
+                )
         if spec.algorithm != "grpo":
             try:
                 pairs_kept(len(g.rollouts), spec.keep_ratio)
@@ -301,6 +319,7 @@ def _record(
         payload=stored.SerializeToString(),
         summary=summary.SerializeToString(),
         rollouts_kept=len(kept),
+        advantages=tuple(advantages),
     )
 
 

@@ -157,6 +157,7 @@ class ReplayBufferServicer:
 
         statuses = cast("list[pb.PutStatus]", outcome.statuses)  # the same numbers
         response = pb.PutGroupsResponse(statuses=statuses, spec=spec)
+        response.advantages.extend(a for record in records for a in record.advantages)
         for record, status in zip(records, outcome.statuses, strict=True):
             if status == STORED:
                 response.stored += 1

@@ -115,6 +115,7 @@ class GroupRecord:
     payload: bytes  # StoredGroup
     summary: bytes  # GroupSummary
     rollouts_kept: int  # rollouts of the group kept by PTS (all of them under grpo)
+    advantages: tuple[float, ...] = ()  # GRPO advantage of each of its n rollouts (§1)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,6 @@ from services.trainer.state import (
     saving_checkpoint,
     write_state,
 )
-from shuffle_r1.algos import grpo_advantages
 from shuffle_r1.config import Config, save_config
 from shuffle_r1.data import PromptSampler
 from shuffle_r1.data.splits import Prompt, load_prompt_splits
@@ -149,6 +148,9 @@ class Trainer:
             shuffle_times=cfg.algorithm.shuffle_times,
             seed=cfg.trainer.seed,
             vocab_size=vocab_size(self.tokenizer, self.model_path),  # refuses ids outside
+            logprobs=pb.LOGPROBS_REQUIRED
+            if cfg.buffer.store_rollout_logprobs
+            else pb.LOGPROBS_OMITTED,
         )
         self.session = BufferSession(
             lambda: connect_buffer(ray.get(self.buffer_actor.address.remote()), cfg.buffer),
@@ -289,13 +291,15 @@ class Trainer:
         times["reward"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        groups = step_groups(self.run_id, step, prompts, gen.completions, scores, n)
+        groups = step_groups(
+            self.run_id, step, prompts, gen.completions, scores, n,
+            logprobs=self.spec.logprobs == pb.LOGPROBS_REQUIRED,
+        )  # fmt: skip
         self._count("rollout/images", sum(c.images for c in gen.completions if c.index == 0))
         put, sample = self.session.put_and_sample(groups, step, self.learner.version)
         times["buffer"] = time.perf_counter() - t
 
-        rewards = torch.tensor([s.reward for s in scores], dtype=torch.float64).view(-1, n)
-        advantages = grpo_advantages(rewards).flatten()
+        advantages = torch.tensor(put.advantages, dtype=torch.float64)  # the buffer's (§1)
         pair_draws = [0] * sample.pairs_total  # how often ABS drew each kept pair (§3)
         for item in sample.items[::2] if sample.pairs_total else ():
             pair_draws[item.pair_index] += 1

@@ -21,18 +21,20 @@ def step_groups(
     completions: Sequence[Any],
     scores: Sequence[Any],
     n: int,
+    logprobs: bool = True,
 ) -> list[pb.Group]:
     """One ``Group`` per prompt: its ``n`` completions (``actors.rollout`` completions, in
     prompt order, n per prompt) with their scores (``actors.reward``), the prompt's tokens,
     reference answer and images. A completion cut at ``rollout.max_response_length`` is
-    marked ``truncated``."""
+    marked ``truncated``. Its sampling log-probs go with it when ``logprobs`` (the run's
+    ``RunSpec.logprobs`` is ``LOGPROBS_REQUIRED``)."""
     groups = []
     for g, p in enumerate(prompts):
         own = slice(g * n, (g + 1) * n)
         rollouts = [
             pb.Rollout(
                 token_ids=c.token_ids,
-                logprobs=c.logprobs,
+                logprobs=c.logprobs if logprobs else (),
                 reward=s.reward,
                 weight_version=c.weight_version,
                 truncated=c.finish_reason == "length",

@@ -33,6 +33,12 @@ def test_groups_hold_each_prompts_n_rollouts_with_their_scores() -> None:
     assert [r.truncated for r in groups[1].rollouts] == [True, False]
     assert list(groups[0].prompt_token_ids) == [5, 6] and not groups[0].images
     assert [i.data for i in groups[1].images] == [b"png"]
+    assert [list(r.logprobs) for r in groups[0].rollouts] == [[-0.5], [-0.5]]
+    lean = step_groups("run", 7, prompts, completions, scores, n=2, logprobs=False)
+    assert all(not r.logprobs for g in lean for r in g.rollouts)  # RunSpec LOGPROBS_OMITTED
+    assert [[list(r.token_ids) for r in g.rollouts] for g in lean] == [
+        [list(r.token_ids) for r in g.rollouts] for g in groups
+    ]
     with pytest.raises(ValueError):  # a score short: zip(strict=True)
         step_groups("run", 7, prompts, completions, scores[:3], n=2)
 
