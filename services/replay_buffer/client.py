@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,17 +20,28 @@ from shuffle_r1.config import BUFFER_TOKEN_ENV
 log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+MAX_ATTEMPTS = 5  # gRPC's limit on retryPolicy.maxAttempts
+SERVICES = ("shuffle_r1.buffer.v1.ReplayBuffer", "grpc.health.v1.Health")
 TOKEN_ENV = BUFFER_TOKEN_ENV  # the shared token, for servers and clients
 
 
 class ReplayBufferClient:
     """Blocking client of ``shuffle_r1.buffer.v1.ReplayBuffer``; thread-safe.
 
-    Every call is retried on UNAVAILABLE and DEADLINE_EXCEEDED, ``retries`` times with
-    exponential backoff from ``backoff_s``. That is safe: a put is idempotent per (run,
-    step, prompt_id), a Sample of a step returns the same batch (the run's cursor counts
-    every attempt that reached Redis), Stats reads, DropRun is idempotent. Other errors raise
+    gRPC retries every call itself (the channel's ``retryPolicy``, gRFC A6): up to
+    ``retries`` more attempts after an attempt that answers UNAVAILABLE (the server is not
+    reachable, or its Redis is down) or that gets no answer within ``timeout_s``
+    (``perAttemptRecvTimeout``), the n-th retry after ``backoff_s * 2**(n-1)`` seconds
+    (±20 %, gRPC's jitter). That is safe: a put is idempotent per (run, step, prompt_id),
+    a Sample of a step returns the same batch (the run's cursor counts every attempt that
+    reached Redis), Stats reads, DropRun is idempotent. Other errors raise
     ``grpc.RpcError`` at once; ``.code()`` and ``.details()`` say what failed.
+
+    The whole call has a deadline of ``(retries + 1) * timeout_s`` plus the shortest
+    backoffs, so a call none of whose attempts was answered in time ends with
+    DEADLINE_EXCEEDED (the per-attempt timer alone would end it with CANCELLED). gRPC does
+    not report its retries; a call that finally fails with UNAVAILABLE or DEADLINE_EXCEEDED
+    is logged once, with the attempts allowed and the time spent.
 
     Args:
         address: ``host:port`` of the server.
@@ -41,8 +53,16 @@ class ReplayBufferClient:
             and private key, for a server that requires one (mutual TLS,
             ``buffer.tls_client_ca``); with ``root_cert`` only, both or neither.
         timeout_s: deadline of each attempt, seconds.
-        retries: further attempts after a retryable failure.
-        max_message_mb: largest message sent or received (a batch can be large).
+        retries: further attempts after a retryable failure, 0 to 4 (gRPC makes at most
+            5 attempts of a call and would silently clamp more; more are refused).
+        max_message_mb: largest message sent or received (a batch can be large); gRPC
+            keeps a sent message this large for its retries (by default it keeps 256 KiB
+            and does not retry a call that sent more).
+        backoff_s: wait before the first retry, seconds (> 0 when ``retries`` > 0).
+
+    Raises:
+        ValueError: ``retries``, ``timeout_s`` or ``backoff_s`` out of range, or TLS
+            files given in a combination that cannot work.
     """
 
     def __init__(
@@ -63,10 +83,24 @@ class ReplayBufferClient:
             raise ValueError(
                 "client_cert and client_key go together, and with root_cert (mutual TLS)"
             )
-        options = [
+        if not 0 <= retries <= MAX_ATTEMPTS - 1:
+            raise ValueError(
+                f"retries={retries}: gRPC makes at most {MAX_ATTEMPTS} attempts of a call, "
+                f"so retries must be in 0..{MAX_ATTEMPTS - 1}"
+            )
+        if timeout_s <= 0 or (retries and backoff_s <= 0):
+            raise ValueError(
+                f"timeout_s={timeout_s} and backoff_s={backoff_s} (with retries) must be > 0"
+            )
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_mb * 2**20),
             ("grpc.max_send_message_length", max_message_mb * 2**20),
         ]
+        self.deadline_s = timeout_s
+        if retries:
+            options += _retry_options(retries, backoff_s, timeout_s, max_message_mb)
+            # the shortest the backoffs can be: the last attempt's own timer never fires first
+            self.deadline_s += retries * timeout_s + 0.8 * backoff_s * (2**retries - 1)
         if root_cert is not None:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_pem(root_cert),
@@ -82,9 +116,7 @@ class ReplayBufferClient:
         if token is None:
             token = os.environ.get(TOKEN_ENV, "")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self.timeout_s = timeout_s
         self.retries = retries
-        self.backoff_s = backoff_s
 
     def put_groups(
         self, groups: Iterable[pb.Group], spec: pb.RunSpec | None = None
@@ -128,20 +160,18 @@ class ReplayBufferClient:
         return self._call(self._health.Check, request).status
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        for attempt in range(self.retries + 1):
-            try:
-                return method(request, timeout=self.timeout_s, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
-                if code not in RETRYABLE or attempt == self.retries:
-                    raise
-                delay = self.backoff_s * 2**attempt
+        started = time.monotonic()
+        try:
+            return method(request, timeout=self.deadline_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            if self.retries and code in RETRYABLE:
                 log.warning(
-                    "replay buffer at %s: %s (%s); retry %d/%d in %.2f s",
-                    self.address, code.name, exc.details(), attempt + 1, self.retries, delay,  # type: ignore[attr-defined]
+                    "replay buffer at %s: %s after %.2f s and up to %d attempts (%s)",
+                    self.address, code.name, time.monotonic() - started, self.retries + 1,
+                    exc.details(),  # type: ignore[attr-defined]
                 )  # fmt: skip
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+            raise
 
     def close(self) -> None:
         self._channel.close()
@@ -158,3 +188,27 @@ def _pem(value: bytes | str | Path | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
     return Path(value).read_bytes()
+
+
+def _retry_options(
+    retries: int, backoff_s: float, timeout_s: float, max_message_mb: int
+) -> list[tuple[str, Any]]:
+    """Channel options that make gRPC retry every method of :data:`SERVICES`: ``retries``
+    more attempts after UNAVAILABLE or an attempt unanswered for ``timeout_s``."""
+    policy = {
+        "maxAttempts": retries + 1,
+        "initialBackoff": f"{backoff_s:.9f}s",
+        "maxBackoff": f"{backoff_s * 2 ** (retries - 1):.9f}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+        "perAttemptRecvTimeout": f"{timeout_s:.9f}s",  # an expired one is always retried
+    }
+    config = {"methodConfig": [{"name": [{"service": s} for s in SERVICES], "retryPolicy": policy}]}
+    return [
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.enable_retries", 1),
+        # gRPC (1.85) reads perAttemptRecvTimeout only with hedging enabled (no hedgingPolicy
+        # is set); test_grpc_retries.py fails if it stops reading it
+        ("grpc.experimental.enable_hedging", 1),
+        ("grpc.per_rpc_retry_buffer_size", max_message_mb * 2**20),
+    ]

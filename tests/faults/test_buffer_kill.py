@@ -4,8 +4,6 @@ a client with a retry budget rides over the restart."""
 
 from __future__ import annotations
 
-import logging
-
 import grpc
 import pytest
 from buffer_helpers import (
@@ -70,7 +68,7 @@ def test_kill_9_and_restart_lose_nothing(redis_url, run_id):
 
 
 def test_killed_between_put_and_sample_serves_the_never_killed_batch(
-    redis_url, run_id, start_buffer, caplog
+    redis_url, run_id, start_buffer
 ):
     groups = random_groups(run_id, 0, 6, n=8, seed=11)
     request = pb.SampleRequest(run_id=run_id, step=0, policy_version=0, expected_groups=6)
@@ -92,11 +90,11 @@ def test_killed_between_put_and_sample_serves_the_never_killed_batch(
             with pytest.raises(grpc.RpcError) as info:  # nobody listens yet
                 client.sample(run_id, 0, policy_version=0, expected_groups=6)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        caplog.set_level(logging.WARNING, logger="services.replay_buffer.client")
-        with ReplayBufferClient(address, token="", retries=8, backoff_s=0.25) as client:
+        # gRPC retries UNAVAILABLE (attempts at about 0, 2, 6, 14 and 30 s) and does not
+        # report its retries: test_grpc_retries.py counts them on a scripted server
+        with ReplayBufferClient(address, token="", retries=4, backoff_s=2) as client:
             batch = client.sample(run_id, 0, policy_version=0, expected_groups=6)
             assert batch == pb.SampleResponse.FromString(expected)
-            assert "UNAVAILABLE" in caplog.text and "retry 1/8" in caplog.text
             assert raw_sample(address, request) == expected  # byte for byte
             assert client.stats(run_id).counters.groups_stored == 6  # stored once
     finally:

@@ -74,7 +74,7 @@ def test_retry_after_a_timeout_neither_loses_nor_duplicates(start_buffer, run_id
     times out on the client but completes on the server; the retries see duplicates."""
     with EmbeddedRedis(data_dir=tmp_path) as private:
         buffer = start_buffer(redis_url=private.url)
-        client = ReplayBufferClient(buffer.address, timeout_s=0.3, retries=20, backoff_s=0.05)
+        client = ReplayBufferClient(buffer.address, timeout_s=0.3, retries=4, backoff_s=0.1)
         admin = redis.Redis.from_url(private.url)
         groups = random_groups(run_id, step=0, count=8)
         admin.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
