@@ -42,7 +42,7 @@ from shuffle_r1.limits import (
 )
 from shuffle_r1.precision import DTYPE_CHOICES
 
-# algorithm.abs_minibatch_order's choices (shuffle_r1.training.abs_minibatch_rows)
+# algorithm.abs_minibatch_order's choices (shuffle_r1.minibatches.abs_minibatch_rows)
 ABS_MINIBATCH_ORDERS = ("interleaved", "sequential")
 # algorithm.loss_agg_mode's and algorithm.kl_type's choices, as shuffle_r1.algos.loss
 # implements them (it imports these: one list, and this module stays free of torch)
@@ -166,7 +166,7 @@ class AlgorithmConfig:
     kl_type: str = "low_var_kl"  # low_var_kl | kl | abs | mse
     collapse_tau: float = 0.1
     # how the learner cuts an ABS batch into optimizer mini-batches
-    # (shuffle_r1.training.abs_minibatch_rows): "interleaved", the upstream layout, gives
+    # (shuffle_r1.minibatches.abs_minibatch_rows): "interleaved", the upstream layout, gives
     # optimizer step k the k-th slice of every ABS round; "sequential" gives it whole rounds
     abs_minibatch_order: str = "interleaved"
 

@@ -22,14 +22,14 @@ from torch import Tensor
 from actors.learner.worker import LOSS_METRICS, WRITE_ADVICE, LearnerWorker
 from shuffle_r1.config import Config
 from shuffle_r1.integrity import CheckpointRejectedError, CheckpointWriteError, full_disk_error
-from shuffle_r1.precision import resolve_dtype
-from shuffle_r1.training import (
-    TrainBatch,
+from shuffle_r1.minibatches import (
     microbatch_count,
     minibatch_slices,
     pair_aligned_shards,
     rollouts_per_optimizer_step,
 )
+from shuffle_r1.precision import resolve_dtype
+from shuffle_r1.training import TrainBatch
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class LearnerGroup:
 
     @property
     def rollouts_per_minibatch(self) -> int:
-        """Rollouts per optimizer step (``training.rollouts_per_optimizer_step``, α-scaled)."""
+        """Rollouts per optimizer step (``minibatches.rollouts_per_optimizer_step``, α-scaled)."""
         return rollouts_per_optimizer_step(
             self.cfg.learner.global_batch_size,
             self.cfg.rollout.n,
@@ -169,7 +169,7 @@ class LearnerGroup:
                 :meth:`single_step` holds: the update's own forward pass gives them
                 (detached; the ratio is exactly 1).
             minibatches: the rows of each optimizer mini-batch (an ABS batch's layout,
-                ``shuffle_r1.training.abs_minibatch_rows``); both rollouts of a pair in one.
+                ``shuffle_r1.minibatches.abs_minibatch_rows``); both rollouts of a pair in one.
 
         Returns:
             means over micro-batches of ``policy_loss``, ``pg_loss``, ``kl``,

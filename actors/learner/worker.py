@@ -41,17 +41,11 @@ from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.data.images import vision_inputs
 from shuffle_r1.integrity import CheckpointWriteError, check_files, full_disk_error
+from shuffle_r1.minibatches import microbatch_slices
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.net import free_port
 from shuffle_r1.precision import resolve_dtype
-from shuffle_r1.training import (
-    TrainBatch,
-    collate,
-    microbatch_slices,
-    padding_batch,
-    token_logprobs,
-    vision_filler,
-)
+from shuffle_r1.training import TrainBatch, collate, padding_batch, token_logprobs, vision_filler
 
 LOSS_METRICS = ("policy_loss", "pg_loss", "kl", "clip_fraction", "approx_kl")
 VISION_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")

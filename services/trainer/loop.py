@@ -67,9 +67,9 @@ from services.trainer.state import (
 from shuffle_r1.config import Config, save_config
 from shuffle_r1.data import PromptSampler
 from shuffle_r1.data.splits import Prompt, load_prompt_splits
+from shuffle_r1.minibatches import abs_minibatch_rows, minibatch_pair_stats
 from shuffle_r1.models import is_vision_language, resolve_model_path
 from shuffle_r1.precision import cpu_description
-from shuffle_r1.training import abs_minibatch_rows, minibatch_pair_stats
 
 logger = logging.getLogger(__name__)
 

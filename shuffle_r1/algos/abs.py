@@ -30,7 +30,7 @@ class ShuffleResult:
         round_sizes: pairs each round drew, in order (``sum == D``): ``indices`` is their
             concatenation. ``[P]`` for S = 1; rounds that drew nothing are left out.
             How the learner cuts the rounds into optimizer mini-batches is
-            :func:`shuffle_r1.training.abs_minibatch_rows`.
+            :func:`shuffle_r1.minibatches.abs_minibatch_rows`.
     """
 
     indices: Tensor

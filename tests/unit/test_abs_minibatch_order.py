@@ -10,7 +10,7 @@ import torch
 
 from shuffle_r1.algos import abs_round_sizes, advantage_based_batch_shuffle
 from shuffle_r1.config import ConfigError, load_config
-from shuffle_r1.training import abs_minibatch_rows, minibatch_pair_stats, minibatch_slices
+from shuffle_r1.minibatches import abs_minibatch_rows, minibatch_pair_stats, minibatch_slices
 
 
 def upstream_steps(pairs_in_draw_order: list[int], ranks: int, steps: int) -> list[list[int]]:

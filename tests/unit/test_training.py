@@ -7,17 +7,14 @@ import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from shuffle_r1.training import (
-    TrainBatch,
-    collate,
+from shuffle_r1.minibatches import (
     microbatch_count,
     microbatch_slices,
     minibatch_slices,
-    padding_batch,
     pair_aligned_shards,
     rollouts_per_optimizer_step,
-    token_logprobs,
 )
+from shuffle_r1.training import TrainBatch, collate, padding_batch, token_logprobs
 
 
 def _covers(slices: list[slice], total: int) -> bool:

@@ -8,15 +8,14 @@ import torch
 
 from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
-from shuffle_r1.training import (
-    TrainBatch,
-    collate,
+from shuffle_r1.minibatches import (
     microbatch_count,
     microbatch_slices,
     minibatch_slices,
     pair_aligned_shards,
     rollouts_per_optimizer_step,
 )
+from shuffle_r1.training import TrainBatch, collate
 
 
 def reference_update(

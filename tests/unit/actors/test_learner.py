@@ -25,11 +25,7 @@ from actors.learner import LearnerGroup
 from shuffle_r1.config import Config
 from shuffle_r1.integrity import CheckpointRejectedError, CheckpointWriteError, file_digests
 from shuffle_r1.models import build_tiny_llama
-from shuffle_r1.training import (
-    TrainBatch,
-    collate,
-    token_logprobs,
-)
+from shuffle_r1.training import TrainBatch, collate, token_logprobs
 from tests.full_disk import small_tmpfs
 from tests.unit.actors.learner_reference import reference_update
 

@@ -26,11 +26,7 @@ from shuffle_r1.data.images import expand_image_tokens
 from shuffle_r1.integrity import file_digests
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.processor import load_processor
-from shuffle_r1.training import (
-    TrainBatch,
-    collate,
-    token_logprobs,
-)
+from shuffle_r1.training import TrainBatch, collate, token_logprobs
 from tests.unit.actors.learner_reference import reference_update
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
