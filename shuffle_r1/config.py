@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import ipaddress
+import math
 import os
 import pkgutil
 import re
@@ -35,6 +36,7 @@ from shuffle_r1.limits import (
     MAX_REQUEST_KB,
     MAX_REQUEST_TIMEOUT_S,
     MAX_SHUFFLE_TIMES,
+    PTS_FLOOR_TOLERANCE,
     REWARD_GRACE_S,
     RUN_ID_PATTERN,
     cut,
@@ -509,7 +511,7 @@ def validate(cfg: Config) -> Config:
 
     _choice("algorithm.name", a.name, ALGORITHMS)
     _between("algorithm.keep_ratio", a.keep_ratio, 0.0, 1.0, low_open=True)
-    if a.uses_pts and int(a.keep_ratio * r.n / 2) < 1:
+    if a.uses_pts and math.floor(a.keep_ratio * r.n / 2 + PTS_FLOOR_TOLERANCE) < 1:
         raise ConfigError(
             f"algorithm.keep_ratio={a.keep_ratio} keeps no pair of a group of "
             f"rollout.n={r.n}; it needs keep_ratio >= {2 / r.n}"

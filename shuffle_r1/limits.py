@@ -50,3 +50,8 @@ def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
 
 # Seconds on top of reward.timeout_s before a reward call counts as hung (actors/reward.py).
 REWARD_GRACE_S = 2.0
+
+# PTS keeps M = floor(α·n/2) pairs (docs/algorithm.md §2.3); the floor adds this tolerance so
+# that α = 1 - 0.9 (= 0.0999…98) does not lose a pair. Shared by the config's check at load
+# and shuffle_r1.algos.pts.pairs_kept, so both count the same M.
+PTS_FLOOR_TOLERANCE = 1e-9

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# α·n/2 is floored; this tolerance keeps α = 1 - 0.9 (= 0.0999…98) from losing a pair.
-_FLOOR_TOLERANCE = 1e-9
+from shuffle_r1.limits import PTS_FLOOR_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ def pairs_kept(group_size: int, keep_ratio: float) -> int:
         raise ValueError(f"group size must be a positive even number to pair, got {group_size}")
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    kept = math.floor(keep_ratio * group_size / 2 + _FLOOR_TOLERANCE)
+    kept = math.floor(keep_ratio * group_size / 2 + PTS_FLOOR_TOLERANCE)
     if kept == 0:
         raise ValueError(
             f"keep_ratio {keep_ratio} keeps no pair for group size {group_size} "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from shuffle_r1.algos import pairs_kept
 from shuffle_r1.config import (
     Config,
     ConfigError,
@@ -103,6 +104,17 @@ def test_bad_values_name_the_key(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert fragment in str(info.value)
+
+
+def test_the_config_counts_pts_pairs_as_pts_does() -> None:
+    """α = 1 - 0.9 is 0.0999…98: α·n/2 at n = 20 is just under 1, which PTS rounds to the
+    one pair it keeps (``pairs_kept``); the config's check at load must agree."""
+    alpha = 1 - 0.9
+    assert alpha * 20 / 2 < 1 and pairs_kept(20, alpha) == 1
+    cfg = load_config(None, ["rollout.n=20", f"algorithm.keep_ratio={alpha!r}"])
+    assert cfg.algorithm.keep_ratio == alpha
+    with pytest.raises(ConfigError, match="keeps no pair"):  # one step lower: truly none
+        load_config(None, ["rollout.n=18", f"algorithm.keep_ratio={alpha!r}"])
 
 
 def test_the_largest_allowed_values_load() -> None:
