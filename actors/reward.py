@@ -4,9 +4,12 @@ The function is named by a Python path in ``reward.function`` (default
 ``shuffle_r1.rewards:math_reward``, docs/algorithm.md §6) and called as
 ``fn(response, reference_answer, accuracy_weight=..., format_weight=..., timeout_s=...)``;
 it returns a :class:`shuffle_r1.rewards.RewardResult` (or a plain float, taken as both
-reward and accuracy). A function that raises, returns garbage, or runs past
-``timeout_s + grace`` gives reward 0 and a counted error: the run never crashes or hangs on
-a reward. (A hung call's thread cannot be killed; it is abandoned and counted.)
+reward and accuracy). Each worker runs the function in a process of its own
+(:class:`shuffle_r1.rewards.RewardProcessPool`), in that process's main thread, so the
+function's signal-based timeouts work. A call that raises (``kind=raised``), returns garbage
+(counted as raised), runs past ``timeout_s + grace`` (its process is killed: ``hung``) or
+whose process dies (``died``) gives reward 0 and a counted error, and the next call gets a
+fresh process: the run never crashes or hangs on a reward.
 
 The role is a Ray Serve application (:class:`RewardPool`) of two deployments: the trainer
 scores through a handle of the :class:`RewardWorker` replicas, and outside verifiers and
@@ -44,11 +47,11 @@ from actors.rollout import HEALTH_CHECK_PERIOD_S
 from actors.serving import worker_id
 from shuffle_r1.config import REWARD_TOKEN_ENV, RewardConfig, is_loopback
 from shuffle_r1.limits import REWARD_GRACE_S, echo
-from shuffle_r1.rewards import RewardResult, load_reward_fn
+from shuffle_r1.rewards import RewardProcessPool, RewardResult
 
 logger = logging.getLogger(__name__)
 
-GRACE_S = REWARD_GRACE_S  # on top of reward.timeout_s before a call counts as hung
+GRACE_S = REWARD_GRACE_S  # on top of reward.timeout_s before a call is killed as hung
 TOKEN_ENV = REWARD_TOKEN_ENV  # the endpoint's bearer token when reward.http_token is ""
 # Items one HTTP request may hold: bounds the work (and the time) of one request, whatever
 # its size; a caller with more splits them. The trainer's own scoring has no such limit.
@@ -68,11 +71,15 @@ class ScoreRequest:
 
 class RewardWorker:
     """Scores :class:`ScoreRequest` s with the configured reward function: a replica of the
-    reward Serve application (:class:`RewardPool`), or a plain Ray actor in tests."""
+    reward Serve application (:class:`RewardPool`), or a plain Ray actor in tests.
 
-    def __init__(self, cfg: RewardConfig, run_id: str = "") -> None:
+    The function runs in at most ``processes`` worker processes (one call each at a time),
+    started here: a function that does not import raises ``ValueError`` naming it.
+    """
+
+    def __init__(self, cfg: RewardConfig, run_id: str = "", processes: int = 1) -> None:
         self.cfg = cfg
-        self.fn = load_reward_fn(cfg.function)
+        self.pool = RewardProcessPool(cfg.function, cfg.timeout_s + GRACE_S, processes)
         self.errors: Counter[str] = Counter()
         self.worker_id = worker_id()
         self._m_scored = ray_metric("shuffle_r1_reward_worker_scored_total")
@@ -82,49 +89,28 @@ class RewardWorker:
             metric.set_default_tags({"worker": self.worker_id, "run": run_id})
 
     def _call(self, req: ScoreRequest) -> RewardResult:
-        out = self.fn(
+        """One request scored in the pool; any failure gives reward 0 and is counted by kind
+        (the prefix of ``error``)."""
+        outcome = self.pool.call(
             req.response,
             req.reference_answer,
             accuracy_weight=self.cfg.accuracy_weight,
             format_weight=self.cfg.format_weight,
             timeout_s=self.cfg.timeout_s,
         )
-        if isinstance(out, RewardResult):
-            result = out
-        elif isinstance(out, int | float) and not isinstance(out, bool):
-            result = RewardResult(reward=float(out), accuracy=float(out), format=0.0)
-        else:
-            raise TypeError(f"returned {type(out).__name__}, expected RewardResult or float")
-        if not math.isfinite(result.reward):
-            raise ValueError(f"returned a non-finite reward {result.reward!r}")
-        return result
-
-    def _call_with_deadline(self, req: ScoreRequest) -> RewardResult:
-        """Run one call in its own daemon thread; abandon it at the deadline."""
-        box: list[RewardResult | BaseException] = []
-
-        def run() -> None:
+        error = outcome.error
+        if error is None:
             try:
-                box.append(self._call(req))
-            except Exception as exc:  # a pluggable function may raise anything
-                box.append(exc)
-
-        thread = threading.Thread(target=run, name="reward-call", daemon=True)
-        thread.start()
-        thread.join(self.cfg.timeout_s + GRACE_S)
-        if not box:
-            self.errors["hung"] += 1
-            return RewardResult(
-                0.0, 0.0, 0.0, error=f"hung: no answer in {self.cfg.timeout_s + GRACE_S:.1f} s"
-            )
-        outcome = box[0]
-        if isinstance(outcome, BaseException):
-            self.errors["raised"] += 1
-            logger.warning("reward function %s raised: %r", self.cfg.function, outcome)
-            return RewardResult(0.0, 0.0, 0.0, error=f"raised: {outcome!r}"[:500])
-        if outcome.error:
-            self.errors[outcome.error.split(":", 1)[0]] += 1
-        return outcome
+                result = _as_result(outcome.value)
+            except (TypeError, ValueError) as exc:  # garbage: counted as raised, as before
+                error = f"raised: {exc!r}"
+        if error is not None:
+            self.errors[error.split(":", 1)[0]] += 1
+            logger.warning("reward function %s failed: %s", self.cfg.function, error)
+            return RewardResult(0.0, 0.0, 0.0, error=error[:500])
+        if result.error:
+            self.errors[result.error.split(":", 1)[0]] += 1
+        return result
 
     def _score(
         self, requests: Sequence[ScoreRequest], stop: threading.Event | None = None
@@ -136,7 +122,7 @@ class RewardWorker:
         for r in requests:
             if stop is not None and stop.is_set():
                 break
-            results.append(self._call_with_deadline(r))
+            results.append(self._call(r))
         self._m_seconds.observe(time.perf_counter() - start)
         self._m_scored.inc(len(results))
         for result in results:
@@ -152,7 +138,23 @@ class RewardWorker:
         return dict(self.errors)
 
     def ping(self) -> dict[str, Any]:
-        return {"worker": self.worker_id, "pid": os.getpid()}
+        """This replica's id, its process id and those of its reward processes."""
+        return {"worker": self.worker_id, "pid": os.getpid(), "reward_pids": self.pool.pids()}
+
+
+def _as_result(out: Any) -> RewardResult:
+    """A reward function's return value as a :class:`RewardResult` (a float is taken as both
+    reward and accuracy). Raises TypeError for anything else, ValueError for a non-finite
+    reward."""
+    if isinstance(out, RewardResult):
+        result = out
+    elif isinstance(out, int | float) and not isinstance(out, bool):
+        result = RewardResult(reward=float(out), accuracy=float(out), format=0.0)
+    else:
+        raise TypeError(f"returned {type(out).__name__}, expected RewardResult or float")
+    if not math.isfinite(result.reward):
+        raise ValueError(f"returned a non-finite reward {result.reward!r}")
+    return result
 
 
 class Refused(Exception):
@@ -215,7 +217,7 @@ class RewardEndpoint(RewardWorker):
     """
 
     def __init__(self, cfg: RewardConfig, run_id: str, token: str, workers: Any) -> None:
-        super().__init__(cfg, run_id)
+        super().__init__(cfg, run_id, processes=HTTP_CONCURRENCY)  # one per request in flight
         self._token = token.encode()
         del workers
 

@@ -7,37 +7,26 @@
 - **accuracy** is 1 when the content of the *last* ``\\boxed{...}`` is equivalent to the
   reference answer according to math-verify (string, numeric or symbolic equality), else 0.
 
-Equivalence checks run in a separate worker process (:class:`MathVerifier`). math-verify's
-own timeout relies on ``signal.alarm`` and refuses to run outside the main thread; the worker
-runs it in *its* main thread, under a deadline of ``timeout_s`` for parsing and comparing
-together, so a reward can be computed from any thread (a Ray actor's, a thread pool's). A
-verification that overruns, or a worker that hangs in C code where no signal reaches it, gives
-accuracy 0 and an ``error`` on the :class:`RewardResult`; the verifier counts both, and a hung
-worker is killed and replaced on the next call.
+Equivalence is math-verify's verdict (:func:`equivalent`). Its own timeouts rely on
+``signal.alarm``, which works only in a main thread; :func:`equivalent` sets one deadline of
+``timeout_s`` for parsing and comparing together when it runs in a main thread, as it does in
+the reward workers' processes (:mod:`shuffle_r1.rewards.isolation`), which also kill a call
+that hangs where no signal reaches it. An overrun gives accuracy 0 and an ``error`` on the
+:class:`RewardResult`.
 
 Reward functions are pluggable: any ``module:function`` with the signature of
 :func:`math_reward` can be named in the config (``reward.function``) and loaded with
-:func:`load_reward_fn`.
+:func:`shuffle_r1.rewards.load_reward_fn`.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import importlib
-import json
 import logging
-import os
 import re
-import select
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -46,10 +35,6 @@ FORMAT_PATTERN = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
 _BOXED = "\\boxed{"
 # An answer written as $...$ or $$...$$ (K12 and MATH-style references).
 _DOLLARS = re.compile(r"\$\$?([^$]*)\$\$?")
-# A worker that does not answer within timeout_s + this margin is taken to be hung in C code.
-KILL_MARGIN_S = 1.0
-# How long a fresh worker may take to import math-verify (sympy, latex2sympy2).
-WORKER_START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -111,31 +96,13 @@ def _strip_dollars(answer: str) -> str:
     return match.group(1).strip() if match else answer
 
 
-# ---------------------------------------------------------------------------------------
-# The worker process: runs math-verify in its own main thread, one request per line.
-
-
 class _Deadline(BaseException):
-    """Raised by SIGALRM inside the worker. A BaseException, so that math-verify's
+    """Raised by SIGALRM during a verification. A BaseException, so that math-verify's
     ``except Exception`` around each comparison does not swallow it."""
 
 
-def _equivalent(prediction: str, reference: str) -> bool:
-    """math-verify's verdict on a boxed prediction against a reference (worker side).
-
-    The prediction is parsed as ``\\boxed{prediction}``. The reference is parsed two ways and
-    matches if either does: as ``\\boxed{reference}`` (plain numbers, ``1/2``, bare LaTeX such
-    as ``2\\sin(2x-\\frac{\\pi}{6})``, with surrounding ``$`` removed) and as math-verify reads
-    it in prose (``$...$`` / ``$$...$$`` spans, ``30°``, ``18.``).
-    """
-    from math_verify import parse, verify
-
-    reference = reference.strip()
-    prose = reference if "$" in reference else f"${reference}$"
-    gold = parse(f"\\boxed{{{_strip_dollars(reference)}}}", parsing_timeout=None)
-    gold += parse(prose, parsing_timeout=None)
-    pred = parse(f"\\boxed{{{_strip_dollars(prediction)}}}", parsing_timeout=None)
-    return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise _Deadline
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -143,209 +110,58 @@ class _DropTimeoutDisabledWarning(logging.Filter):
         return not record.getMessage().startswith("Timeout is disabled")
 
 
-def _serve() -> None:
-    """Worker main loop: JSON requests on stdin, one JSON answer per line on stdout.
+# math-verify's own signal timeouts are off on purpose (equivalent() sets one deadline for
+# parsing and comparing together); its warning about that would otherwise fill the logs.
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
 
-    Request ``{"id", "prediction", "reference", "timeout_s"}``; answer ``{"id", "equal",
-    "error"}``. Exits when stdin closes (the parent is gone or closed it).
+
+def equivalent(prediction: str, reference: str, timeout_s: float = 5.0) -> tuple[bool, str | None]:
+    """(equal, error): math-verify's verdict on a boxed prediction against a reference answer.
+
+    The prediction is parsed as ``\\boxed{prediction}``. The reference is parsed two ways and
+    matches if either does: as ``\\boxed{reference}`` (plain numbers, ``1/2``, bare LaTeX such
+    as ``2\\sin(2x-\\frac{\\pi}{6})``, with surrounding ``$`` removed) and as math-verify
+    reads it in prose (``$...$`` / ``$$...$$`` spans, ``30°``, ``18.``).
+
+    In the main thread, parsing and comparing together run under a deadline of ``timeout_s``
+    seconds (``SIGALRM``; the previous handler is restored, an interval timer of the caller's
+    is cleared); an overrun gives ``(False, "timeout: ...")``. Elsewhere signals cannot be
+    used and there is no deadline: the reward workers call it in the main thread of a
+    process they kill at a hard deadline (:class:`shuffle_r1.rewards.RewardProcessPool`).
+    A math-verify failure gives ``(False, "verify_error: ...")``.
+
+    Raises:
+        ValueError: ``timeout_s`` is not > 0.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    out = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    os.dup2(2, 1)  # stray prints must not corrupt the protocol
-    import math_verify  # noqa: F401  (import before "ready": the start is paid once)
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+    from math_verify import parse, verify  # imported before the deadline starts
 
-    # We disable math-verify's signal timeouts on purpose; our deadline covers both steps.
-    for name in ("math_verify.parser", "math_verify.grader"):
-        logging.getLogger(name).addFilter(_DropTimeoutDisabledWarning())
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise _Deadline
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    out.write('{"ready": true}\n')
-    out.flush()
-    for line in sys.stdin:
-        request = json.loads(line)
-        answer: dict[str, Any] = {"id": request["id"], "equal": False, "error": None}
+    reference = reference.strip()
+    prose = reference if "$" in reference else f"${reference}$"
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _on_alarm) if in_main else None
+    try:
         try:
-            signal.setitimer(signal.ITIMER_REAL, request["timeout_s"])
-            try:
-                answer["equal"] = _equivalent(request["prediction"], request["reference"])
-            finally:
+            if in_main:
+                signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            gold = parse(f"\\boxed{{{_strip_dollars(reference)}}}", parsing_timeout=None)
+            gold += parse(prose, parsing_timeout=None)
+            pred = parse(f"\\boxed{{{_strip_dollars(prediction)}}}", parsing_timeout=None)
+            return bool(gold and pred and verify(gold, pred, timeout_seconds=None)), None
+        finally:
+            if in_main:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-        except _Deadline:
-            answer["error"] = f"timeout: verification took more than {request['timeout_s']} s"
-        except Exception as exc:
-            answer["error"] = f"verify_error: {type(exc).__name__}: {exc}"[:500]
-        out.write(json.dumps(answer) + "\n")
-        out.flush()
-
-
-# ---------------------------------------------------------------------------------------
-# The parent side.
-
-
-class MathVerifier:
-    """Decides answer equivalence with math-verify in a worker process, under a deadline.
-
-    Thread-safe: calls are serialised on one worker (the deadline of a call starts when it
-    reaches the worker, not while it waits for another thread's call). The worker starts on
-    the first call (about a second: it imports sympy) and is replaced after it hangs or dies.
-    ``stats`` counts calls, timeouts (deadline in the worker), kills (hung worker), errors.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._buffer = b""
-        self._next_id = 0
-        self.stats = {"calls": 0, "timeouts": 0, "kills": 0, "errors": 0, "starts": 0}
-
-    def equivalent(
-        self, prediction: str, reference: str, timeout_s: float = 5.0
-    ) -> tuple[bool, str | None]:
-        """(equal, error) for one prediction against one reference answer.
-
-        Returns within about ``timeout_s + KILL_MARGIN_S`` seconds once the worker runs. On a
-        timeout or a failure, ``equal`` is False and ``error`` says why (``"timeout: ..."``,
-        ``"worker_hung: ..."``, ``"worker_died: ..."``, ``"verify_error: ..."``).
-        """
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
-        with self._lock:
-            self.stats["calls"] += 1
-            equal, error = self._call(prediction, reference, timeout_s)
-            if error is not None:
-                kind = error.split(":", 1)[0]
-                self.stats["timeouts" if kind == "timeout" else "errors"] += 1
-                logger.warning("math verification failed (%s); accuracy 0", error)
-            return equal, error
-
-    def close(self) -> None:
-        """Stop the worker (it exits when its stdin closes). Safe to call twice."""
-        with self._lock:
-            self._stop(kill=False)
-
-    def __enter__(self) -> MathVerifier:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def worker_pid(self) -> int | None:
-        """The worker's process id, or None when no worker runs."""
-        return self._proc.pid if self._proc is not None else None
-
-    def _call(self, prediction: str, reference: str, timeout_s: float) -> tuple[bool, str | None]:
-        if self._proc is None or self._proc.poll() is not None:
-            self._start()
-        assert self._proc is not None and self._proc.stdin is not None
-        self._next_id += 1
-        request = {
-            "id": self._next_id,
-            "prediction": prediction,
-            "reference": reference,
-            "timeout_s": timeout_s,
-        }
-        try:
-            data = memoryview((json.dumps(request) + "\n").encode())
-            while data:  # a raw pipe write may be partial
-                data = data[os.write(self._proc.stdin.fileno(), data) :]
-            answer = self._read_line(timeout_s + KILL_MARGIN_S)
-        except (BrokenPipeError, EOFError) as exc:
-            self._stop(kill=True)
-            return False, f"worker_died: {exc}"
-        if answer is None:
-            self.stats["kills"] += 1
-            self._stop(kill=True)
-            return False, (
-                f"worker_hung: no answer within {timeout_s + KILL_MARGIN_S:.1f} s; worker killed"
-            )
-        if answer.get("id") != self._next_id:
-            self._stop(kill=True)
-            return False, f"worker_died: answer for request {answer.get('id')}, not {request['id']}"
-        return bool(answer["equal"]), answer["error"]
-
-    def _start(self) -> None:
-        self._stop(kill=True)
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from shuffle_r1.rewards.math import _serve; _serve()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            bufsize=0,
-        )
-        self._buffer = b""
-        self.stats["starts"] += 1
-        try:
-            ready = self._read_line(WORKER_START_TIMEOUT_S)
-        except EOFError as exc:
-            self._stop(kill=True)
-            raise RuntimeError(f"math-verify worker exited during start: {exc}") from exc
-        if ready != {"ready": True}:
-            self._stop(kill=True)
-            raise RuntimeError(
-                f"math-verify worker did not start within {WORKER_START_TIMEOUT_S} s "
-                f"(is math-verify installed in {sys.executable}?)"
-            )
-
-    def _read_line(self, timeout_s: float) -> dict[str, Any] | None:
-        """The next JSON line from the worker, or None after ``timeout_s`` seconds.
-
-        Raises EOFError when the worker closed its stdout (it died)."""
-        assert self._proc is not None and self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        deadline = time.monotonic() + timeout_s
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if not readable:
-                return None
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                raise EOFError(f"worker exited with code {self._proc.wait()}")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    def _stop(self, kill: bool) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if kill:
-            proc.kill()
-        else:
-            assert proc.stdin is not None
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
-
-
-_default_verifier: MathVerifier | None = None
-_default_lock = threading.Lock()
-
-
-def default_verifier() -> MathVerifier:
-    """The process-wide verifier that :func:`accuracy_reward` and :func:`math_reward` use."""
-    global _default_verifier
-    with _default_lock:
-        if _default_verifier is None:
-            _default_verifier = MathVerifier()
-            atexit.register(_default_verifier.close)
-        return _default_verifier
+    except _Deadline:
+        error = f"timeout: verification took more than {timeout_s} s"
+    except Exception as exc:  # math-verify and sympy may raise anything on odd input
+        error = f"verify_error: {type(exc).__name__}: {exc}"[:500]
+    finally:
+        if in_main:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+    logger.warning("math verification failed (%s); accuracy 0", error)
+    return False, error
 
 
 _LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -365,7 +181,7 @@ def _accuracy(
         boxed = last_number(response)
     if boxed is None or not boxed.strip():
         return 0.0, None
-    equal, error = default_verifier().equivalent(boxed, reference_answer, timeout_s)
+    equal, error = equivalent(boxed, reference_answer, timeout_s)
     return (1.0 if equal else 0.0), error
 
 
@@ -373,8 +189,8 @@ def accuracy_reward(response: str, reference_answer: str, timeout_s: float = 5.0
     """1.0 iff the last ``\\boxed{}`` of ``response`` is equivalent to ``reference_answer`` (§6).
 
     A response without a (closed) box scores 0. ``timeout_s`` bounds the verification in
-    seconds; a timeout or a verifier failure scores 0, is logged and counted in
-    ``default_verifier().stats`` (:func:`math_reward` also returns the error).
+    seconds (in the main thread: :func:`equivalent`); a timeout or a verifier failure scores 0
+    and is logged (:func:`math_reward` also returns the error).
     """
     return _accuracy(response, reference_answer, timeout_s)[0]
 
@@ -388,7 +204,9 @@ def math_reward(
 ) -> RewardResult:
     """The default reward: ``accuracy_weight · accuracy + format_weight · format`` (§6).
 
-    This signature is the contract for pluggable reward functions (:func:`load_reward_fn`).
+    This signature is the contract for pluggable reward functions
+    (:func:`shuffle_r1.rewards.load_reward_fn`). ``timeout_s`` bounds math-verify when called
+    in a main thread (:func:`equivalent`).
     """
     return _weighted(response, reference_answer, accuracy_weight, format_weight, timeout_s)
 
@@ -427,34 +245,3 @@ def math_reward_last_number_fallback(
     i.e. no group with any advantage contrast and no update at all.
     """
     return _weighted(response, reference_answer, accuracy_weight, format_weight, timeout_s, True)
-
-
-def load_reward_fn(path: str) -> RewardFn:
-    """Import a reward function named ``"package.module:function"``.
-
-    The function must take ``(response, reference_answer, accuracy_weight=..., format_weight=...,
-    timeout_s=...)`` and return a :class:`RewardResult`, like :func:`math_reward`.
-    Raises ValueError naming ``path`` when it is malformed, cannot be imported, has no such
-    attribute, or names something that is not callable.
-    """
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(
-            f"reward function {path!r} must be 'module:function', "
-            "e.g. 'shuffle_r1.rewards:math_reward'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(
-            f"reward function {path!r}: cannot import module {module_name!r}: {exc}"
-        ) from exc
-    try:
-        fn = getattr(module, attr)
-    except AttributeError as exc:
-        raise ValueError(
-            f"reward function {path!r}: module {module_name!r} has no attribute {attr!r}"
-        ) from exc
-    if not callable(fn):
-        raise ValueError(f"reward function {path!r} is a {type(fn).__name__}, not a callable")
-    return fn

@@ -1,5 +1,7 @@
 """Reward functions loaded by path in tests: ones that misbehave on purpose."""
 
+import ctypes
+import os
 import time
 
 from shuffle_r1.rewards import RewardResult
@@ -30,3 +32,31 @@ def slow_exact(response: str, reference_answer: str, **_: object) -> RewardResul
     time.sleep(0.4)
     score = float(response == reference_answer)
     return RewardResult(score, score, 0.0)
+
+
+def exits(response: str, reference_answer: str, **_: object) -> RewardResult:
+    """Ends its process with ``os._exit(3)`` on "exit", with a segfault on "segv"."""
+    if response == "exit":
+        os._exit(3)
+    if response == "segv":
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return RewardResult(1.0, 1.0, 0.0)
+
+
+def returns_unpicklable(response: str, reference_answer: str, **_: object) -> object:
+    return lambda: 0.0
+
+
+def counts_calls(response: str, reference_answer: str, **_: object) -> float:
+    """How many calls this process has made (the module is imported once per process)."""
+    _calls.append(response)
+    return float(len(_calls))
+
+
+def sleeps(response: str, reference_answer: str, **_: object) -> float:
+    """Sleeps ``float(response)`` seconds, then returns this process's id."""
+    time.sleep(float(response))
+    return float(os.getpid())
+
+
+_calls: list[str] = []

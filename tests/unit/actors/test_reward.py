@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
@@ -70,6 +71,7 @@ def test_raising_nan_and_float_functions_give_counted_zero_rewards() -> None:
     )
     [nan_result] = ray.get(nan_worker.score.remote([ScoreRequest("x", "1")]))
     assert nan_result.reward == 0.0 and "non-finite" in (nan_result.error or "")
+    assert ray.get(nan_worker.error_counts.remote()) == {"raised": 1}  # garbage is counted
     ray.kill(nan_worker)
 
     float_worker = ray.remote(RewardWorker).remote(
@@ -80,10 +82,10 @@ def test_raising_nan_and_float_functions_give_counted_zero_rewards() -> None:
     ray.kill(float_worker)
 
 
-def test_hanging_function_is_abandoned_at_its_deadline() -> None:
+def test_hanging_function_is_killed_at_its_deadline() -> None:
     cfg = RewardConfig(function="tests.unit.actors.reward_fns:hangs", timeout_s=0.5)
     worker = ray.remote(RewardWorker).remote(cfg)
-    ray.get(worker.ping.remote())
+    [hung_pid] = ray.get(worker.ping.remote())["reward_pids"]
     start = time.monotonic()
     results = ray.get(
         worker.score.remote([ScoreRequest("ok", "1"), ScoreRequest("hang", "1"),
@@ -94,7 +96,37 @@ def test_hanging_function_is_abandoned_at_its_deadline() -> None:
     assert (results[1].error or "").startswith("hung")
     assert elapsed < cfg.timeout_s + GRACE_S + 5.0
     assert ray.get(worker.error_counts.remote()) == {"hung": 1}
+    assert not psutil.pid_exists(hung_pid)  # the hung call's process is gone, not abandoned
+    [fresh_pid] = ray.get(worker.ping.remote())["reward_pids"]
+    assert fresh_pid != hung_pid
     ray.kill(worker)
+    assert gone(fresh_pid), "a reward process outlived its Ray worker"
+
+
+def test_a_reward_process_that_dies_is_counted_and_replaced() -> None:
+    worker = ray.remote(RewardWorker).remote(
+        RewardConfig(function="tests.unit.actors.reward_fns:exits")
+    )
+    [pid] = ray.get(worker.ping.remote())["reward_pids"]
+    results = ray.get(worker.score.remote([ScoreRequest("exit", "1"), ScoreRequest("ok", "1")]))
+    assert [r.reward for r in results] == [0.0, 1.0]
+    assert "exit code 3" in (results[0].error or "")
+    assert ray.get(worker.error_counts.remote()) == {"died": 1}
+    assert pid not in ray.get(worker.ping.remote())["reward_pids"]
+    ray.kill(worker)
+
+
+def gone(pid: int, timeout_s: float = 10.0) -> bool:
+    """``pid`` has ended (or is a zombie) within ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_unknown_function_path_fails_at_start_naming_it() -> None:

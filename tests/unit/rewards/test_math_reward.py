@@ -1,27 +1,25 @@
-"""The math reward (docs/algorithm.md §6) on real GSM8K answers, LaTeX equivalences and timeouts."""
+"""The math reward (docs/algorithm.md §6) on real GSM8K answers, LaTeX equivalences and timeouts.
+
+The deadline from any thread, through the reward workers' processes, is in test_isolation.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from shuffle_r1.rewards import (
-    MathVerifier,
     RewardResult,
     accuracy_reward,
+    equivalent,
     extract_last_boxed,
     format_reward,
-    load_reward_fn,
     math_reward,
 )
-from shuffle_r1.rewards.math import KILL_MARGIN_S
 
 GSM8K_TEST = Path(__file__).resolve().parents[3] / "data" / "gsm8k" / "test.jsonl"
 # An answer whose comparison with "1" does not finish (sympy evaluates the power tower).
@@ -147,86 +145,36 @@ def test_format_reward(response: str, expected: float) -> None:
     assert format_reward(response) == expected
 
 
-def test_hanging_verification_times_out_and_the_worker_survives() -> None:
-    with MathVerifier() as verifier:
-        assert verifier.equivalent("2", "2") == (True, None)
+def test_hanging_verification_times_out_in_the_main_thread() -> None:
+    def mine(signum: int, frame: object) -> None:
+        raise AssertionError("the caller's handler must not run")
+
+    previous = signal.signal(signal.SIGALRM, mine)
+    try:
+        assert equivalent("2", "2") == (True, None)
         start = time.monotonic()
-        equal, error = verifier.equivalent(HANGING_ANSWER, "1", timeout_s=0.5)
+        equal, error = equivalent(HANGING_ANSWER, "1", timeout_s=0.5)
         elapsed = time.monotonic() - start
         assert not equal
-        assert error is not None and error.startswith("timeout")
-        assert elapsed < 0.5 + KILL_MARGIN_S
-        assert verifier.stats["timeouts"] == 1
-        assert verifier.equivalent("3", "3") == (True, None)
-        assert verifier.stats["starts"] == 1  # the deadline fired inside the worker
+        assert error == "timeout: verification took more than 0.5 s"
+        assert 0.5 <= elapsed < 0.5 + 0.5
+        assert signal.getsignal(signal.SIGALRM) is mine  # restored
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left armed
+        assert equivalent("3", "3") == (True, None)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
-def test_math_reward_timeout_from_a_non_main_thread() -> None:
-    response = f"<think>x</think>\\boxed{{{HANGING_ANSWER}}}"
-    with ThreadPoolExecutor(2) as pool:
-        start = time.monotonic()
-        hung = pool.submit(math_reward, response, "1", timeout_s=0.5)
-        fine = pool.submit(math_reward, "<think>x</think>\\boxed{72}", "72")
-        assert hung.result().error is not None and hung.result().error.startswith("timeout")
-        assert hung.result().reward == pytest.approx(0.1)  # accuracy 0, format still counts
-        assert fine.result() == RewardResult(1.0, 1.0, 1.0, None)
-        assert time.monotonic() - start < 2 * (0.5 + KILL_MARGIN_S) + 5.0
+def test_math_reward_reports_the_timeout_and_keeps_the_format_score() -> None:
+    result = math_reward(f"<think>x</think>\\boxed{{{HANGING_ANSWER}}}", "1", timeout_s=0.5)
+    assert result.error is not None and result.error.startswith("timeout")
+    assert result.reward == pytest.approx(0.1)  # accuracy 0, format still counts
     assert threading.current_thread() is threading.main_thread()
-
-
-def test_hung_worker_is_killed_and_replaced() -> None:
-    with MathVerifier() as verifier:
-        assert verifier.equivalent("1", "1") == (True, None)
-        pid = verifier.worker_pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)  # a worker stuck where no signal handler can run
-        start = time.monotonic()
-        equal, error = verifier.equivalent("1", "1", timeout_s=0.2)
-        assert time.monotonic() - start < 0.2 + KILL_MARGIN_S + 1.0
-        assert not equal and error is not None and error.startswith("worker_hung")
-        assert verifier.stats["kills"] == 1
-        assert verifier.equivalent("1", "1") == (True, None)
-        assert verifier.worker_pid != pid and verifier.stats["starts"] == 2
-
-
-def test_dead_worker_is_reported_and_replaced() -> None:
-    with MathVerifier() as verifier:
-        verifier.equivalent("1", "1")
-        pid = verifier.worker_pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # dead, not yet reaped
-        equal, error = verifier.equivalent("1", "1")
-        # Popen notices the death before the write (restart) or after it (reported).
-        assert (equal, error) == (True, None) or (error or "").startswith("worker_died")
-        assert verifier.equivalent("1", "1") == (True, None)
 
 
 def test_invalid_timeout() -> None:
     with pytest.raises(ValueError, match="timeout_s"):
-        MathVerifier().equivalent("1", "1", timeout_s=0)
-
-
-def test_load_reward_fn() -> None:
-    assert load_reward_fn("shuffle_r1.rewards:math_reward") is math_reward
-    assert load_reward_fn("shuffle_r1.rewards.math:format_reward") is format_reward
-
-
-@pytest.mark.parametrize(
-    ("path", "message"),
-    [
-        ("shuffle_r1.rewards.math_reward", "must be 'module:function'"),
-        (":math_reward", "must be 'module:function'"),
-        ("shuffle_r1.rewards:", "must be 'module:function'"),
-        ("shuffle_r1.no_such_module:fn", "cannot import module 'shuffle_r1.no_such_module'"),
-        ("shuffle_r1.rewards:no_such_fn", "has no attribute 'no_such_fn'"),
-        ("shuffle_r1.rewards.math:KILL_MARGIN_S", "not a callable"),
-    ],
-)
-def test_load_reward_fn_errors(path: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message) as info:
-        load_reward_fn(path)
-    assert repr(path) in str(info.value)
+        equivalent("1", "1", timeout_s=0)
 
 
 def test_last_number_fallback_judges_prose_answers_only_without_a_box() -> None:
