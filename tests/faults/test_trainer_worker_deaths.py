@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import ray
 
@@ -125,10 +126,14 @@ def test_a_reward_worker_killed_mid_scoring_has_its_chunk_resent(trainer: Traine
     trainer.reward.resent = 0
     victims = ray_actor_pids(f"ServeReplica:{RUN}-reward:RewardWorker")  # not the endpoint
     assert len(victims) == 2
+    # the function runs in the replica's reward process (shuffle_r1/rewards/isolation.py)
+    [scorer] = [p.pid for p in psutil.Process(victims[0]).children()
+                if "spawn_main" in " ".join(p.cmdline())]  # fmt: skip
     # the reward function works 100 ms of CPU per response: 8 responses a chunk, 0.8 s
-    killer = when(lambda: working(victims[0]), lambda: kill9(victims[0]))
+    killer = when(lambda: working(scorer), lambda: kill9(victims[0]))
     m = trainer.step(1)
     killer.join()
+    assert not psutil.pid_exists(scorer) or psutil.Process(scorer).status() == "zombie"
     assert trainer.reward.resent == BATCH * N // 2
     assert m["reward/errors"] == 0  # nothing failed, nothing was scored twice
     generated_once(trainer, 1)
