@@ -19,7 +19,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import redis
 
 from shuffle_r1.config import redact_url as redact  # for messages and logs
 from shuffle_r1.net import free_port
+from shuffle_r1.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -136,22 +136,6 @@ def ping(url: str, timeout_s: float = 1.0, tls: RedisTLS | None = None) -> bool:
         return False
 
 
-def _stop_with_parent(parent: int) -> None:
-    """In the child, before exec: have Linux send SIGTERM when the parent dies, so a private
-    Redis never outlives the process that started it, even one killed with SIGKILL
-    (``prctl(PR_SET_PDEATHSIG)``, Linux only; elsewhere a no-op). The signal follows the
-    *thread* that started the child: start it from a thread that lives as long as the run
-    (the trainer does, from its main thread)."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 class EmbeddedRedis:
     """Start and stop a ``redis-server`` child process on ``127.0.0.1:port``.
 
@@ -219,7 +203,9 @@ class EmbeddedRedis:
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
+            # SIGTERM at the parent's death: a private Redis never outlives the process that
+            # started it (the trainer starts it from its main thread, which lives as long)
+            preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGTERM),
         )
         assert self.process.stdin is not None
         if self.password:

@@ -226,7 +226,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "reward_worker_errors_total",
         "counter",
         "reward",
-        "Reward calls that raised, hung or returned garbage (scored 0)",
+        "Reward calls that raised, hung, died with their process or returned garbage (scored 0)",
         "worker",
         "kind",
         "run",

@@ -23,7 +23,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from shuffle_r1.procs import die_with_parent
 from shuffle_r1.rewards.loader import load_reward_fn
 
 logger = logging.getLogger(__name__)
@@ -288,22 +288,10 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Have Linux SIGKILL this process when the thread that started it ends (its owner died,
-    even by SIGKILL); exit at once if the owner is already gone. Elsewhere a no-op."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
 def _serve(conn: Connection, function: str, parent_pid: int) -> None:
     """A worker process's main loop: import ``function`` once, then answer each
     ``(args, kwargs)`` with ``("ok", value)`` or ``("raised", repr)``, until the pipe closes."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)  # SIGKILL when the starting thread ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         fn = load_reward_fn(function)
