@@ -31,7 +31,7 @@ import kubernetes_validate
 import yaml
 from jsonschema import Draft4Validator
 
-from shuffle_r1.cli import build_parser
+from services.cli import build_parser
 from shuffle_r1.config import Config, load_config
 from shuffle_r1.metric_catalog import RAY_PREFIX_RELABEL
 

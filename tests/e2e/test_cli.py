@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-m", "shuffle_r1.cli"]
+CLI = [sys.executable, "-m", "services.cli"]
 TINY = [
     "--config",
     "configs/tiny_cpu.yaml",

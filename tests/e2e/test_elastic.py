@@ -26,7 +26,7 @@ STEPS = 12
 
 def scale_command(run: str, n: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shuffle_r1.cli", "scale", "rollout", str(n), "--run", run,
+        [sys.executable, "-m", "services.cli", "scale", "rollout", str(n), "--run", run,
          "--address", ray.get_runtime_context().gcs_address, "--namespace", "shuffle-r1-tests",
          "--wait", "120"],
         cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
@@ -72,7 +72,7 @@ def test_rollout_workers_scale_up_and_down_while_the_job_runs(tmp_path: Path) ->
         summary = trainer.run()
         hands.join(timeout=200)
         refused = subprocess.run(
-            [sys.executable, "-m", "shuffle_r1.cli", "scale", "rollout", "3", "--run", run,
+            [sys.executable, "-m", "services.cli", "scale", "rollout", "3", "--run", run,
              "--address", ray.get_runtime_context().gcs_address,
              "--namespace", "shuffle-r1-tests"],
             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,

@@ -1,11 +1,11 @@
-"""`shuffle-r1`'s argument parsing (shuffle_r1.cli.parse): key=value overrides anywhere after
+"""`shuffle-r1`'s argument parsing (services.cli.parse): key=value overrides anywhere after
 the command, in the order given; anything else unknown is refused, naming it."""
 
 from __future__ import annotations
 
 import pytest
 
-from shuffle_r1.cli import parse
+from services.cli import parse
 
 
 def test_overrides_around_options_are_all_kept_in_order() -> None:

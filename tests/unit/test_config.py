@@ -203,14 +203,14 @@ def test_save_and_reload_round_trip(tmp_path: Path) -> None:
 
 def test_cli_prints_resolved_config_and_reports_errors() -> None:
     ok = subprocess.run(
-        [sys.executable, "-m", "shuffle_r1.cli", "config", "--config", "configs/tiny_cpu.yaml",
+        [sys.executable, "-m", "services.cli", "config", "--config", "configs/tiny_cpu.yaml",
          "rollout.n=8"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert "'n': 8" in ok.stdout and "model_path: tiny-llama" in ok.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "shuffle_r1.cli", "config", "rollout.temperature=hot"],
+        [sys.executable, "-m", "services.cli", "config", "rollout.temperature=hot"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2
@@ -222,7 +222,7 @@ def test_cli_reports_a_list_file_without_a_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("- rollout.n=4\n- learner.lr=1e-5\n")
     run = subprocess.run(
-        [sys.executable, "-m", "shuffle_r1.cli", "config", "--config", str(bad)],
+        [sys.executable, "-m", "services.cli", "config", "--config", str(bad)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr

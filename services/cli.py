@@ -7,8 +7,9 @@
     shuffle-r1 scale rollout N [--run R] [--address A]       resize a running job's rollout workers
     shuffle-r1 buffer serve --redis-url URL --port P ...        run the replay buffer service
 
-Commands that run a service import it when they are called, so the library itself does not
-depend on Ray, Redis or gRPC (docs/architecture.md: the arrows only point down).
+The entry point lives at the top layer (``services/``), the one place that may import every
+package (docs/architecture.md: the arrows only point down); each service's subcommands are
+imported when the parser is built, so ``shuffle-r1 config`` starts without Ray.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections.abc import Sequence
 
 from shuffle_r1.config import ConfigError, load_config, to_yaml
 
-# modules whose `add_parser(subparsers)` registers commands whose `func(args)` returns an int
+# modules whose `add_parser(subparsers)` registers commands whose `func(args)` returns an int;
+# imported when the parser is built (the buffer's pulls in gRPC, the trainer's Ray)
 SERVICE_COMMANDS = (
     "services.trainer.cli",  # train, eval, scale
     "services.replay_buffer.cli",  # buffer serve
