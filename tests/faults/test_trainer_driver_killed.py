@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -41,7 +42,7 @@ def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None
         "reward.function=tests.e2e.reward_fns:distinct_char_share",
         "buffer.redis_url=embedded",  # a child redis-server, which must not outlive it
     ]
-    cli = [sys.executable, "-m", "shuffle_r1.cli", "train"]
+    cli = [sys.executable, "-m", "services.cli", "train"]
     # its own session, so the kill takes the driver and every Ray process it started
     driver = subprocess.Popen(
         [*cli, *overrides], cwd=ROOT, start_new_session=True,
@@ -61,11 +62,11 @@ def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None
     assert any(psutil.Process(p).name() == "redis-server" for p in started if psutil.pid_exists(p))
     os.kill(driver.pid, signal.SIGKILL)  # mid-run: after step 1's checkpoint; the driver only
     driver.wait(timeout=30)
-    left = _wait_until_session_gone(driver.pid)
+    left = _wait_for_none(lambda: _of_session(driver.pid))
     assert not left, f"processes of the killed run still running 30 s later: {left}"
     # and every process it had started, also those outside its session (the watcher; a Ray
     # worker that left it), within the watcher's grace and kill passes
-    outside = _wait_until_gone(started)
+    outside = _wait_for_none(lambda: _of_pids(started))
     assert not outside, f"processes the killed run started still running 30 s later: {outside}"
     done = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")
                   if (p / COMPLETE).exists())  # fmt: skip
@@ -91,46 +92,51 @@ def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None
     assert [r["prompt_ids"] for r in rows] == order
 
 
-def _wait_until_gone(pids: list[int], timeout_s: float = 30) -> list[str]:
-    """Wait until none of ``pids`` runs (zombies count as gone), or ``timeout_s``; return
-    (and then kill) the names of those still there."""
+def _running(p: psutil.Process) -> bool:
+    """Whether ``p`` still runs (a zombie, or a process gone since it was listed, does not)."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _of_pids(pids: list[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _of_session(sid: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                found.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return found
+
+
+def _wait_for_none(listed: Callable[[], list[psutil.Process]], timeout_s: float = 30) -> list[str]:
+    """Wait until none of the processes ``listed()`` returns still runs, or ``timeout_s``;
+    return (and then kill) the names of those still there. Every wait ends by the deadline:
+    a process that exits while it is being looked at counts as gone."""
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = []
-        for pid in pids:
-            try:
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.NoSuchProcess:
-                continue
+        alive = [p for p in listed() if _running(p)]
         if not alive:
             return []
         if time.monotonic() > deadline:
-            names = [f"{p.pid} {p.name()} {' '.join(p.cmdline()[:4])}" for p in alive]
+            names = []
             for p in alive:
-                p.kill()
-            return names
-        time.sleep(0.2)
-
-
-def _wait_until_session_gone(sid: int, timeout_s: float = 30) -> list[str]:
-    """Wait until every process of the killed session has exited (Ray's own included), or
-    ``timeout_s``; return (and then kill) the names of those still there."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = []
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-                continue
-        if not alive:
-            return []
-        if time.monotonic() > deadline:
-            names = [f"{p.pid} {p.name()}" for p in alive]
-            for p in alive:
-                p.kill()
+                try:
+                    names.append(f"{p.pid} {p.name()} {' '.join(p.cmdline()[:4])}")
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    continue
             return names
         time.sleep(0.2)
