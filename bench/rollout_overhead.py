@@ -21,7 +21,11 @@ time outside the engine call (``outside_engine_s``: queueing, transport, thread 
 sides alternate, ``--rounds`` times each after one warm-up round each (vLLM's first
 ``generate`` is slower once), so all see the same machine. Prints one JSON line: wall
 seconds per round (median) of each side, generated tokens per second, and
-``overhead = shuffle_r1 / raw - 1`` (target: <= 0.10).
+``overhead = shuffle_r1 / raw - 1`` (target: <= 0.10). ``{side}_roofline_share``: the
+least time these requests could take at the engine's matmul peak (its dtype, its threads)
+and the memory bandwidth that ``bench/roofline.py`` measured (``roofline.generation_bound``,
+at the prompts' lengths and the mean response length), over the side's median round; null
+without ``bench/results/roofline.json``.
 
 ``--profile FILE``: record the rollout worker's process with py-spy (collapsed stacks,
 100 Hz) during the ``shuffle_r1`` rounds and print where its busy time went, seconds per
@@ -45,6 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from common import bench_config, emit, stats, train_prompts
+from roofline import (
+    DTYPE_BYTES,
+    generation_bound,
+    load_model_config,
+    load_roofline,
+    memory_rate,
+    peak_flops,
+    roofline_source,
+)
 
 
 def profile_summary(path: Path, rounds: int, rate_hz: float = 100.0) -> dict[str, Any]:
@@ -215,6 +228,27 @@ def main() -> None:
     row.update({k: stats(v)["median"] for k, v in fixed.items()})
     row["overhead"] = med["shuffle_r1"] / med["raw"] - 1
     row["target_overhead"] = 0.10
+    roof = load_roofline()
+    row["roofline"] = roofline_source(roof)
+    threads = r.threads_per_worker
+    peak = peak_flops(roof, engine.dtype, threads) if roof else None
+    bandwidth = memory_rate(roof, threads) if roof else None
+    if peak and bandwidth:
+        response_mean = sum(tokens["raw"]) / len(tokens["raw"]) / (len(prompts) * r.n)
+        bound = generation_bound(
+            load_model_config(cfg.learner.model_path),
+            [len(q.token_ids) for q in prompts],
+            r.n,
+            response_mean,
+            peak,
+            bandwidth,
+            DTYPE_BYTES[engine.dtype],
+        )
+        row["generation_bound"] = bound
+    for side in sides:
+        row[f"{side}_roofline_share"] = (
+            row["generation_bound"]["bound_s"] / med[side] if "generation_bound" in row else None
+        )
     if profile is not None:
         row["profile"] = profile
     emit(row)

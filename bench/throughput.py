@@ -15,7 +15,12 @@ One run, alternating: ``--rounds`` times, ``--steps`` shuffle-r1 steps (in this 
 trainer kept between rounds) then ``--steps`` TRL steps (a child process, ``trl-steps``, one
 extra first step discarded as warm-up). shuffle-r1's first step is discarded too. Prints one
 JSON line per round and side, then a summary: median steps/s and generated tokens/s of each
-and ``ratio = shuffle_r1 / trl`` (target: steps/s ratio >= 2).
+and ``ratio = shuffle_r1 / trl`` (target: steps/s ratio >= 2). Each side's ``mfu`` is its
+step's model FLOPs (``roofline.model_flops``: the training pass over every rollout, at the
+mean prompt length of the prompts both sides draw and the side's mean response length,
+plus generating those rollouts) per second of step, over the float32 matmul peak on 2
+threads that ``bench/roofline.py`` measured (``bench/results/roofline.json``; null without
+it): both sides train in float32 on the 2 cores.
 
     python bench/throughput.py [--prompts 4] [--n 4] [--max-tokens 32] [--steps 3] [--rounds 2]
 """
@@ -31,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, bench_config, emit, stats
+from common import ROOT, bench_config, emit, stats, train_prompts
+from roofline import load_model_config, load_roofline, model_flops, peak_flops, roofline_source
 
 LR = 1.0e-6
 
@@ -189,13 +195,29 @@ def main() -> None:
                     sides[side][k] += got[k]
     summary: dict[str, Any] = {"bench": "throughput_summary", "prompts": args.prompts}
     summary.update({"n": args.n, "max_tokens": args.max_tokens})
+    config = load_model_config(cfg.learner.model_path)
+    drawn = train_prompts(cfg, args.rounds * args.prompts * (args.steps + 1))
+    prompt_mean = statistics.fmean(len(q.token_ids) for q in drawn)
+    roof = load_roofline()
+    peak = peak_flops(roof, "float32", 2) if roof else None
+    rollouts = args.prompts * args.n
     for side, got in sides.items():
+        tokens_per_step = statistics.median(got["tokens"])
+        per_seq = model_flops(config, prompt_mean, tokens_per_step / rollouts, 4)
+        flops = rollouts * (per_seq["train_step"] + per_seq["decode"])
+        flops += args.prompts * per_seq["prefill"]
+        flops_per_s = flops / statistics.median(got["step_s"])
         summary[side] = {
             "step_s": stats(got["step_s"]),
             "steps_per_s": 1 / statistics.median(got["step_s"]),
-            "tokens_per_step": statistics.median(got["tokens"]),
+            "tokens_per_step": tokens_per_step,
             "tokens_per_s": sum(got["tokens"]) / sum(got["step_s"]),
+            "model_flops_per_step": flops,
+            "model_flops_per_s": flops_per_s,
+            "mfu": flops_per_s / peak if peak else None,
         }
+    summary["prompt_tokens_mean"] = prompt_mean
+    summary["roofline"] = roofline_source(roof)
     summary["steps_per_s_ratio"] = (
         summary["shuffle_r1"]["steps_per_s"] / summary["trl"]["steps_per_s"]
     )
