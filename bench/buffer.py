@@ -1,19 +1,25 @@
 """Replay buffer benchmark: put/sample latency and throughput, and PTS+ABS compute time.
 
-For each size B (trajectories in the *sampled* training batch: 128, 512, 2048), every step
-puts 2B rollouts (B/16·2 groups of n = 16, each rollout 512 response tokens and 256 prompt
-tokens) in one PutGroups call; Shuffle-R1 with α = 0.5 keeps B of them in B/2 pairs, and
-Sample returns a batch of B items (ABS, S = 8; fewer if a round falls short). Each step is
-sampled ``--samples-per-step`` times by the server that took the put ("sample": the step's
-payloads are in that server's cache, the draw and the batch are recomputed each time) and
-once by a second server on the same Redis ("sample_cold": the payloads come from Redis, as
-after a restart).
+Two run configurations (``--configs``): ``trainer``, what the trainer puts (no rollout
+log-probs: ``buffer.store_rollout_logprobs`` off, ``RunSpec.logprobs = LOGPROBS_OMITTED``;
+token ids checked against a 151,936-token vocabulary, as ``RunSpec.vocab_size`` makes the
+trainer's runs do), and ``with_logprobs``, the configuration this benchmark measured before
+(a log-prob per response token put, checked, stored and sampled; token ids unchecked).
+
+For each configuration and size B (trajectories in the *sampled* training batch: 128, 512,
+2048), every step puts 2B rollouts (B/16·2 groups of n = 16, each rollout 512 response
+tokens and 256 prompt tokens) in one PutGroups call; Shuffle-R1 with α = 0.5 keeps B of them
+in B/2 pairs, and Sample returns a batch of B items (ABS, S = 8; fewer if a round falls
+short). Each step is sampled ``--samples-per-step`` times by the server that took the put
+("sample": the step's payloads are in that server's cache, the draw and the batch are
+recomputed each time) and once by a second server on the same Redis ("sample_cold": the
+payloads come from Redis, as after a restart).
 
 The servers run as their own processes (``python -m services.replay_buffer.cli serve``)
 on loopback, against the Redis at $SHUFFLE_R1_REDIS_URL or redis://127.0.0.1:6379/0 (an
 embedded one if none answers), keep_steps = 2, so eviction runs as in training.
 
-Prints one JSON line per size. Times: wall clock at the client, milliseconds.
+Prints one JSON line per configuration and size. Times: wall clock at the client, ms.
 ``pts_abs_ms`` is the library's GRPO advantage + PTS + ABS on the step's rewards alone;
 ``prepare_ms`` and ``draw_ms`` are the server's put and sample logic (library calls plus
 protobuf encoding) measured in this process.
@@ -49,7 +55,12 @@ from shuffle_r1.algos import (  # noqa: E402
 )
 
 GROUP_SIZE, RESPONSE_TOKENS, PROMPT_TOKENS = 16, 512, 256
-SPEC = pb.RunSpec(algorithm="shuffle_r1", keep_ratio=0.5, shuffle_times=8, seed=1)
+VOCAB_SIZE = 151_936  # Qwen2.5's embedding rows; the random token ids are below 150,000
+SPECS = {
+    "trainer": pb.RunSpec(algorithm="shuffle_r1", keep_ratio=0.5, shuffle_times=8, seed=1,
+                          vocab_size=VOCAB_SIZE, logprobs=pb.LOGPROBS_OMITTED),
+    "with_logprobs": pb.RunSpec(algorithm="shuffle_r1", keep_ratio=0.5, shuffle_times=8, seed=1),
+}  # fmt: skip
 
 
 def make_groups(
@@ -61,8 +72,10 @@ def make_groups(
     group_size: int = GROUP_SIZE,
     prompt_tokens: int = PROMPT_TOKENS,
     response_tokens: int = RESPONSE_TOKENS,
+    logprobs: bool = True,
 ) -> list[pb.Group]:
-    """``count`` random groups of one step (also ``buffer_chunking.py``'s)."""
+    """``count`` random groups of one step (also ``buffer_chunking.py``'s), with a log-prob
+    per response token if ``logprobs``."""
     return [
         pb.Group(
             run_id=run_id,
@@ -72,7 +85,9 @@ def make_groups(
             rollouts=[
                 pb.Rollout(
                     token_ids=[rng.randrange(150_000) for _ in range(response_tokens)],
-                    logprobs=[-rng.random() * 3 for _ in range(response_tokens)],
+                    logprobs=[-rng.random() * 3 for _ in range(response_tokens)]
+                    if logprobs
+                    else [],
                     reward=rng.choice([0.0, 0.1, 0.9, 1.0]),
                     weight_version=step,
                     truncated=rng.random() < 0.1,
@@ -107,23 +122,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def compute_times(groups: list[pb.Group], reps: int) -> dict[str, float]:
+def compute_times(groups: list[pb.Group], spec: pb.RunSpec, reps: int) -> dict[str, float]:
     """Median ms of the library's GRPO+PTS+ABS, and of the server's put/sample logic."""
     rewards = torch.tensor([[r.reward for r in g.rollouts] for g in groups], dtype=torch.float64)
     library, prepare, draw = [], [], []
     for rep in range(reps):
         start = time.perf_counter()
-        selection = pairwise_trajectory_sampling(grpo_advantages(rewards), SPEC.keep_ratio)
+        selection = pairwise_trajectory_sampling(grpo_advantages(rewards), spec.keep_ratio)
         advantage_based_batch_shuffle(
-            selection.weights.flatten(), SPEC.shuffle_times, torch.Generator().manual_seed(rep)
+            selection.weights.flatten(), spec.shuffle_times, torch.Generator().manual_seed(rep)
         )
         library.append(time.perf_counter() - start)
         start = time.perf_counter()
-        records = logic.prepare_groups(groups, SPEC)
+        records = logic.prepare_groups(groups, spec)
         prepare.append(time.perf_counter() - start)
         payloads = [r.payload for r in sorted(records, key=lambda r: r.prompt_id)]
         start = time.perf_counter()
-        logic.draw_batch(payloads, SPEC, rep, collapse_tau=0.1)
+        logic.draw_batch(payloads, spec, rep, collapse_tau=0.1)
         draw.append(time.perf_counter() - start)
     return {
         "pts_abs_ms": round(statistics.median(library) * 1e3, 3),
@@ -135,14 +150,17 @@ def compute_times(groups: list[pb.Group], reps: int) -> dict[str, float]:
 def bench_size(
     client: ReplayBufferClient,
     cold: ReplayBufferClient,
+    config: str,
     size: int,
     steps: int,
     samples_per_step: int,
 ) -> dict:
+    spec = SPECS[config]
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     count = 2 * size // GROUP_SIZE
     rng = random.Random(size)
-    pool = [make_groups(run_id, 0, count, rng) for _ in range(3)]  # reused contents
+    logprobs = spec.logprobs == pb.LOGPROBS_REQUIRED
+    pool = [make_groups(run_id, 0, count, rng, logprobs=logprobs) for _ in range(3)]
     put_s, sample_s, cold_s, items, sample_bytes = [], [], [], [], 0
     try:
         for step in range(steps + 2):  # the first 2 steps warm up and are not counted
@@ -152,7 +170,7 @@ def bench_size(
                 for r in g.rollouts:
                     r.weight_version = step
             start = time.perf_counter()
-            put = client.put_groups(groups, spec=SPEC)
+            put = client.put_groups(groups, spec=spec)
             elapsed = time.perf_counter() - start
             assert put.stored == count, put
             for _ in range(samples_per_step):
@@ -168,6 +186,7 @@ def bench_size(
                 items.append(len(batch.items))
                 sample_bytes = batch.ByteSize()
         result = {
+            "config": config,
             "trajectories": size,
             "trajectories_put": count * GROUP_SIZE,
             "groups": count,
@@ -188,7 +207,7 @@ def bench_size(
             "samples": len(sample_s),
             "samples_cold": len(cold_s),
         }
-        result |= compute_times(pool[0], reps=20)
+        result |= compute_times(pool[0], spec, reps=20)
         return result
     finally:
         client.drop_run(run_id)
@@ -196,6 +215,7 @@ def bench_size(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", choices=list(SPECS), default=list(SPECS))
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--steps", type=int, default=40, help="steps put per size")
     parser.add_argument("--samples-per-step", type=int, default=10)
@@ -207,11 +227,12 @@ def main() -> None:
         client, cold = (
             ReplayBufferClient(address, timeout_s=120, max_message_mb=512) for _, address in servers
         )
-        for size in args.sizes:
-            steps = max(5, args.steps * 512 // max(size, 512))
-            result = bench_size(client, cold, size, steps, args.samples_per_step)
-            result["load_average_1m"] = round(os.getloadavg()[0], 2)
-            print(json.dumps(result), flush=True)
+        for config in args.configs:
+            for size in args.sizes:
+                steps = max(5, args.steps * 512 // max(size, 512))
+                result = bench_size(client, cold, config, size, steps, args.samples_per_step)
+                result["load_average_1m"] = round(os.getloadavg()[0], 2)
+                print(json.dumps(result), flush=True)
         client.close()
         cold.close()
     finally:

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from buffer import SPEC, make_groups  # noqa: E402  (bench/buffer.py, beside this file)
+from buffer import SPECS, make_groups  # noqa: E402  (bench/buffer.py, beside this file)
 
 from services.embedded_redis import EmbeddedRedis, redis_client  # noqa: E402
 from services.replay_buffer import logic  # noqa: E402
@@ -39,7 +39,7 @@ from services.replay_buffer.store import BufferStore  # noqa: E402
 from shuffle_r1.config import AlgorithmConfig  # noqa: E402
 
 
-def measure(url: str, records: list, unchunked: bool) -> dict[str, float]:
+def measure(url: str, spec: bytes, records: list, unchunked: bool) -> dict[str, float]:
     options = {"chunk_groups": 10**9, "chunk_bytes": 2**62} if unchunked else {}
     store = BufferStore(url, keep_steps=4, max_staleness=0, timeout_s=120, **options)
     admin = redis_client(url)
@@ -62,7 +62,7 @@ def measure(url: str, records: list, unchunked: bool) -> dict[str, float]:
     pinger.start()
     time.sleep(0.05)
     start = time.perf_counter()
-    store.put("bench", SPEC.SerializeToString(), records)
+    store.put("bench", spec, records)
     put_s = time.perf_counter() - start
     done.set()
     pinger.join()
@@ -94,11 +94,15 @@ def main() -> None:
         "bench", 0, args.groups, random.Random(0),
         group_size=args.n, prompt_tokens=args.tokens, response_tokens=args.tokens,
     )  # fmt: skip
-    spec = logic.resolve_spec(SPEC, AlgorithmConfig(), "bench")
+    # with log-probs, as this was measured (store.PUT_CHUNK_BYTES)
+    spec = logic.resolve_spec(SPECS["with_logprobs"], AlgorithmConfig(), "bench")
     records = logic.prepare_groups(groups, spec)
     with EmbeddedRedis() as private:
         for unchunked in (True, False):
-            print(json.dumps(measure(private.url, records, unchunked)), flush=True)
+            print(
+                json.dumps(measure(private.url, spec.SerializeToString(), records, unchunked)),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 On put: GRPO advantages per group (docs/algorithm.md §1), then PTS pairs and their weights
 (§2, §3.1); the result is stored as a StoredGroup whose kept rollouts are pre-encoded
-SampledItem fragments. On sample: ABS over the step's pairs (§3) with a generator seeded
+SampledItem fragments. Token ids and log-probs stay packed bytes throughout: each group is
+serialized once (the bytes its digest is taken over), the checks on token ids and log-probs
+read those bytes with numpy, and the fragments are cut from them (:class:`PackedGroup`); no
+per-token Python object is made unless a check fails and its message must name the token.
+On sample: ABS over the step's pairs (§3) with a generator seeded
 from the run seed and the step, and the batch is assembled from those fragments. A
 serialized protobuf message may be concatenated with another (the parser merges them), so
 an item's bytes are ``head + body + tail``: the group's step, prompt_id and prompt tokens;
@@ -15,11 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from google.protobuf import text_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -44,9 +51,53 @@ from shuffle_r1.limits import (
     echo,
 )
 
-# Tag of a SampleResponse.items entry: field number, wire type 2 (length-delimited).
-_ITEM_TAG = bytes([pb.SampleResponse.DESCRIPTOR.fields_by_name["items"].number << 3 | 2])
 _WIRE_TYPES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 5: "32-bit"}
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_ZERO_DOUBLE = bytes(8)
+
+
+def _tag(message: Descriptor, name: str, wire: int) -> bytes:
+    """The one-byte tag of field ``name`` (number < 16) of ``message``."""
+    number = message.fields_by_name[name].number
+    assert number < 16, name
+    return bytes([number << 3 | wire])
+
+
+def _wire_types(message: Descriptor) -> dict[int, int]:
+    """Field number -> wire type of every field of ``message`` in a canonical encoding
+    (repeated scalars packed, as proto3 and upb write them)."""
+    fixed64 = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FIXED64,
+               FieldDescriptor.TYPE_SFIXED64)  # fmt: skip
+    fixed32 = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_FIXED32,
+               FieldDescriptor.TYPE_SFIXED32)  # fmt: skip
+    delimited = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES,
+                 FieldDescriptor.TYPE_MESSAGE)  # fmt: skip
+    out = {}
+    for f in message.fields:
+        if f.is_repeated or f.type in delimited:
+            out[f.number] = _LEN
+        else:
+            out[f.number] = _I64 if f.type in fixed64 else _I32 if f.type in fixed32 else _VARINT
+    return out
+
+
+_GROUP_WIRE = _wire_types(pb.Group.DESCRIPTOR)
+_ROLLOUT_WIRE = _wire_types(pb.Rollout.DESCRIPTOR)
+_GROUP_FIELD = {name: f.number for name, f in pb.Group.DESCRIPTOR.fields_by_name.items()}
+_ROLLOUT_FIELD = {name: f.number for name, f in pb.Rollout.DESCRIPTOR.fields_by_name.items()}
+# Tags of the SampledItem fragments (head, body, tail) and of a SampleResponse.items entry.
+_ITEM = pb.SampledItem.DESCRIPTOR
+_HEAD_TAGS = {
+    _GROUP_FIELD["step"]: _tag(_ITEM, "step", _VARINT),
+    _GROUP_FIELD["prompt_id"]: _tag(_ITEM, "prompt_id", _LEN),
+    _GROUP_FIELD["prompt_token_ids"]: _tag(_ITEM, "prompt_token_ids", _LEN),
+}
+_ROLLOUT_INDEX_TAG = _tag(_ITEM, "rollout_index", _VARINT)
+_ROLLOUT_TAG = _tag(_ITEM, "rollout", _LEN)
+_ADVANTAGE_TAG = _tag(_ITEM, "advantage", _I64)
+_PAIR_INDEX_TAG = _tag(_ITEM, "pair_index", _VARINT)
+_DRAW_PROBABILITY_TAG = _tag(_ITEM, "draw_probability", _I64)
+_ITEM_TAG = _tag(pb.SampleResponse.DESCRIPTOR, "items", _LEN)
 
 
 def spec_text(spec: pb.RunSpec) -> str:
@@ -117,11 +168,132 @@ def check_known_fields(message: Message, path: str) -> None:
         raise ValueError(f"{where}{known.name} has the wrong type: got wire type {wire}")
 
 
-def validate_put(request: pb.PutGroupsRequest) -> str:
-    """Check a PutGroups request's shape and values; return its run id.
+@dataclass(frozen=True)
+class PackedGroup:
+    """A group's canonical encoding and where its fields lie in it.
+
+    ``data`` is ``group.SerializeToString(deterministic=True)``: the bytes its digest is
+    taken over, fields in field-number order, repeated scalars packed. Ranges are
+    ``(start, end)`` offsets into ``data``.
+
+    Attributes:
+        head: ``(field number, start, end)`` of the group's step, prompt_id and prompt
+            token ids, each from after its tag to its end (length prefix included).
+        prompt_tokens: the prompt token ids' packed values (little-endian uint32).
+        rollouts: each rollout from after its tag (length prefix included).
+        tokens, logprobs: each rollout's packed token ids and log-probs (float32); an
+            empty range where the rollout has none.
+    """
+
+    data: bytes
+    head: tuple[tuple[int, int, int], ...]
+    prompt_tokens: tuple[int, int]
+    rollouts: tuple[tuple[int, int], ...]
+    tokens: tuple[tuple[int, int], ...]
+    logprobs: tuple[tuple[int, int], ...]
+
+
+def pack_group(g: pb.Group) -> PackedGroup | None:
+    """``g`` serialized once, with its fields located; None if the group or one of its
+    rollouts has a field this server does not know (:func:`check_known_fields` says which).
+    """
+    data = g.SerializeToString(deterministic=True)
+    fields = _walk(data, 0, len(data), _GROUP_WIRE)
+    if fields is None:
+        return None
+    head, rollouts, tokens, logprobs = [], [], [], []
+    prompt_tokens = (0, 0)
+    for number, start, value, end in fields:
+        if number in _HEAD_TAGS:
+            head.append((number, start, end))
+            if number == _GROUP_FIELD["prompt_token_ids"]:
+                prompt_tokens = (value, end)
+        elif number == _GROUP_FIELD["rollouts"]:
+            inner = _walk(data, value, end, _ROLLOUT_WIRE)
+            if inner is None:
+                return None
+            found = {n: (v, e) for n, _, v, e in inner}
+            rollouts.append((start, end))
+            tokens.append(found.get(_ROLLOUT_FIELD["token_ids"], (end, end)))
+            logprobs.append(found.get(_ROLLOUT_FIELD["logprobs"], (end, end)))
+    return PackedGroup(
+        data, tuple(head), prompt_tokens, tuple(rollouts), tuple(tokens), tuple(logprobs)
+    )
+
+
+def _walk(
+    data: bytes, start: int, end: int, wire_types: dict[int, int]
+) -> list[tuple[int, int, int, int]] | None:
+    """``(field number, start after the tag, value start, end)`` of each field of the
+    canonical encoding ``data[start:end]``; None at a field not in ``wire_types`` with its
+    wire type (an unknown field, which the encoder writes after the known ones)."""
+    fields = []
+    pos = start
+    while pos < end:
+        tag = data[pos]
+        if tag >= 0x80 or wire_types.get(tag >> 3) != tag & 7:
+            return None
+        pos += 1
+        at = value = pos
+        wire = tag & 7
+        if wire == _LEN:
+            length, value = _read_varint(data, pos)
+            pos = value + length
+        elif wire == _VARINT:
+            _, pos = _read_varint(data, pos)
+        else:
+            pos += 8 if wire == _I64 else 4
+        fields.append((tag >> 3, at, value, pos))
+    return fields if pos == end else None
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``data[pos]`` and the offset after it."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _packed_values(
+    packed: Sequence[PackedGroup],
+    ranges: Callable[[PackedGroup], Iterable[tuple[int, int]]],
+    dtype: str,
+) -> np.ndarray:
+    """The values in the ``ranges`` of each group's bytes, concatenated, as one array of
+    ``dtype``: no Python object per value."""
+    parts = []
+    for p in packed:
+        view = memoryview(p.data)
+        parts += [view[start:end] for start, end in ranges(p)]
+    return np.frombuffer(b"".join(parts), dtype=dtype)
+
+
+def _logprobs_in_range(packed: Sequence[PackedGroup | None]) -> bool:
+    """Every log-prob of the groups is finite and <= MAX_LOGPROB (False if a group did
+    not pack)."""
+    complete = [p for p in packed if p is not None]
+    if len(complete) != len(packed):
+        return False
+    values = _packed_values(complete, lambda p: p.logprobs, "<f4")
+    # max in float32 is exact; the comparison is in float64, as the per-value rule's
+    return bool(np.isfinite(values).all()) and (
+        not values.size or float(values.max()) <= MAX_LOGPROB
+    )
+
+
+def validate_put(request: pb.PutGroupsRequest) -> tuple[str, list[PackedGroup]]:
+    """Check a PutGroups request's shape and values; return its run id and its groups
+    packed (:func:`pack_group`, in request order).
 
     Spec-dependent rules (group size under PTS, token ids within the vocabulary) are
     :func:`check_against_spec`. Values echoed in a message are cut to 200 characters.
+    Log-probs are checked with numpy on the packed bytes; only if one is out of range are
+    they read one by one, to name the first.
 
     Raises:
         ValueError: the message names the offending field, e.g.
@@ -138,10 +310,14 @@ def validate_put(request: pb.PutGroupsRequest) -> str:
             f"groups[0].run_id={echo(run_id)} must match {RUN_ID_PATTERN.pattern} "
             "(letters, digits, '.', '_', '-'; at most 128)"
         )
+    packed = [pack_group(g) for g in request.groups]
+    logprobs_checked = _logprobs_in_range(packed)
     keys: set[tuple[int, str]] = set()
     for i, g in enumerate(request.groups):
         at = f"groups[{i}]"
-        check_known_fields(g, at)
+        known = packed[i] is not None  # no unknown field in the group or its rollouts
+        if not known:
+            check_known_fields(g, at)
         if g.run_id != run_id:
             raise ValueError(
                 f"{at}.run_id={echo(g.run_id)} differs from groups[0].run_id={run_id!r}: "
@@ -168,12 +344,17 @@ def validate_put(request: pb.PutGroupsRequest) -> str:
             if image.WhichOneof("source") is None:
                 raise ValueError(f"{at}.images[{k}] has neither data nor uri")
         for j, r in enumerate(g.rollouts):
-            _validate_rollout(r, f"{at}.rollouts[{j}]")
-    return run_id
+            _validate_rollout(r, f"{at}.rollouts[{j}]", known, logprobs_checked)
+    complete = [p for p in packed if p is not None]  # a group that did not pack was refused
+    assert len(complete) == len(packed), "a group of known fields only did not pack"
+    return run_id, complete
 
 
-def _validate_rollout(r: pb.Rollout, at: str) -> None:
-    check_known_fields(r, at)
+def _validate_rollout(r: pb.Rollout, at: str, known: bool, logprobs_checked: bool) -> None:
+    """``known``: the rollout has no unknown field; ``logprobs_checked``: every log-prob of
+    the request is finite and <= MAX_LOGPROB (:func:`_logprobs_in_range`)."""
+    if not known:
+        check_known_fields(r, at)
     if not r.token_ids:
         raise ValueError(f"{at}.token_ids is empty: a response has at least one token")
     if not r.logprobs:  # required or forbidden by the run's spec (check_against_spec)
@@ -183,6 +364,8 @@ def _validate_rollout(r: pb.Rollout, at: str) -> None:
             f"{at}.logprobs has {len(r.logprobs)} values but token_ids has "
             f"{len(r.token_ids)}: send one log-prob per response token"
         )
+    elif logprobs_checked:
+        pass
     elif not math.isfinite(sum(r.logprobs)):
         bad = next(t for t, v in enumerate(r.logprobs) if not math.isfinite(v))
         raise ValueError(f"{at}.logprobs[{bad}] is {r.logprobs[bad]}; log-probs must be finite")
@@ -203,11 +386,15 @@ def _validate_rollout(r: pb.Rollout, at: str) -> None:
         raise ValueError(f"{at}.weight_version={r.weight_version} must be in [0, {MAX_COUNTER})")
 
 
-def check_against_spec(groups: Sequence[pb.Group], spec: pb.RunSpec) -> None:
+def check_against_spec(
+    groups: Sequence[pb.Group], packed: Sequence[PackedGroup], spec: pb.RunSpec
+) -> None:
     """The rules that depend on the run's spec: under PTS every group must pair, n even and
     floor(α·n/2) >= 1 (§2.3); with ``spec.vocab_size`` > 0 every prompt and response token
     id must be below it; every rollout carries its log-probs under ``LOGPROBS_REQUIRED``
-    and none under ``LOGPROBS_OMITTED``.
+    and none under ``LOGPROBS_OMITTED``. The token ids are checked with numpy on the
+    groups' packed bytes (``packed``, from :func:`validate_put`); only if one is outside
+    the vocabulary are they read one by one, to name the first.
 
     Raises:
         ValueError: names ``groups[i].rollouts`` with n and the run's keep ratio, the
@@ -215,6 +402,8 @@ def check_against_spec(groups: Sequence[pb.Group], spec: pb.RunSpec) -> None:
             rollout whose log-probs the spec requires or forbids.
     """
     vocab = spec.vocab_size
+    if vocab and _ids_below(packed, vocab):
+        vocab = 0  # checked
     required = spec.logprobs == pb.LOGPROBS_REQUIRED
     for i, g in enumerate(groups):
         for j, r in enumerate(g.rollouts):
@@ -243,6 +432,12 @@ def check_against_spec(groups: Sequence[pb.Group], spec: pb.RunSpec) -> None:
                 _check_vocab(r.token_ids, vocab, f"groups[{i}].rollouts[{j}].token_ids")
 
 
+def _ids_below(packed: Sequence[PackedGroup], vocab: int) -> bool:
+    """Every prompt and response token id of the groups is below ``vocab``."""
+    ids = _packed_values(packed, lambda p: (p.prompt_tokens, *p.tokens), "<u4")
+    return not ids.size or int(ids.max()) < vocab
+
+
 def _check_vocab(ids: Sequence[int], vocab: int, at: str) -> None:
     if max(ids) >= vocab:
         bad = next(t for t, v in enumerate(ids) if v >= vocab)
@@ -252,14 +447,23 @@ def _check_vocab(ids: Sequence[int], vocab: int, at: str) -> None:
         )
 
 
-def prepare_groups(groups: Sequence[pb.Group], spec: pb.RunSpec) -> list[GroupRecord]:
+def prepare_groups(
+    groups: Sequence[pb.Group],
+    spec: pb.RunSpec,
+    packed: Sequence[PackedGroup] | None = None,
+) -> list[GroupRecord]:
     """GRPO advantages and PTS for validated groups; one :class:`GroupRecord` each, in order.
 
     Groups are batched by size n for the library calls. Under ``grpo`` every rollout is
     kept in order; under PTS the kept rollouts are stored in pair order (pair k = rollouts
     2k (high) and 2k+1 (low)) with the pair weights W = |A_high| + |A_low| (§3.1).
-    Advantages are computed in float64 from the rewards as put.
+    Advantages are computed in float64 from the rewards as put. ``packed``: the groups as
+    :func:`validate_put` packed them (packed here if None).
     """
+    if packed is None:
+        packed = [p for p in map(pack_group, groups) if p is not None]
+        if len(packed) != len(groups):
+            raise ValueError("a group has fields this server does not know: validate_put")
     by_size: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         by_size.setdefault(len(g.rollouts), []).append(i)
@@ -279,24 +483,41 @@ def prepare_groups(groups: Sequence[pb.Group], spec: pb.RunSpec) -> list[GroupRe
             weight_rows = [[]] * len(members)
         for row, i in enumerate(members):
             records[i] = _record(
-                groups[i], advantages[row].tolist(), kept_rows[row], weight_rows[row], use_pts
-            )
+                groups[i], packed[i], advantages[row].tolist(), kept_rows[row],
+                weight_rows[row], use_pts,
+            )  # fmt: skip
     return [r for r in records if r is not None]
 
 
 def _record(
-    g: pb.Group, advantages: list[float], kept: list[int], weights: list[float], pts: bool
+    g: pb.Group,
+    packed: PackedGroup,
+    advantages: list[float],
+    kept: list[int],
+    weights: list[float],
+    pts: bool,
 ) -> GroupRecord:
+    """The group's record. Its SampledItem fragments are cut from the group's packed bytes:
+    ``head`` is ``SampledItem(step, prompt_id, prompt_token_ids)`` and each body
+    ``SampledItem(rollout_index, rollout, advantage)``, serialized, byte for byte (the
+    fields re-tagged, defaults left out as protobuf leaves them out)."""
     n = len(g.rollouts)
-    head = pb.SampledItem(step=g.step, prompt_id=g.prompt_id, prompt_token_ids=g.prompt_token_ids)
+    data = packed.data
+    head = b"".join(_HEAD_TAGS[number] + data[start:end] for number, start, end in packed.head)
+    bodies = []
+    for j in kept:
+        start, end = packed.rollouts[j]
+        advantage = struct.pack("<d", advantages[j])
+        bodies.append(
+            b"".join((
+                _ROLLOUT_INDEX_TAG + _varint(j) if j else b"",
+                _ROLLOUT_TAG, data[start:end],
+                b"" if advantage == _ZERO_DOUBLE else _ADVANTAGE_TAG + advantage,
+            ))
+        )  # fmt: skip
     stored = pb.StoredGroup(
-        item_head=head.SerializeToString(),
-        item_bodies=[
-            pb.SampledItem(
-                rollout_index=j, rollout=g.rollouts[j], advantage=advantages[j]
-            ).SerializeToString()
-            for j in kept
-        ],
+        item_head=head,
+        item_bodies=bodies,
         advantages=[advantages[j] for j in kept],
         truncated=[g.rollouts[j].truncated for j in kept],
         pair_weights=weights,
@@ -312,7 +533,7 @@ def _record(
     return GroupRecord(
         step=g.step,
         prompt_id=g.prompt_id,
-        digest=hashlib.sha256(g.SerializeToString(deterministic=True)).digest(),
+        digest=hashlib.sha256(data).digest(),  # of the group as put
         oldest_weight_version=min(r.weight_version for r in g.rollouts),
         pairs_kept=summary.pairs_kept,
         pairs_dropped=summary.pairs_dropped,
@@ -368,8 +589,7 @@ def draw_batch(
     picks: list[tuple[int, int, bytes]] = []
     if spec.algorithm == "grpo":
         total = sum(len(b) for b in bodies)
-        tail = pb.SampledItem(pair_index=-1, draw_probability=1.0 / max(total, 1))
-        tail_bytes = tail.SerializeToString()
+        tail_bytes = _item_tail(-1, 1.0 / max(total, 1))
         picks = [(g, j, tail_bytes) for g, b in enumerate(bodies) for j in range(len(b))]
         pairs_total, shortfall, skipped = 0, 0, total == 0
         round_sizes: tuple[int, ...] = ()
@@ -381,7 +601,7 @@ def draw_batch(
         )
         for p, phi in zip(drawn.indices.tolist(), drawn.draw_probabilities.tolist(), strict=True):
             g, k = owner[p]
-            tail_bytes = pb.SampledItem(pair_index=p, draw_probability=phi).SerializeToString()
+            tail_bytes = _item_tail(p, phi)
             picks += ((g, 2 * k, tail_bytes), (g, 2 * k + 1, tail_bytes))
         pairs_total, shortfall, skipped = len(owner), drawn.shortfall, drawn.skipped
         round_sizes = drawn.round_sizes
@@ -412,8 +632,22 @@ def draw_batch(
     )
 
 
+def _item_tail(pair_index: int, draw_probability: float) -> bytes:
+    """``SampledItem(pair_index, draw_probability)`` serialized, as protobuf writes it (a
+    field equal to its default, 0 or +0.0, left out; a negative int32 in 10 bytes)."""
+    probability = struct.pack("<d", draw_probability)
+    return b"".join((
+        _PAIR_INDEX_TAG + _varint(pair_index % 2**64) if pair_index else b"",
+        b"" if probability == _ZERO_DOUBLE else _DRAW_PROBABILITY_TAG + probability,
+    ))  # fmt: skip
+
+
 def _varint(value: int) -> bytes:
     """``value`` (>= 0) as a protobuf base-128 varint."""
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)

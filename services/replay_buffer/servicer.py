@@ -132,7 +132,7 @@ class ReplayBufferServicer:
     def put_groups(self, raw: bytes) -> bytes:
         request = _parse(pb.PutGroupsRequest, raw)
         try:
-            run_id = logic.validate_put(request)
+            run_id, packed = logic.validate_put(request)
             requested = self._requested_spec(request, run_id)
         except ValueError as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
@@ -140,10 +140,10 @@ class ReplayBufferServicer:
         spec = self._run_spec(run_id, requested, stored)
         for _attempt in range(2):
             try:
-                logic.check_against_spec(request.groups, spec)
+                logic.check_against_spec(request.groups, packed, spec)
             except ValueError as exc:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-            records = logic.prepare_groups(request.groups, spec)
+            records = logic.prepare_groups(request.groups, spec, packed)
             try:
                 outcome = self.store.put(run_id, spec.SerializeToString(), records)
                 break
