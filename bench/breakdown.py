@@ -179,8 +179,8 @@ def main() -> None:
                     skipped += 1
                 else:
                     rows.append(m)
-                    prompts = [prompt_len[uid] for uid in trainer.last_prompt_ids]
-                    used.append(step_utilisation(m, trained, prompts, trainer.cfg, config, roof))
+                    lens = [prompt_len[uid] for uid in trainer.last_prompt_ids]
+                    used.append(step_utilisation(m, trained, lens, trainer.cfg, config, roof))
             if not rows:
                 emit(
                     {
