@@ -599,9 +599,10 @@ def draw_batch(
         drawn = advantage_based_batch_shuffle(
             weights, spec.shuffle_times, step_generator(spec.seed, step)
         )
+        tails: dict[tuple[int, float], bytes] = {}  # a pair recurs across the rounds
         for p, phi in zip(drawn.indices.tolist(), drawn.draw_probabilities.tolist(), strict=True):
             g, k = owner[p]
-            tail_bytes = _item_tail(p, phi)
+            tail_bytes = tails.get((p, phi)) or tails.setdefault((p, phi), _item_tail(p, phi))
             picks += ((g, 2 * k, tail_bytes), (g, 2 * k + 1, tail_bytes))
         pairs_total, shortfall, skipped = len(owner), drawn.shortfall, drawn.skipped
         round_sizes = drawn.round_sizes
@@ -609,16 +610,14 @@ def draw_batch(
     group_advantages = [list(g.advantages) for g in groups]
     group_truncated = [list(g.truncated) for g in groups]
     encoded: list[bytes] = []
-    advantage_list: list[float] = []
-    truncated_list: list[bool] = []
+    prefixes: dict[int, bytes] = {}  # item size -> its tag and length
     for g, j, tail_bytes in picks:
         head, body = heads[g], bodies[g][j]
         size = len(head) + len(body) + len(tail_bytes)
-        encoded += (_ITEM_TAG, _varint(size), head, body, tail_bytes)
-        advantage_list.append(group_advantages[g][j])
-        truncated_list.append(group_truncated[g][j])
-    advantages = torch.tensor(advantage_list, dtype=torch.float64)
-    truncated = torch.tensor(truncated_list, dtype=torch.bool)
+        prefix = prefixes.get(size) or prefixes.setdefault(size, _ITEM_TAG + _varint(size))
+        encoded += (prefix, head, body, tail_bytes)
+    advantages = torch.tensor([group_advantages[g][j] for g, j, _ in picks], dtype=torch.float64)
+    truncated = torch.tensor([group_truncated[g][j] for g, j, _ in picks], dtype=torch.bool)
     return DrawnBatch(
         encoded=encoded,
         item_count=len(picks),
