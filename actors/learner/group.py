@@ -58,6 +58,7 @@ class LearnerGroup:
         version: the weight version: 0 as loaded (or the checkpoint's), +1 per :meth:`update`
             that stepped the optimizer.
         last_publish_s: seconds the last :meth:`publish_weights` took.
+        last_publish_parts: rank 0's seconds per part of it (``LearnerWorker.publish``).
     """
 
     def __init__(self, cfg: Config, model_path: str | Path | None = None) -> None:
@@ -69,6 +70,7 @@ class LearnerGroup:
         self.model_path = str(model_path)
         self.version = 0
         self.last_publish_s = 0.0
+        self.last_publish_parts: dict[str, float] = {}
         self._published: tuple[int, ray.ObjectRef] | None = None
         rollout_on_cuda = cfg.rollout.num_gpus_per_worker > 0
         self.publish_dtype = resolve_dtype(cfg.rollout.dtype, cuda=rollout_on_cuda).dtype
@@ -215,16 +217,19 @@ class LearnerGroup:
 
     def publish_weights(self) -> tuple[int, ray.ObjectRef]:
         """``(version, ref)``: the full state dict put into the object store once, from rank
-        0: CPU tensors, keys as in transformers, in the rollout engines' dtype
-        (:attr:`publish_dtype`; a bf16 copy would round away updates a float32 engine can
-        use). A second call at the same version returns the same ref. The time taken is in
-        :attr:`last_publish_s`.
+        0, in the rollout engines' dtype (:attr:`publish_dtype`; a bf16 copy would round
+        away updates a float32 engine can use), as one flat buffer per dtype
+        (``LearnerWorker.publish``): ``ray.get(ref)`` gives a ``dict[str, Tensor]`` of
+        read-only CPU views into it, keys as in transformers, tied names on one tensor. A
+        second call at the same version returns the same ref. The time taken is in
+        :attr:`last_publish_s`, rank 0's seconds per part in :attr:`last_publish_parts`.
         """
         if self._published is not None and self._published[0] == self.version:
             return self._published
         started = time.perf_counter()
         results = self._gather([w.publish.remote(self.publish_dtype) for w in self.workers])
-        self._published = (self.version, results[0][0])
+        refs, self.last_publish_parts = results[0]
+        self._published = (self.version, refs[0])
         self.last_publish_s = time.perf_counter() - started
         return self._published
 

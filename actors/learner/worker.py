@@ -255,22 +255,15 @@ class LearnerWorker:
 
     # -- weights and checkpoints ---------------------------------------------------------------
 
-    def full_state_dict(self, dtype: str | None = None) -> dict[str, Tensor] | None:
-        """The full model state on CPU (collective): a dict on rank 0, ``None`` elsewhere.
-
-        ``dtype`` (``"bfloat16"``/``"float32"``) casts floating tensors; ``None`` keeps the
-        master dtype. Keys are the transformers names (``model.layers.0...``).
-        """
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """The full model state on CPU in the master dtype (collective): a dict on rank 0,
+        ``None`` elsewhere. Keys are the transformers names (``model.layers.0...``)."""
         state = self.backend.full_state_dict()
         if self.rank != 0:
             return None
-        cast = DTYPES[dtype] if dtype else None
-        state = {
-            k: (v.to("cpu", cast) if cast is not None and v.is_floating_point() else v.cpu())
-            for k, v in state.items()
-        }
+        state = {k: v.cpu() for k, v in state.items()}
         # Tied parameters (input/output embeddings) come back as separate copies; make them
-        # one tensor again, so the object store and save_pretrained hold them once.
+        # one tensor again, so save_pretrained writes them once.
         first: dict[int, str] = {}
         for name, param in self.backend.module.named_parameters(remove_duplicate=False):
             if id(param) in first and name in state:
@@ -278,11 +271,22 @@ class LearnerWorker:
             first.setdefault(id(param), name)
         return state
 
-    def publish(self, dtype: str) -> list[ray.ObjectRef] | None:
-        """Put the full state dict (cast to ``dtype``) into the object store once, from rank
-        0 (collective). Rank 0 returns ``[ref]``, the others ``None``."""
-        state = self.full_state_dict(dtype)
-        return None if state is None else [ray.put(state)]
+    def publish(self, dtype: str) -> tuple[list[ray.ObjectRef], dict[str, float]] | None:
+        """Put the full model state, floating tensors cast to ``dtype``, into the object
+        store once, from rank 0 (collective): one flat buffer per dtype
+        (``Backend.flat_state``, :mod:`actors.rollout.transport`), which ``ray.get`` turns
+        back into a state dict of views. Rank 0 returns ``([ref], parts)``: the seconds of
+        each part (the backend's, then ``put``) and ``bytes`` published; the others
+        ``None``."""
+        times: dict[str, float] = {}
+        flat = self.backend.flat_state(DTYPES[dtype], times)
+        if flat is None:
+            return None
+        start = time.perf_counter()
+        ref = ray.put(flat)
+        times["put"] = time.perf_counter() - start
+        times["bytes"] = float(flat.nbytes)
+        return [ref], times
 
     def save_checkpoint(self, directory: str, version: int) -> None:
         """Save to ``directory`` (collective; a folder every rank can reach):

@@ -63,6 +63,7 @@ class RolloutPool:
         self.app = f"{run_id}-rollout"
         self.max_resends = max_resends
         self.pending = 0  # prompts sent and not yet answered (the queue depth)
+        self.last_sync_parts: dict[str, float] = {}  # seconds per part of the last sync
         ensure_serve(http_port=0)  # no-op when Serve runs (the trainer starts it first)
         self.store = weight_store(
             run_id,
@@ -140,12 +141,18 @@ class RolloutPool:
 
     def sync(self, weights: tuple[int, ray.ObjectRef]) -> float:
         """Publish ``weights = (version, ref)`` and have every running replica load them;
-        returns the wall seconds (0.0 when every replica already held them)."""
+        returns the wall seconds (0.0 when every replica already held them). The slowest
+        replica's seconds per part are in ``last_sync_parts``
+        (:meth:`RolloutWorker.sync_weights`)."""
         version, ref = weights
         ray.get(self.store.publish.remote(version, [ref]))
         start = time.perf_counter()
         replies = self.handle.broadcast("sync_weights", version).results()
-        return time.perf_counter() - start if any(r["load_s"] > 0 for r in replies) else 0.0
+        seconds = time.perf_counter() - start
+        # the slowest replica's seconds per part (RolloutWorker.sync_weights)
+        keys = {k for reply in replies for k in reply["parts"]}
+        self.last_sync_parts = {k: max(r["parts"].get(k, 0.0) for r in replies) for k in keys}
+        return seconds if any(r["load_s"] > 0 for r in replies) else 0.0
 
     def workers(self) -> list[dict[str, Any]]:
         """:meth:`RolloutWorker.ping` of every running replica."""

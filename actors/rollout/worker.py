@@ -48,6 +48,8 @@ class RolloutWorker:
         # which only unseeded requests use
         self.engine = make_engine(model_path, cfg, seed ^ (request_seed(0, self.worker_id) >> 32))
         self._lock = threading.Lock()
+        # seconds per part of the last weight sync (store, fetch, load, the engine's parts)
+        self.last_sync_parts: dict[str, float] = {}
         self._store: Any = (
             ray.get_actor(weight_store, namespace=namespace) if weight_store else None
         )
@@ -77,6 +79,7 @@ class RolloutWorker:
         with self._lock:
             if self._store is None or self.engine.weight_version >= min_version:
                 return 0.0
+            start = time.perf_counter()
             latest: tuple[int, list[ray.ObjectRef]] = ray.get(self._store.latest.remote())
             version, refs = latest
             if version < min_version:
@@ -84,7 +87,17 @@ class RolloutWorker:
                     f"rollout worker {self.worker_id}: asked for weight version >= {min_version} "
                     f"but the weight store holds {version}; publish before generating"
                 )
-            return self._load(version, ray.get(refs[0]))
+            asked = time.perf_counter()
+            state = ray.get(refs[0])
+            fetched = time.perf_counter()
+            load_s = self._load(version, state)
+            self.last_sync_parts = {
+                "store": asked - start,
+                "fetch": fetched - asked,
+                "load": load_s,
+                **self.engine.last_load_parts,
+            }
+            return time.perf_counter() - start
 
     def _load(self, version: int, state_dict: dict[str, Tensor]) -> float:
         start = time.perf_counter()
@@ -124,9 +137,11 @@ class RolloutWorker:
 
     async def sync_weights(self, min_version: int) -> dict[str, Any]:
         """Pull the store's newest weights if below ``min_version``; returns :meth:`ping`
-        with the seconds the load took (0.0 when already there)."""
+        with the seconds the sync took (``load_s``, 0.0 when already there) and its
+        ``parts`` (seconds: ``store``, ``fetch``, ``load`` and the engine's own parts)."""
         seconds = await asyncio.to_thread(self._sync, min_version)
-        return {**self.ping(), "load_s": seconds}
+        parts = self.last_sync_parts if seconds > 0 else {}
+        return {**self.ping(), "load_s": seconds, "parts": parts}
 
     def load_weights(self, version: int, state: dict[str, Tensor] | ray.ObjectRef) -> float:
         """Load ``state`` (a state dict, or an object ref to one) as ``version``; return the

@@ -13,12 +13,14 @@ same order.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from actors.rollout.transport import FlatWeights, pack, tied_names
 from shuffle_r1.config import LearnerConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -82,6 +84,22 @@ class Backend:
         """The full model state, transformers names, master dtype: complete on rank 0; what
         other ranks get is discarded."""
         raise NotImplementedError
+
+    def flat_state(self, dtype: torch.dtype, times: dict[str, float]) -> FlatWeights | None:
+        """The full model state as :class:`~actors.rollout.transport.FlatWeights` on CPU,
+        floating tensors in ``dtype`` (collective): on rank 0, ``None`` elsewhere. Adds the
+        seconds of its parts to ``times``. This default gathers :meth:`full_state_dict`
+        and packs it on rank 0 (``gather``, ``pack``); a backend may gather straight into
+        the buckets instead."""
+        start = time.perf_counter()
+        state = self.full_state_dict()
+        times["gather"] = time.perf_counter() - start
+        if self.rank != 0:
+            return None
+        start = time.perf_counter()
+        flat = pack(state, dtype, tied_names(self.module.state_dict(keep_vars=True)))
+        times["pack"] = time.perf_counter() - start
+        return flat
 
     def save_checkpoint(self, root: Path) -> None:
         """Write the optimizer state (and what else this backend must have to resume) under

@@ -47,6 +47,7 @@ class Engine:
 
     def __init__(self) -> None:
         self._weight_version = 0
+        self.last_load_parts: dict[str, float] = {}  # seconds per part of the last load
 
     @property
     def weight_version(self) -> int:

@@ -209,9 +209,13 @@ class VLLMEngine(Engine):
         reloads through ``model_runner.reload_weights``; on CPU a tied ``lm_head`` is
         re-packed (its weight is the embedding's, which the reload does not re-pack); the
         prefix cache is reset, else cached prefixes keep old-weight KV values."""
-        self.llm.collective_rpc(_reload_vllm_weights, args=(state_dict,))
+        start = time.perf_counter()
+        parts = self.llm.collective_rpc(_reload_vllm_weights, args=(state_dict,))[0]
+        reloaded = time.perf_counter()
         self.llm.reset_prefix_cache()
         self._weight_version = version
+        self.last_load_parts = {**parts, "prefix_reset": time.perf_counter() - reloaded}
+        self.last_load_parts["rpc"] = reloaded - start - sum(parts.values())
 
 
 def compile_cache_dirs() -> list[Path]:
@@ -230,15 +234,18 @@ def compile_cache_entries() -> set[str]:
     return {str(p) for root in compile_cache_dirs() if root.is_dir() for p in root.iterdir()}
 
 
-def _reload_vllm_weights(worker: Any, state_dict: dict[str, Tensor]) -> None:
-    """Runs on each vLLM worker (``LLM.collective_rpc``)."""
+def _reload_vllm_weights(worker: Any, state_dict: dict[str, Tensor]) -> dict[str, float]:
+    """Runs on each vLLM worker (``LLM.collective_rpc``); returns seconds per part."""
     from vllm.platforms import current_platform
 
+    start = time.perf_counter()
     runner = worker.model_runner
     dtype = runner.model_config.dtype  # cast here, else vLLM warns once per tensor
     runner.reload_weights(weights_iterator=((k, v.to(dtype)) for k, v in state_dict.items()))
+    reloaded = time.perf_counter()
     tied = getattr(runner.model_config.hf_config, "tie_word_embeddings", False)
     if current_platform.is_cpu() and tied:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         dispatch_cpu_unquantized_gemm(runner.get_model().lm_head, remove_weight=False)
+    return {"reload": reloaded - start, "repack_lm_head": time.perf_counter() - reloaded}
