@@ -67,6 +67,15 @@ def _shared(paths: list[str], layout: Layout) -> list[Tensor]:
     ]
 
 
+def _shm_free() -> int:
+    """Bytes free in ``/dev/shm`` (0 where there is none)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
+
+
 def _itemsize(dtype: str) -> int:
     return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
@@ -171,7 +180,8 @@ class FSDP2Backend(Backend):
 
         The buckets are files in ``/dev/shm`` that rank 0 creates, every rank maps, and rank
         0 unlinks once all have mapped them: the memory stays shared and goes with the last
-        process, whatever way it ends."""
+        process, whatever way it ends. Without twice their size free there (or with ranks on
+        several hosts) there are no shared buckets and :meth:`flat_state` gathers."""
         key = (
             dtype,
             tuple(tied),
@@ -183,7 +193,9 @@ class FSDP2Backend(Backend):
         layout = Layout.of(((k, tuple(v.shape), v.dtype) for k, v in tensors), dtype, tied)
         mine = {k: v.to_local().numel() for k, v in tensors if _by_rows(v)}
         everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, (socket.gethostname(), os.getpid(), mine))
+        need = sum(n * _itemsize(d) for d, n in zip(layout.dtypes, layout.sizes, strict=True))
+        here = (socket.gethostname(), os.getpid(), mine, _shm_free())
+        dist.all_gather_object(everyone, here)
         rows: dict[str, tuple[int, int]] = {}
         for entry in layout.entries:
             if entry.name not in mine:
@@ -196,7 +208,9 @@ class FSDP2Backend(Backend):
                 )
             rows[entry.name] = (sum(counts[: self.rank]), counts[self.rank])
         buckets = None
-        if len({host for host, _, _ in everyone}) == 1 and Path("/dev/shm").is_dir():
+        # one host, and room in /dev/shm (a container's is often 64 MB; a write past it
+        # would kill the rank with SIGBUS)
+        if len({e[0] for e in everyone}) == 1 and min(e[3] for e in everyone) > 2 * need:
             # one name per learner group and layout: rank 0's pid and a count
             self._plans_made += 1
             stem = f"/dev/shm/shuffle-r1-weights-{everyone[0][1]}-{self._plans_made}"
