@@ -82,9 +82,9 @@ def _wire_types(message: Descriptor) -> dict[int, int]:
 
 
 _GROUP_WIRE = _wire_types(pb.Group.DESCRIPTOR)
-_ROLLOUT_WIRE = _wire_types(pb.Rollout.DESCRIPTOR)
 _GROUP_FIELD = {name: f.number for name, f in pb.Group.DESCRIPTOR.fields_by_name.items()}
-_ROLLOUT_FIELD = {name: f.number for name, f in pb.Rollout.DESCRIPTOR.fields_by_name.items()}
+_TOKEN_IDS_TAG = _tag(pb.Rollout.DESCRIPTOR, "token_ids", _LEN)  # packed
+_LOGPROBS_TAG = _tag(pb.Rollout.DESCRIPTOR, "logprobs", _LEN)
 # Tags of the SampledItem fragments (head, body, tail) and of a SampleResponse.items entry.
 _ITEM = pb.SampledItem.DESCRIPTOR
 _HEAD_TAGS = {
@@ -194,14 +194,17 @@ class PackedGroup:
 
 
 def pack_group(g: pb.Group) -> PackedGroup | None:
-    """``g`` serialized once, with its fields located; None if the group or one of its
-    rollouts has a field this server does not know (:func:`check_known_fields` says which).
+    """``g`` serialized once, with its fields located; None if the group has a field this
+    server does not know (:func:`check_known_fields` says which).
     """
     data = g.SerializeToString(deterministic=True)
     fields = _walk(data, 0, len(data), _GROUP_WIRE)
     if fields is None:
         return None
-    head, rollouts, tokens, logprobs = [], [], [], []
+    head: list[tuple[int, int, int]] = []
+    rollouts: list[tuple[int, int]] = []
+    tokens: list[tuple[int, int]] = []
+    logprobs: list[tuple[int, int]] = []
     prompt_tokens = (0, 0)
     for number, start, value, end in fields:
         if number in _HEAD_TAGS:
@@ -209,13 +212,17 @@ def pack_group(g: pb.Group) -> PackedGroup | None:
             if number == _GROUP_FIELD["prompt_token_ids"]:
                 prompt_tokens = (value, end)
         elif number == _GROUP_FIELD["rollouts"]:
-            inner = _walk(data, value, end, _ROLLOUT_WIRE)
-            if inner is None:
-                return None
-            found = {n: (v, e) for n, _, v, e in inner}
+            # token_ids and logprobs are a rollout's first fields (a field the server does not
+            # know comes last: check_known_fields refuses it); nothing per field is built, as
+            # allocations here set off the garbage collector's full passes (~100 ms)
             rollouts.append((start, end))
-            tokens.append(found.get(_ROLLOUT_FIELD["token_ids"], (end, end)))
-            logprobs.append(found.get(_ROLLOUT_FIELD["logprobs"], (end, end)))
+            for tag, found in ((_TOKEN_IDS_TAG, tokens), (_LOGPROBS_TAG, logprobs)):
+                if value < end and data[value] == tag[0]:
+                    length, value = _read_varint(data, value + 1)
+                    found.append((value, value + length))
+                    value += length
+                else:
+                    found.append((end, end))
     return PackedGroup(
         data, tuple(head), prompt_tokens, tuple(rollouts), tuple(tokens), tuple(logprobs)
     )
@@ -315,8 +322,7 @@ def validate_put(request: pb.PutGroupsRequest) -> tuple[str, list[PackedGroup]]:
     keys: set[tuple[int, str]] = set()
     for i, g in enumerate(request.groups):
         at = f"groups[{i}]"
-        known = packed[i] is not None  # no unknown field in the group or its rollouts
-        if not known:
+        if packed[i] is None:  # a field of the group is unknown
             check_known_fields(g, at)
         if g.run_id != run_id:
             raise ValueError(
@@ -344,17 +350,16 @@ def validate_put(request: pb.PutGroupsRequest) -> tuple[str, list[PackedGroup]]:
             if image.WhichOneof("source") is None:
                 raise ValueError(f"{at}.images[{k}] has neither data nor uri")
         for j, r in enumerate(g.rollouts):
-            _validate_rollout(r, f"{at}.rollouts[{j}]", known, logprobs_checked)
+            _validate_rollout(r, f"{at}.rollouts[{j}]", logprobs_checked)
     complete = [p for p in packed if p is not None]  # a group that did not pack was refused
     assert len(complete) == len(packed), "a group of known fields only did not pack"
     return run_id, complete
 
 
-def _validate_rollout(r: pb.Rollout, at: str, known: bool, logprobs_checked: bool) -> None:
-    """``known``: the rollout has no unknown field; ``logprobs_checked``: every log-prob of
-    the request is finite and <= MAX_LOGPROB (:func:`_logprobs_in_range`)."""
-    if not known:
-        check_known_fields(r, at)
+def _validate_rollout(r: pb.Rollout, at: str, logprobs_checked: bool) -> None:
+    """``logprobs_checked``: every log-prob of the request is finite and <= MAX_LOGPROB
+    (:func:`_logprobs_in_range`)."""
+    check_known_fields(r, at)
     if not r.token_ids:
         raise ValueError(f"{at}.token_ids is empty: a response has at least one token")
     if not r.logprobs:  # required or forbidden by the run's spec (check_against_spec)
