@@ -169,6 +169,10 @@ class LearnerConfig:
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = True
     ray_resources: dict[str, float] = field(default_factory=dict)  # per rank, as rollout's
+    # FSDP2 ranks on one host publish weights through shared-memory buckets in /dev/shm, each
+    # casting its own rows (docs/architecture.md §3); false (or ranks on several hosts, or too
+    # little /dev/shm) gathers the full state dict on rank 0 instead: slower, no shared memory
+    publish_shared_memory: bool = True
 
 
 @dataclass

@@ -210,7 +210,11 @@ class FSDP2Backend(Backend):
         buckets = None
         # one host, and room in /dev/shm (a container's is often 64 MB; a write past it
         # would kill the rank with SIGBUS)
-        if len({e[0] for e in everyone}) == 1 and min(e[3] for e in everyone) > 2 * need:
+        if (
+            self.cfg.publish_shared_memory
+            and len({e[0] for e in everyone}) == 1
+            and min(e[3] for e in everyone) > 2 * need
+        ):
             # one name per learner group and layout: rank 0's pid and a count
             self._plans_made += 1
             stem = f"/dev/shm/shuffle-r1-weights-{everyone[0][1]}-{self._plans_made}"
