@@ -8,10 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(overhead breakdown throughput buffer)
+[ ${#benches[@]} -gt 0 ] || benches=(roofline overhead breakdown throughput buffer weight_sync)
 mkdir -p outputs/bench
 for name in "${benches[@]}"; do
   case $name in
+    roofline)   cmd=("$PY" bench/roofline.py) ;;  # first: the others read its peaks
     overhead)   cmd=("$PY" bench/rollout_overhead.py --profile outputs/bench/overhead-profile.txt) ;;
     breakdown)  cmd=("$PY" bench/breakdown.py) ;;
     throughput) cmd=("$PY" bench/throughput.py) ;;
@@ -20,7 +21,9 @@ for name in "${benches[@]}"; do
     algorithms) cmd=("$PY" bench/algorithms.py sweep --seeds 1 2 3 4) ;;
     precision)  cmd=("$PY" bench/precision.py --emulate-avx2) ;;
     vllm_start) cmd=("$PY" bench/vllm_start.py) ;;
-    *) echo "run_all: unknown benchmark '$name' (overhead breakdown throughput buffer images algorithms precision vllm_start)" >&2; exit 2 ;;
+    weight_sync) cmd=("$PY" bench/weight_sync.py) ;;
+    driver_batch) cmd=("$PY" bench/driver_batch.py) ;;
+    *) echo "run_all: unknown benchmark '$name' (roofline overhead breakdown throughput buffer weight_sync driver_batch images algorithms precision vllm_start)" >&2; exit 2 ;;
   esac
   echo "== $name: ${cmd[*]}"
   # Everything goes to outputs/bench/<name>.log (Ray forwards its workers' logs to stdout);
