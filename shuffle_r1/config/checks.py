@@ -268,6 +268,12 @@ def validate(cfg: Config) -> Config:
     _at_least("algorithm.clip_ratio_high", a.clip_ratio_high, 0.0)
     _choice("algorithm.loss_agg_mode", a.loss_agg_mode, LOSS_AGG_MODES)
     _at_least("algorithm.kl_coef", a.kl_coef, 0.0)
+    if a.kl_coef > 0:  # else the learner would refuse it at the first update, minutes in
+        raise ConfigError(
+            f"algorithm.kl_coef={a.kl_coef!r}: a KL penalty needs reference-model log-probs, "
+            "which the trainer does not compute yet (docs/algorithm.md §4); use 0, as the "
+            "paper's recipe and DAPO do"
+        )
     _choice("algorithm.kl_type", a.kl_type, KL_TYPES)
     _at_least("algorithm.collapse_tau", a.collapse_tau, 0.0)
     _choice("algorithm.abs_minibatch_order", a.abs_minibatch_order, ABS_MINIBATCH_ORDERS)

@@ -74,6 +74,7 @@ def test_algorithm_name_selects_pts_and_abs(
         ("rollout.n=7", "rollout.n=7"),
         ("algorithm.keep_ratio=0", "algorithm.keep_ratio"),
         ("algorithm.keep_ratio=0.1", "keeps no pair"),
+        ("algorithm.kl_coef=0.01", "needs reference-model log-probs"),
         ("rollout.top_p=1.5", "rollout.top_p"),
         ("learner.backend=megatron", "learner.backend"),
         ("learner.micro_batch_size=3", "learner.micro_batch_size"),
