@@ -4,7 +4,7 @@ On put: GRPO advantages per group (docs/algorithm.md §1), then PTS pairs and th
 (§2, §3.1); the result is stored as a StoredGroup whose kept rollouts are pre-encoded
 SampledItem fragments. Token ids and log-probs stay packed bytes throughout: each group is
 serialized once (the bytes its digest is taken over), the checks on token ids and log-probs
-read those bytes with numpy, and the fragments are cut from them (:class:`PackedGroup`); no
+read those bytes with numpy, and the fragments are cut from them (``wire.PackedGroup``); no
 per-token Python object is made unless a check fails and its message must name the token.
 On sample: ABS over the step's pairs (§3) with a generator seeded
 from the run seed and the step, and the batch is assembled from those fragments. A
@@ -20,18 +20,31 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from google.protobuf import text_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from protos import replay_buffer_pb2 as pb
 from services.replay_buffer.store import GroupRecord
+from services.replay_buffer.wire import (
+    ADVANTAGE_TAG,
+    HEAD_TAGS,
+    ITEM_TAG,
+    ROLLOUT_INDEX_TAG,
+    ROLLOUT_TAG,
+    WIRE_TYPE_NAMES,
+    ZERO_DOUBLE,
+    PackedGroup,
+    item_tail,
+    pack_group,
+    packed_values,
+    varint,
+)
 from shuffle_r1.algos import (
     advantage_based_batch_shuffle,
     advantage_collapse_share,
@@ -50,54 +63,6 @@ from shuffle_r1.limits import (
     RUN_ID_PATTERN,
     echo,
 )
-
-_WIRE_TYPES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 5: "32-bit"}
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-_ZERO_DOUBLE = bytes(8)
-
-
-def _tag(message: Descriptor, name: str, wire: int) -> bytes:
-    """The one-byte tag of field ``name`` (number < 16) of ``message``."""
-    number = message.fields_by_name[name].number
-    assert number < 16, name
-    return bytes([number << 3 | wire])
-
-
-def _wire_types(message: Descriptor) -> dict[int, int]:
-    """Field number -> wire type of every field of ``message`` in a canonical encoding
-    (repeated scalars packed, as proto3 and upb write them)."""
-    fixed64 = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FIXED64,
-               FieldDescriptor.TYPE_SFIXED64)  # fmt: skip
-    fixed32 = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_FIXED32,
-               FieldDescriptor.TYPE_SFIXED32)  # fmt: skip
-    delimited = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES,
-                 FieldDescriptor.TYPE_MESSAGE)  # fmt: skip
-    out = {}
-    for f in message.fields:
-        if f.is_repeated or f.type in delimited:
-            out[f.number] = _LEN
-        else:
-            out[f.number] = _I64 if f.type in fixed64 else _I32 if f.type in fixed32 else _VARINT
-    return out
-
-
-_GROUP_WIRE = _wire_types(pb.Group.DESCRIPTOR)
-_GROUP_FIELD = {name: f.number for name, f in pb.Group.DESCRIPTOR.fields_by_name.items()}
-_TOKEN_IDS_TAG = _tag(pb.Rollout.DESCRIPTOR, "token_ids", _LEN)  # packed
-_LOGPROBS_TAG = _tag(pb.Rollout.DESCRIPTOR, "logprobs", _LEN)
-# Tags of the SampledItem fragments (head, body, tail) and of a SampleResponse.items entry.
-_ITEM = pb.SampledItem.DESCRIPTOR
-_HEAD_TAGS = {
-    _GROUP_FIELD["step"]: _tag(_ITEM, "step", _VARINT),
-    _GROUP_FIELD["prompt_id"]: _tag(_ITEM, "prompt_id", _LEN),
-    _GROUP_FIELD["prompt_token_ids"]: _tag(_ITEM, "prompt_token_ids", _LEN),
-}
-_ROLLOUT_INDEX_TAG = _tag(_ITEM, "rollout_index", _VARINT)
-_ROLLOUT_TAG = _tag(_ITEM, "rollout", _LEN)
-_ADVANTAGE_TAG = _tag(_ITEM, "advantage", _I64)
-_PAIR_INDEX_TAG = _tag(_ITEM, "pair_index", _VARINT)
-_DRAW_PROBABILITY_TAG = _tag(_ITEM, "draw_probability", _I64)
-_ITEM_TAG = _tag(pb.SampleResponse.DESCRIPTOR, "items", _LEN)
 
 
 def spec_text(spec: pb.RunSpec) -> str:
@@ -157,7 +122,7 @@ def check_known_fields(message: Message, path: str) -> None:
     """
     for field in UnknownFieldSet(message):
         known = message.DESCRIPTOR.fields_by_number.get(field.field_number)
-        wire = _WIRE_TYPES.get(field.wire_type, str(field.wire_type))
+        wire = WIRE_TYPE_NAMES.get(field.wire_type, str(field.wire_type))
         where = f"{path}." if path else ""
         if known is None:
             raise ValueError(
@@ -168,125 +133,13 @@ def check_known_fields(message: Message, path: str) -> None:
         raise ValueError(f"{where}{known.name} has the wrong type: got wire type {wire}")
 
 
-@dataclass(frozen=True)
-class PackedGroup:
-    """A group's canonical encoding and where its fields lie in it.
-
-    ``data`` is ``group.SerializeToString(deterministic=True)``: the bytes its digest is
-    taken over, fields in field-number order, repeated scalars packed. Ranges are
-    ``(start, end)`` offsets into ``data``.
-
-    Attributes:
-        head: ``(field number, start, end)`` of the group's step, prompt_id and prompt
-            token ids, each from after its tag to its end (length prefix included).
-        prompt_tokens: the prompt token ids' packed values (little-endian uint32).
-        rollouts: each rollout from after its tag (length prefix included).
-        tokens, logprobs: each rollout's packed token ids and log-probs (float32); an
-            empty range where the rollout has none.
-    """
-
-    data: bytes
-    head: tuple[tuple[int, int, int], ...]
-    prompt_tokens: tuple[int, int]
-    rollouts: tuple[tuple[int, int], ...]
-    tokens: tuple[tuple[int, int], ...]
-    logprobs: tuple[tuple[int, int], ...]
-
-
-def pack_group(g: pb.Group) -> PackedGroup | None:
-    """``g`` serialized once, with its fields located; None if the group has a field this
-    server does not know (:func:`check_known_fields` says which).
-    """
-    data = g.SerializeToString(deterministic=True)
-    fields = _walk(data, 0, len(data), _GROUP_WIRE)
-    if fields is None:
-        return None
-    head: list[tuple[int, int, int]] = []
-    rollouts: list[tuple[int, int]] = []
-    tokens: list[tuple[int, int]] = []
-    logprobs: list[tuple[int, int]] = []
-    prompt_tokens = (0, 0)
-    for number, start, value, end in fields:
-        if number in _HEAD_TAGS:
-            head.append((number, start, end))
-            if number == _GROUP_FIELD["prompt_token_ids"]:
-                prompt_tokens = (value, end)
-        elif number == _GROUP_FIELD["rollouts"]:
-            # token_ids and logprobs are a rollout's first fields (a field the server does not
-            # know comes last: check_known_fields refuses it); nothing per field is built, as
-            # allocations here set off the garbage collector's full passes (~100 ms)
-            rollouts.append((start, end))
-            for tag, found in ((_TOKEN_IDS_TAG, tokens), (_LOGPROBS_TAG, logprobs)):
-                if value < end and data[value] == tag[0]:
-                    length, value = _read_varint(data, value + 1)
-                    found.append((value, value + length))
-                    value += length
-                else:
-                    found.append((end, end))
-    return PackedGroup(
-        data, tuple(head), prompt_tokens, tuple(rollouts), tuple(tokens), tuple(logprobs)
-    )
-
-
-def _walk(
-    data: bytes, start: int, end: int, wire_types: dict[int, int]
-) -> list[tuple[int, int, int, int]] | None:
-    """``(field number, start after the tag, value start, end)`` of each field of the
-    canonical encoding ``data[start:end]``; None at a field not in ``wire_types`` with its
-    wire type (an unknown field, which the encoder writes after the known ones)."""
-    fields = []
-    pos = start
-    while pos < end:
-        tag = data[pos]
-        if tag >= 0x80 or wire_types.get(tag >> 3) != tag & 7:
-            return None
-        pos += 1
-        at = value = pos
-        wire = tag & 7
-        if wire == _LEN:
-            length, value = _read_varint(data, pos)
-            pos = value + length
-        elif wire == _VARINT:
-            _, pos = _read_varint(data, pos)
-        else:
-            pos += 8 if wire == _I64 else 4
-        fields.append((tag >> 3, at, value, pos))
-    return fields if pos == end else None
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at ``data[pos]`` and the offset after it."""
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _packed_values(
-    packed: Sequence[PackedGroup],
-    ranges: Callable[[PackedGroup], Iterable[tuple[int, int]]],
-    dtype: str,
-) -> np.ndarray:
-    """The values in the ``ranges`` of each group's bytes, concatenated, as one array of
-    ``dtype``: no Python object per value."""
-    parts = []
-    for p in packed:
-        view = memoryview(p.data)
-        parts += [view[start:end] for start, end in ranges(p)]
-    return np.frombuffer(b"".join(parts), dtype=dtype)
-
-
 def _logprobs_in_range(packed: Sequence[PackedGroup | None]) -> bool:
     """Every log-prob of the groups is finite and <= MAX_LOGPROB (False if a group did
     not pack)."""
     complete = [p for p in packed if p is not None]
     if len(complete) != len(packed):
         return False
-    values = _packed_values(complete, lambda p: p.logprobs, "<f4")
+    values = packed_values(complete, lambda p: p.logprobs, "<f4")
     # max in float32 is exact; the comparison is in float64, as the per-value rule's
     return bool(np.isfinite(values).all()) and (
         not values.size or float(values.max()) <= MAX_LOGPROB
@@ -439,7 +292,7 @@ def check_against_spec(
 
 def _ids_below(packed: Sequence[PackedGroup], vocab: int) -> bool:
     """Every prompt and response token id of the groups is below ``vocab``."""
-    ids = _packed_values(packed, lambda p: (p.prompt_tokens, *p.tokens), "<u4")
+    ids = packed_values(packed, lambda p: (p.prompt_tokens, *p.tokens), "<u4")
     return not ids.size or int(ids.max()) < vocab
 
 
@@ -508,16 +361,16 @@ def _record(
     fields re-tagged, defaults left out as protobuf leaves them out)."""
     n = len(g.rollouts)
     data = packed.data
-    head = b"".join(_HEAD_TAGS[number] + data[start:end] for number, start, end in packed.head)
+    head = b"".join(HEAD_TAGS[number] + data[start:end] for number, start, end in packed.head)
     bodies = []
     for j in kept:
         start, end = packed.rollouts[j]
         advantage = struct.pack("<d", advantages[j])
         bodies.append(
             b"".join((
-                _ROLLOUT_INDEX_TAG + _varint(j) if j else b"",
-                _ROLLOUT_TAG, data[start:end],
-                b"" if advantage == _ZERO_DOUBLE else _ADVANTAGE_TAG + advantage,
+                ROLLOUT_INDEX_TAG + varint(j) if j else b"",
+                ROLLOUT_TAG, data[start:end],
+                b"" if advantage == ZERO_DOUBLE else ADVANTAGE_TAG + advantage,
             ))
         )  # fmt: skip
     stored = pb.StoredGroup(
@@ -594,7 +447,7 @@ def draw_batch(
     picks: list[tuple[int, int, bytes]] = []
     if spec.algorithm == "grpo":
         total = sum(len(b) for b in bodies)
-        tail_bytes = _item_tail(-1, 1.0 / max(total, 1))
+        tail_bytes = item_tail(-1, 1.0 / max(total, 1))
         picks = [(g, j, tail_bytes) for g, b in enumerate(bodies) for j in range(len(b))]
         pairs_total, shortfall, skipped = 0, 0, total == 0
         round_sizes: tuple[int, ...] = ()
@@ -607,7 +460,7 @@ def draw_batch(
         tails: dict[tuple[int, float], bytes] = {}  # a pair recurs across the rounds
         for p, phi in zip(drawn.indices.tolist(), drawn.draw_probabilities.tolist(), strict=True):
             g, k = owner[p]
-            tail_bytes = tails.get((p, phi)) or tails.setdefault((p, phi), _item_tail(p, phi))
+            tail_bytes = tails.get((p, phi)) or tails.setdefault((p, phi), item_tail(p, phi))
             picks += ((g, 2 * k, tail_bytes), (g, 2 * k + 1, tail_bytes))
         pairs_total, shortfall, skipped = len(owner), drawn.shortfall, drawn.skipped
         round_sizes = drawn.round_sizes
@@ -619,7 +472,7 @@ def draw_batch(
     for g, j, tail_bytes in picks:
         head, body = heads[g], bodies[g][j]
         size = len(head) + len(body) + len(tail_bytes)
-        prefix = prefixes.get(size) or prefixes.setdefault(size, _ITEM_TAG + _varint(size))
+        prefix = prefixes.get(size) or prefixes.setdefault(size, ITEM_TAG + varint(size))
         encoded += (prefix, head, body, tail_bytes)
     advantages = torch.tensor([group_advantages[g][j] for g, j, _ in picks], dtype=torch.float64)
     truncated = torch.tensor([group_truncated[g][j] for g, j, _ in picks], dtype=torch.bool)
@@ -634,27 +487,3 @@ def draw_batch(
         advantage_collapse_share=advantage_collapse_share(advantages, collapse_tau),
         round_sizes=round_sizes,
     )
-
-
-def _item_tail(pair_index: int, draw_probability: float) -> bytes:
-    """``SampledItem(pair_index, draw_probability)`` serialized, as protobuf writes it (a
-    field equal to its default, 0 or +0.0, left out; a negative int32 in 10 bytes)."""
-    probability = struct.pack("<d", draw_probability)
-    return b"".join((
-        _PAIR_INDEX_TAG + _varint(pair_index % 2**64) if pair_index else b"",
-        b"" if probability == _ZERO_DOUBLE else _DRAW_PROBABILITY_TAG + probability,
-    ))  # fmt: skip
-
-
-def _varint(value: int) -> bytes:
-    """``value`` (>= 0) as a protobuf base-128 varint."""
-    if value < 0x80:
-        return bytes((value,))
-    if value < 0x4000:
-        return bytes((value & 0x7F | 0x80, value >> 7))
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)

@@ -13,7 +13,7 @@ import pytest
 from buffer_helpers import make_group, random_groups
 
 from protos import replay_buffer_pb2 as pb
-from services.replay_buffer import logic
+from services.replay_buffer import logic, wire
 from shuffle_r1.config import AlgorithmConfig
 
 
@@ -68,7 +68,7 @@ def test_fragments_are_what_protobuf_writes(algorithm):
 )  # fmt: skip
 def test_item_tails_are_what_protobuf_writes(pair_index, probability):
     expected = pb.SampledItem(pair_index=pair_index, draw_probability=probability)
-    assert logic._item_tail(pair_index, probability) == expected.SerializeToString()
+    assert wire.item_tail(pair_index, probability) == expected.SerializeToString()
 
 
 def test_a_sampled_batch_carries_the_groups_as_put(buffer, run_id):
