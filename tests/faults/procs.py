@@ -26,14 +26,24 @@ def ray_actor_pids(title: str) -> list[int]:
     return pids
 
 
+def gone(pid: int, timeout_s: float = 10.0) -> bool:
+    """``pid`` has ended (or is a zombie) within ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def kill9(pid: int, timeout_s: float = 10.0) -> None:
     """SIGKILL ``pid`` and wait until it is gone (``TimeoutError`` if it lingers)."""
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout_s
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"process {pid} still runs {timeout_s} s after SIGKILL")
-        time.sleep(0.05)
+    if not gone(pid, timeout_s):
+        raise TimeoutError(f"process {pid} still runs {timeout_s} s after SIGKILL")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -18,6 +18,7 @@ import ray
 from actors.reward import GRACE_S, RewardPool, RewardWorker, ScoreRequest
 from actors.serving import wait_for_replicas
 from shuffle_r1.config import RewardConfig
+from tests.faults.procs import gone
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -114,19 +115,6 @@ def test_a_reward_process_that_dies_is_counted_and_replaced() -> None:
     assert ray.get(worker.error_counts.remote()) == {"died": 1}
     assert pid not in ray.get(worker.ping.remote())["reward_pids"]
     ray.kill(worker)
-
-
-def gone(pid: int, timeout_s: float = 10.0) -> bool:
-    """``pid`` has ended (or is a zombie) within ``timeout_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_unknown_function_path_fails_at_start_naming_it() -> None:

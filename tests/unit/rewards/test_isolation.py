@@ -17,24 +17,12 @@ import pytest
 
 from services.trainer.reaper import MARK_ENV, marked
 from shuffle_r1.rewards import RewardProcessPool, RewardResult
+from tests.faults.procs import gone
 
 ROOT = Path(__file__).resolve().parents[3]
 FNS = "tests.unit.actors.reward_fns"
 # An answer whose comparison with "1" does not finish (sympy evaluates the power tower).
 HANGING_ANSWER = "9^{9^{9^{9}}}"
-
-
-def gone(pid: int, timeout_s: float = 10.0) -> bool:
-    """``pid`` has ended (or is a zombie) within ``timeout_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_hanging_call_is_killed_at_the_deadline_and_its_process_replaced() -> None:
