@@ -2,9 +2,11 @@
 into optimizer mini-batches of :func:`rollouts_per_optimizer_step` rollouts
 (:func:`minibatch_slices`, or :func:`abs_minibatch_rows` over the ABS rounds), each into
 contiguous pair-aligned shards, one per rank (:func:`pair_aligned_shards`), each shard into
-the same number of micro-batches on every rank (:func:`microbatch_count`,
-:func:`microbatch_slices`; the short ranks pad with ``training.padding_batch``). Both
-rollouts of a PTS pair always stay in the same mini-batch, shard and micro-batch.
+the same number of micro-batches on every rank (:func:`microbatch_plans`: runs of
+``learner.micro_batch_size`` rollouts, :func:`microbatch_count` and :func:`microbatch_slices`,
+or length-sorted ones of at most ``learner.micro_batch_tokens`` padded tokens,
+:func:`token_budget_microbatches`; the short ranks pad with ``training.padding_batch``).
+Both rollouts of a PTS pair always stay in the same mini-batch, shard and micro-batch.
 """
 
 from __future__ import annotations
@@ -216,3 +218,83 @@ def microbatch_slices(num_rollouts: int, micro_batch_size: int, count: int) -> l
         )
         for i in range(count)
     ]
+
+
+def token_budget_microbatches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Cut a shard into micro-batches of at most ``budget`` padded tokens, longest pairs first
+    (verl's dynamic batch size, ``use_dynamic_bsz``, with pairs kept whole).
+
+    A micro-batch of rows R runs ``|R| · max_{i∈R} lengths[i]`` token positions (right
+    padding, ``training.collate``). Pairs (rows 2k, 2k+1) are sorted by their longer row,
+    longest first (stable), and packed greedily: a pair joins the current micro-batch while
+    the padded count stays within ``budget``, else starts the next. So rows of similar length
+    share a micro-batch and short rollouts stop paying for long ones. A pair longer than
+    ``budget / 2`` alone gets a micro-batch of its own (over the budget).
+
+    Args:
+        lengths: each row's sequence length, prompt + response tokens (``(B,)``, B even).
+        budget: padded tokens per micro-batch, >= 1.
+
+    Returns:
+        Row indices of each micro-batch, in packing order; each row exactly once, both rows
+        of a pair in the same list. Empty for an empty shard.
+
+    Raises:
+        ValueError: an odd number of rows, or ``budget`` < 1.
+    """
+    _check_even("len(lengths)", len(lengths), 0)
+    if budget < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1, got {budget}")
+    pairs = sorted(
+        range(len(lengths) // 2),
+        key=lambda k: -max(lengths[2 * k], lengths[2 * k + 1]),
+    )
+    out: list[list[int]] = []
+    longest = 0
+    for k in pairs:
+        pair_len = max(lengths[2 * k], lengths[2 * k + 1])
+        if out and (len(out[-1]) + 2) * max(longest, pair_len) <= budget:
+            out[-1].extend((2 * k, 2 * k + 1))
+            longest = max(longest, pair_len)
+        else:
+            out.append([2 * k, 2 * k + 1])
+            longest = pair_len
+    return out
+
+
+def microbatch_plans(
+    shard_lengths: Sequence[Sequence[int]], micro_batch_size: int, micro_batch_tokens: int = 0
+) -> list[list[list[int]]]:
+    """Every rank's micro-batches, as row indices into its shard, padded with empty lists so
+    that every rank runs the same number (the most any rank needs; at least one).
+
+    ``micro_batch_tokens`` > 0 cuts each shard with :func:`token_budget_microbatches`,
+    else into consecutive runs of ``micro_batch_size`` rows (:func:`microbatch_slices`).
+
+    Args:
+        shard_lengths: per rank, each row's prompt + response length.
+
+    Raises:
+        ValueError: a size < 1 or an odd shard under the token budget.
+    """
+    if micro_batch_tokens > 0:
+        cuts = [token_budget_microbatches(lengths, micro_batch_tokens) for lengths in shard_lengths]
+    else:
+        count = microbatch_count([len(x) for x in shard_lengths], micro_batch_size)
+        cuts = [
+            [
+                list(range(s.start, s.stop))
+                for s in microbatch_slices(len(x), micro_batch_size, count)
+            ]
+            for x in shard_lengths
+        ]
+    count = max([1, *(sum(1 for rows in cut if rows) for cut in cuts)])
+    return [
+        [rows for rows in cut if rows] + [[]] * (count - sum(1 for r in cut if r)) for cut in cuts
+    ]
+
+
+def padded_tokens(lengths: Sequence[int], plan: Sequence[Sequence[int]]) -> int:
+    """Token positions a rank's ``plan`` runs: ``Σ_micro |rows| · max(lengths[rows])``
+    (padding micro-batches, empty lists, count 0 here; they run one token each)."""
+    return sum(len(rows) * max(lengths[i] for i in rows) for rows in plan if rows)

@@ -184,6 +184,15 @@ def vision_filler(image_processor: Any, token_ids: Mapping[str, int]) -> TrainBa
     )
 
 
+def sequence_lengths(batch: TrainBatch) -> list[int]:
+    """Each row's length in :func:`collate`'s layout: prompt + response tokens, at least one
+    response position (``(B,)`` ints; a micro-batch of rows R runs ``|R| · max`` of them)."""
+    return [
+        len(p) + max(len(r), 1)
+        for p, r in zip(batch.prompt_token_ids, batch.response_token_ids, strict=True)
+    ]
+
+
 def collate(batch: TrainBatch, pad_token_id: int = 0) -> dict[str, Tensor]:
     """Right-pad a batch into model inputs.
 

@@ -23,13 +23,13 @@ from actors.learner.worker import LOSS_METRICS, WRITE_ADVICE, LearnerWorker
 from shuffle_r1.config import Config
 from shuffle_r1.integrity import CheckpointRejectedError, CheckpointWriteError, full_disk_error
 from shuffle_r1.minibatches import (
-    microbatch_count,
+    microbatch_plans,
     minibatch_slices,
     pair_aligned_shards,
     rollouts_per_optimizer_step,
 )
 from shuffle_r1.precision import resolve_dtype
-from shuffle_r1.training import TrainBatch
+from shuffle_r1.training import TrainBatch, sequence_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ class LearnerGroup:
         self.publish_dtype = resolve_dtype(cfg.rollout.dtype, cuda=rollout_on_cuda).dtype
         le = cfg.learner
         actor = ray.remote(LearnerWorker).options(
-            num_cpus=1, num_gpus=le.num_gpus_per_rank, resources=dict(le.ray_resources) or None
+            num_cpus=le.threads_per_rank,
+            num_gpus=le.num_gpus_per_rank,
+            resources=dict(le.ray_resources) or None,
         )
         # Actor handles: their methods are typed by Ray at run time only.
         self.workers: list[Any] = [
@@ -117,16 +119,19 @@ class LearnerGroup:
         return ray.get(refs)
 
     def _run(self, method: str, batch: TrainBatch) -> list[tuple[slice, Any]]:
-        """Call ``method(shard, count)`` on every rank with its pair-aligned shard."""
+        """Call ``method(shard, plan)`` on every rank with its pair-aligned shard and its
+        micro-batches (``minibatches.microbatch_plans``: the same count on every rank)."""
         if not self.workers:
             raise RuntimeError("the learner group is shut down")
         shards = pair_aligned_shards(len(batch), len(self.workers))
-        count = microbatch_count(
-            [s.stop - s.start for s in shards], self.cfg.learner.micro_batch_size
+        lengths = sequence_lengths(batch)
+        le = self.cfg.learner
+        plans = microbatch_plans(
+            [lengths[s] for s in shards], le.micro_batch_size, le.micro_batch_tokens
         )
         refs = [
-            getattr(w, method).remote(batch.select(s), count)
-            for w, s in zip(self.workers, shards, strict=True)
+            getattr(w, method).remote(batch.select(s), plan)
+            for w, s, plan in zip(self.workers, shards, plans, strict=True)
         ]
         return list(zip(shards, self._gather(refs), strict=True))
 
@@ -177,7 +182,11 @@ class LearnerGroup:
             means over micro-batches of ``policy_loss``, ``pg_loss``, ``kl``,
             ``clip_fraction``, ``approx_kl``; mean ``grad_norm`` over optimizer steps
             (before clipping); ``num_optimizer_steps`` (steps taken; a non-finite gradient
-            skips one); ``lr``.
+            skips one); ``lr``; ``tokens`` (prompt + response tokens trained, all ranks),
+            ``padded_tokens`` (token positions the micro-batches ran) and ``padding_share``
+            (1 - tokens / padded_tokens); ``microbatches_per_rank`` (forward/backward passes
+            each rank ran, padding ones included); ``peak_memory_mb`` (the largest
+            per-micro-batch peak of any rank, ``LearnerWorker.train_step``).
 
         Raises:
             ValueError: an empty or odd-sized batch, ``kl_coef > 0`` without ref log-probs,
@@ -201,6 +210,7 @@ class LearnerGroup:
             batch = batch.with_logprobs(old=old_logprobs)
         records: list[dict[str, float]] = []
         norms, steps, lr = [], 0, float("nan")
+        tokens, padded, peak, micro_per_rank = 0, 0, 0.0, 0
         for _ in range(self.cfg.learner.ppo_epochs):
             cuts = minibatches or minibatch_slices(len(batch), self.rollouts_per_minibatch)
             for rows in cuts:
@@ -209,10 +219,21 @@ class LearnerGroup:
                 norms.append(results[0]["grad_norm"])
                 steps += int(results[0]["stepped"])
                 lr = results[0]["lr"]
+                tokens += sum(r["tokens"] for r in results)
+                padded += sum(r["padded_tokens"] for r in results)
+                peak = max([peak, *(r["peak_memory_mb"] for r in results)])
+                micro_per_rank += results[0]["microbatches"]
         if steps:
             self.version += 1
         metrics = {k: sum(r[k] for r in records) / len(records) for k in LOSS_METRICS}
         metrics.update(grad_norm=sum(norms) / len(norms), num_optimizer_steps=float(steps), lr=lr)
+        metrics.update(
+            tokens=float(tokens),
+            padded_tokens=float(padded),
+            padding_share=1 - tokens / padded if padded else 0.0,
+            microbatches_per_rank=float(micro_per_rank),
+            peak_memory_mb=peak,
+        )
         return metrics
 
     def publish_weights(self) -> tuple[int, ray.ObjectRef]:

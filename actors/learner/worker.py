@@ -36,16 +36,24 @@ import torch.distributed as dist
 from torch import Tensor
 
 from actors.learner.backends import DTYPES, make_backend
+from actors.learner.memory import peak_memory_mb, reset_peak_memory
 from actors.metrics import ray_metric
 from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.data.images import vision_inputs
 from shuffle_r1.integrity import CheckpointWriteError, check_files, full_disk_error
-from shuffle_r1.minibatches import microbatch_slices
+from shuffle_r1.minibatches import padded_tokens
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.net import free_port
 from shuffle_r1.precision import resolve_dtype
-from shuffle_r1.training import TrainBatch, collate, padding_batch, token_logprobs, vision_filler
+from shuffle_r1.training import (
+    TrainBatch,
+    collate,
+    padding_batch,
+    sequence_lengths,
+    token_logprobs,
+    vision_filler,
+)
 
 LOSS_METRICS = ("policy_loss", "pg_loss", "kl", "clip_fraction", "approx_kl")
 VISION_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -62,9 +70,10 @@ WRITE_ADVICE = (
 class LearnerWorker:
     """Rank ``rank`` of ``world_size``: one shard of the policy model and its optimizer.
 
-    Created by :class:`LearnerGroup` as a Ray actor (1 CPU, ``learner.num_gpus_per_rank``
-    GPUs). Call order: :meth:`master_address` on rank 0, then :meth:`setup` on every rank
-    at once (it blocks until all ranks joined). Every other method except :meth:`ping` is
+    Created by :class:`LearnerGroup` as a Ray actor (``learner.threads_per_rank`` CPUs, which
+    torch uses as its thread count; ``learner.num_gpus_per_rank`` GPUs). Call order:
+    :meth:`master_address` on rank 0, then :meth:`setup` on every rank at once (it blocks
+    until all ranks joined). Every other method except :meth:`ping` is
     collective: all ranks must call it with their own shard, in the same order.
     """
 
@@ -74,6 +83,7 @@ class LearnerWorker:
         self.cfg = cfg
         self.model_path = model_path
         use_cuda = cfg.learner.num_gpus_per_rank > 0
+        torch.set_num_threads(cfg.learner.threads_per_rank)
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         self.backend = make_backend(
             cfg.learner,
@@ -177,51 +187,75 @@ class LearnerWorker:
             vision=vision,
         )
 
-    def _micro_batches(self, shard: TrainBatch, count: int) -> list[tuple[bool, TrainBatch]]:
-        """``count`` micro-batches of the shard, ``(is_real, batch)``; padding fills the tail."""
-        slices = microbatch_slices(len(shard), self.cfg.learner.micro_batch_size, count)
-        return [
-            (s.stop > s.start, shard.select(s) if s.stop > s.start else padding_batch())
-            for s in slices
-        ]
+    def _micro_batches(
+        self, shard: TrainBatch, plan: list[list[int]]
+    ) -> list[tuple[list[int], TrainBatch]]:
+        """The shard's micro-batches, ``(rows, batch)``, one per entry of ``plan`` (rows of the
+        shard, ``minibatches.microbatch_plans``); an empty entry is a padding micro-batch."""
+        return [(rows, shard.select(rows) if rows else padding_batch()) for rows in plan]
 
     @torch.no_grad()
-    def compute_logprobs(self, shard: TrainBatch, count: int) -> Tensor:
+    def compute_logprobs(self, shard: TrainBatch, plan: list[list[int]]) -> Tensor:
         """Log-probs ``(len(shard), shard.max_response_len)`` (nats, CPU float32) of the
-        shard's response tokens, 0 past each response; ``count`` micro-batches (collective).
+        shard's response tokens, 0 past each response; micro-batches ``plan`` (collective).
         """
         self.backend.model.eval()
         out = torch.zeros(len(shard), shard.max_response_len)
-        start = 0
-        for real, micro in self._micro_batches(shard, count):
+        for rows, micro in self._micro_batches(shard, plan):
             self._m_micro.inc(1, tags={"kind": "logprobs"})
             logprobs = self._logprobs(self._inputs(micro))[: len(micro)].cpu()
-            if real:
+            if rows:
                 width = min(out.shape[1], logprobs.shape[1])
-                out[start : start + len(micro), :width] = logprobs[:, :width]
-                start += len(micro)
+                out[rows, :width] = logprobs[:, :width]
         return out
 
-    def train_step(self, shard: TrainBatch, count: int) -> dict[str, Any]:
+    def _weights(self, shard: TrainBatch, plan: list[list[int]]) -> list[float]:
+        """Each micro-batch's weight in the rank's gradient (docs/algorithm.md §4).
+
+        Micro-batches of ``learner.micro_batch_size`` rows: ``1/count`` each (EasyR1's
+        accumulation). Under ``learner.micro_batch_tokens`` (micro-batches of unequal size):
+        the micro-batch's share of the shard's response tokens for ``token-mean``, of its
+        rows for ``seq-mean-token-mean``, so the rank's loss is the shard's token (or
+        sequence) mean however the shard was cut. Padding micro-batches weigh 0.
+        """
+        if self.cfg.learner.micro_batch_tokens <= 0:
+            return [1.0 / len(plan)] * len(plan)
+        if self.cfg.algorithm.loss_agg_mode == "token-mean":
+            sizes = [sum(len(shard.response_token_ids[i]) for i in rows) for rows in plan]
+        else:
+            sizes = [len(rows) for rows in plan]
+        total = sum(sizes)
+        return [size / total if total else 0.0 for size in sizes]
+
+    def train_step(self, shard: TrainBatch, plan: list[list[int]]) -> dict[str, Any]:
         """One optimizer step on this rank's shard of a mini-batch (collective).
 
-        The shard runs as ``count`` micro-batches; each micro-batch's policy loss
-        (``algorithm.loss_agg_mode`` mean over its tokens, docs/algorithm.md §4) is scaled by
-        ``1/count`` and back-propagated; FSDP2/ZeRO average the gradients over the ranks,
-        so every micro-batch weighs ``1/(count·N)`` in the step (EasyR1's accumulation).
-        Then the gradient norm is clipped to ``learner.grad_clip`` and AdamW steps; a
-        non-finite norm skips the step (FSDP2; DeepSpeed steps regardless).
+        The shard runs as the micro-batches ``plan`` (rows of the shard; an empty entry is a
+        padding micro-batch); each micro-batch's policy loss (``algorithm.loss_agg_mode``
+        mean over its tokens, docs/algorithm.md §4) is scaled by its weight
+        (:meth:`_weights`: ``1/count`` for micro-batches of ``learner.micro_batch_size``)
+        and back-propagated; FSDP2/ZeRO average the gradients over the ranks. Then the
+        gradient norm is clipped to ``learner.grad_clip`` and AdamW steps; a non-finite norm
+        skips the step (FSDP2; DeepSpeed steps regardless).
 
         Returns:
             ``micro``: a list of per-micro-batch loss metrics (floats, real micro-batches
-            only); ``grad_norm`` (float, before clipping); ``lr``; ``stepped`` (bool).
+            only); ``grad_norm`` (float, before clipping); ``lr``; ``stepped`` (bool);
+            ``tokens`` (prompt + response tokens of the shard) and ``padded_tokens`` (token
+            positions its real micro-batches ran, padding included); ``peak_memory_mb``, the
+            largest peak of any micro-batch (resident set on CPU, allocated on CUDA;
+            :func:`~actors.learner.memory.peak_memory_mb`); ``microbatches``, ``len(plan)``.
         """
         alg = self.cfg.algorithm
         started = time.perf_counter()
         self.backend.model.train()
         records = []
-        for real, micro in self._micro_batches(shard, count):
+        peak = 0.0
+        for (rows, micro), weight in zip(
+            self._micro_batches(shard, plan), self._weights(shard, plan), strict=True
+        ):
             self._m_micro.inc(1, tags={"kind": "train"})
+            reset_peak_memory(self.device)
             inputs = self._inputs(micro)
             logprobs = self._logprobs(inputs)
             old = inputs.get("old_logprobs")
@@ -239,8 +273,9 @@ class LearnerWorker:
                 kl_coef=alg.kl_coef,
                 kl_type=alg.kl_type,
             )
-            self.backend.backward(out.loss / count)
-            if real:
+            self.backend.backward(out.loss * weight)
+            peak = max(peak, peak_memory_mb(self.device))
+            if rows:
                 values = (out.loss, out.pg_loss, out.kl, out.clip_fraction, out.approx_kl)
                 records.append(
                     {k: float(v.detach()) for k, v in zip(LOSS_METRICS, values, strict=True)}
@@ -251,7 +286,17 @@ class LearnerWorker:
             self._m_tokens.inc(tokens)
         self._m_step.observe(time.perf_counter() - started)
         lr = self.backend.optimizer.param_groups[0]["lr"]
-        return {"micro": records, "grad_norm": grad_norm, "lr": lr, "stepped": stepped}
+        lengths = sequence_lengths(shard)
+        return {
+            "micro": records,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "stepped": stepped,
+            "tokens": sum(lengths),
+            "padded_tokens": padded_tokens(lengths, plan),
+            "microbatches": len(plan),
+            "peak_memory_mb": peak,
+        }
 
     # -- weights and checkpoints ---------------------------------------------------------------
 
@@ -357,8 +402,13 @@ class LearnerWorker:
         return meta
 
     def ping(self) -> dict[str, Any]:
-        """Liveness: rank, pid, device (not collective)."""
-        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}
+        """Liveness: rank, pid, device, torch's thread count (not collective)."""
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+        }
 
     def shutdown(self) -> None:
         """Leave the process group (collective when the group is healthy)."""

@@ -280,6 +280,7 @@ def validate(cfg: Config) -> Config:
 
     _choice("learner.backend", le.backend, ("fsdp2", "deepspeed"))
     _at_least("learner.num_ranks", le.num_ranks, 1)
+    _at_least("learner.threads_per_rank", le.threads_per_rank, 1)
     _at_least("learner.num_gpus_per_rank", le.num_gpus_per_rank, 0.0)
     _choice("learner.zero_stage", str(le.zero_stage), ("0", "1", "2", "3"))
     _choice("learner.dtype", le.dtype, DTYPE_CHOICES)
@@ -289,6 +290,7 @@ def validate(cfg: Config) -> Config:
     _at_least("learner.ppo_epochs", le.ppo_epochs, 1)
     _at_least("learner.global_batch_size", le.global_batch_size, 1)
     _at_least("learner.micro_batch_size", le.micro_batch_size, 1)
+    _at_least("learner.micro_batch_tokens", le.micro_batch_tokens, 0)
     _resources("learner.ray_resources", le.ray_resources)
     if a.uses_pts and le.micro_batch_size % 2:
         raise ConfigError(

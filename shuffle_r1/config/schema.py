@@ -156,6 +156,9 @@ class LearnerConfig:
     model_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
     backend: str = "fsdp2"  # fsdp2 | deepspeed
     num_ranks: int = 2
+    # CPU threads (and Ray CPUs) per rank: on a 2-core host 1 rank x 2 threads skips FSDP2's
+    # gloo all-gathers and reduce-scatters (README "Learner: ranks and threads")
+    threads_per_rank: int = 1
     num_gpus_per_rank: float = 0.0
     zero_stage: int = 2  # deepspeed only
     # compute dtype (float32 masters always): auto as rollout.dtype (shuffle_r1/precision.py)
@@ -166,6 +169,9 @@ class LearnerConfig:
     ppo_epochs: int = 1
     global_batch_size: int = 128  # prompts per optimizer step (GRPO); scaled by α under PTS
     micro_batch_size: int = 4  # rollouts per forward/backward
+    # > 0: micro-batches of at most this many padded tokens instead, length-sorted, pairs
+    # whole (verl's dynamic batch size; shuffle_r1/minibatches.py); 0: micro_batch_size rows
+    micro_batch_tokens: int = 0
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = True
     ray_resources: dict[str, float] = field(default_factory=dict)  # per rank, as rollout's

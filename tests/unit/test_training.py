@@ -9,12 +9,21 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from shuffle_r1.minibatches import (
     microbatch_count,
+    microbatch_plans,
     microbatch_slices,
     minibatch_slices,
+    padded_tokens,
     pair_aligned_shards,
     rollouts_per_optimizer_step,
+    token_budget_microbatches,
 )
-from shuffle_r1.training import TrainBatch, collate, padding_batch, token_logprobs
+from shuffle_r1.training import (
+    TrainBatch,
+    collate,
+    padding_batch,
+    sequence_lengths,
+    token_logprobs,
+)
 
 
 def _covers(slices: list[slice], total: int) -> bool:
@@ -268,6 +277,55 @@ def test_micro_batches_never_cut_a_pair(micro: int) -> None:
                 assert len(slices) == count
                 assert _covers(slices, shard.stop - shard.start)
                 assert all(s.start % 2 == 0 and s.stop % 2 == 0 for s in slices)
+
+
+def test_token_budget_packs_similar_lengths_and_keeps_pairs_whole() -> None:
+    # pairs (by their longer row): 0 -> 100, 1 -> 20, 2 -> 90, 3 -> 30
+    lengths = [100, 60, 20, 10, 80, 90, 30, 25]
+    cut = token_budget_microbatches(lengths, budget=200)
+    assert cut == [[0, 1], [4, 5], [6, 7, 2, 3]]  # longest first; 4 rows x 30 = 120 fit
+    assert sorted(i for rows in cut for i in rows) == list(range(8))
+    assert all(len(rows) * max(lengths[i] for i in rows) <= 200 for rows in cut)
+    assert padded_tokens(lengths, cut) == 2 * 100 + 2 * 90 + 4 * 30
+    # in file order, 4 rows at a time, the short pairs pay for the long ones
+    assert padded_tokens(lengths, [[0, 1, 2, 3], [4, 5, 6, 7]]) == 4 * 100 + 4 * 90
+    # a pair longer than budget/2 gets a micro-batch of its own, over the budget
+    assert token_budget_microbatches([300, 10, 5, 5], budget=100) == [[0, 1], [2, 3]]
+    assert token_budget_microbatches([], budget=100) == []
+    with pytest.raises(ValueError, match="even"):
+        token_budget_microbatches([1, 2, 3], budget=100)
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        token_budget_microbatches([1, 2], budget=0)
+
+
+@pytest.mark.parametrize("budget", [0, 64, 256])
+def test_microbatch_plans_give_every_rank_the_same_count(budget: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for total in range(0, 30, 2):
+        lengths = torch.randint(5, 90, (total,), generator=gen).tolist()
+        shards = pair_aligned_shards(total, 3)
+        plans = microbatch_plans([lengths[s] for s in shards], 4, budget)
+        assert len({len(plan) for plan in plans}) == 1 and len(plans[0]) >= 1
+        for shard, plan in zip(shards, plans, strict=True):
+            rows = [i for micro in plan for i in micro]
+            assert sorted(rows) == list(range(shard.stop - shard.start))
+            pairs = [micro[j : j + 2] for micro in plan for j in range(0, len(micro), 2)]
+            assert all(a % 2 == 0 and b == a + 1 for a, b in pairs)  # pairs whole, adjacent
+            assert all(not micro for micro in plan[sum(1 for m in plan if m) :])  # tail
+            if budget == 0:  # consecutive runs, as microbatch_slices cuts them
+                count = microbatch_count([s.stop - s.start for s in shards], 4)
+                slices = microbatch_slices(shard.stop - shard.start, 4, count)
+                assert plan == [list(range(s.start, s.stop)) for s in slices]
+
+
+def test_sequence_lengths_are_collates_row_lengths() -> None:
+    batch = TrainBatch(
+        prompt_token_ids=[[1, 2, 3], [4]],
+        response_token_ids=[[5, 6], []],
+        advantages=torch.tensor([1.0, -1.0]),
+    )
+    assert sequence_lengths(batch) == [5, 2]  # an empty response still gets one position
+    assert collate(batch)["input_ids"].shape == (2, max(sequence_lengths(batch)))
 
 
 def test_select_takes_rows_in_the_order_given() -> None:
