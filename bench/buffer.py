@@ -19,7 +19,11 @@ The servers run as their own processes (``python -m services.replay_buffer.cli s
 on loopback, against the Redis at $SHUFFLE_R1_REDIS_URL or redis://127.0.0.1:6379/0 (an
 embedded one if none answers), keep_steps = 2, so eviction runs as in training.
 
-Prints one JSON line per configuration and size. Times: wall clock at the client, ms.
+``--prompts by_group per_item`` measures both ways Sample can return the prompts: once per
+group (``SampleRequest.prompts_by_group``, the trainer's way) and with every item (the only
+way before #17 item 5).
+
+Prints one JSON line per configuration, size and prompt layout. Times: wall clock at the client, ms.
 ``pts_abs_ms`` is the library's GRPO advantage + PTS + ABS on the step's rewards alone;
 ``prepare_ms`` and ``draw_ms`` are the server's put and sample logic (library calls plus
 protobuf encoding) measured in this process.
@@ -154,6 +158,7 @@ def bench_size(
     size: int,
     steps: int,
     samples_per_step: int,
+    by_group: bool,
 ) -> dict:
     spec = SPECS[config]
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
@@ -175,11 +180,17 @@ def bench_size(
             assert put.stored == count, put
             for _ in range(samples_per_step):
                 t0 = time.perf_counter()
-                batch = client.sample(run_id, step, policy_version=step, expected_groups=count)
+                batch = client.sample(
+                    run_id, step, policy_version=step, expected_groups=count,
+                    prompts_by_group=by_group,
+                )  # fmt: skip
                 if step >= 2:
                     sample_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            cold.sample(run_id, step, policy_version=step, expected_groups=count)
+            cold.sample(
+                run_id, step, policy_version=step, expected_groups=count,
+                prompts_by_group=by_group,
+            )  # fmt: skip
             if step >= 2:
                 cold_s.append(time.perf_counter() - t0)
                 put_s.append(elapsed)
@@ -193,6 +204,7 @@ def bench_size(
             "group_size": GROUP_SIZE,
             "response_tokens": RESPONSE_TOKENS,
             "prompt_tokens": PROMPT_TOKENS,
+            "prompts_by_group": by_group,
             "items_sampled_mean": round(statistics.mean(items), 1),
             "sample_mb": round(sample_bytes / 2**20, 2),
             "put_p50_ms": round(percentile(put_s, 50) * 1e3, 2),
@@ -219,6 +231,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--steps", type=int, default=40, help="steps put per size")
     parser.add_argument("--samples-per-step", type=int, default=10)
+    parser.add_argument(
+        "--prompts",
+        nargs="+",
+        choices=["by_group", "per_item"],
+        default=["by_group"],
+        help="how Sample returns prompts: once per group (SampleRequest.prompts_by_group, "
+        "as the trainer asks) or with every item (as before #17)",
+    )
     args = parser.parse_args()
     url = os.environ.get("SHUFFLE_R1_REDIS_URL", "redis://127.0.0.1:6379/0")
     embedded = None if ping(url) else EmbeddedRedis().start()
@@ -229,10 +249,14 @@ def main() -> None:
         )
         for config in args.configs:
             for size in args.sizes:
-                steps = max(5, args.steps * 512 // max(size, 512))
-                result = bench_size(client, cold, config, size, steps, args.samples_per_step)
-                result["load_average_1m"] = round(os.getloadavg()[0], 2)
-                print(json.dumps(result), flush=True)
+                for prompts in args.prompts:
+                    steps = max(5, args.steps * 512 // max(size, 512))
+                    result = bench_size(
+                        client, cold, config, size, steps, args.samples_per_step,
+                        by_group=prompts == "by_group",
+                    )  # fmt: skip
+                    result["load_average_1m"] = round(os.getloadavg()[0], 2)
+                    print(json.dumps(result), flush=True)
         client.close()
         cold.close()
     finally:

@@ -131,15 +131,21 @@ class ReplayBufferClient:
         policy_version: int,
         expected_groups: int = 0,
         spec: pb.RunSpec | None = None,
+        prompts_by_group: bool = False,
     ) -> pb.SampleResponse:
         """The training batch of ``step``: items in training order, pairs adjacent, each
-        with the probability its pair was drawn with (docs/algorithm.md §3)."""
+        with the probability its pair was drawn with (docs/algorithm.md §3).
+
+        ``prompts_by_group``: each group's prompt token ids come once, in
+        ``response.prompts[prompt_id]``, and the items' ``prompt_token_ids`` are empty
+        (:func:`item_prompts` gives them per item either way)."""
         request = pb.SampleRequest(
             run_id=run_id,
             step=step,
             policy_version=policy_version,
             expected_groups=expected_groups,
             spec=spec,
+            prompts_by_group=prompts_by_group,
         )
         return self._call(self._stub.Sample, request)
 
@@ -181,6 +187,25 @@ class ReplayBufferClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def item_prompts(sample: pb.SampleResponse) -> list[list[int]]:
+    """Each item's prompt token ids, in item order, whether the response carries them per
+    item or once per group (``SampleRequest.prompts_by_group``); the items of one group
+    share one list under the latter.
+
+    Raises:
+        ValueError: an item's prompt is in neither place (a server that left it out).
+    """
+    if not sample.prompts:
+        return [list(item.prompt_token_ids) for item in sample.items]
+    prompts = {pid: list(p.token_ids) for pid, p in sample.prompts.items()}
+    try:
+        return [prompts[item.prompt_id] for item in sample.items]
+    except KeyError as exc:
+        raise ValueError(
+            f"step {sample.step}: the response has no prompt for group {exc.args[0]!r}"
+        ) from None
 
 
 def _pem(value: bytes | str | Path | None) -> bytes | None:

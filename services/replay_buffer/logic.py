@@ -43,6 +43,7 @@ from services.replay_buffer.wire import (
     item_tail,
     pack_group,
     packed_values,
+    split_item_head,
     varint,
 )
 from shuffle_r1.algos import (
@@ -410,6 +411,8 @@ class DrawnBatch:
         encoded: byte strings whose concatenation encodes the ``SampleResponse.items``
             entries (tags and lengths included), in draw order; send it after a serialized
             SampleResponse holding the other fields.
+        prompts: ``SampleResponse.prompts`` entries (tags and lengths included), one per
+            group with an item in the batch, under ``prompts_by_group``; else empty.
         item_count: items in the batch.
         groups: the StoredGroups the draw was over, in ascending prompt_id order.
         pairs_total: P (0 under ``grpo``).
@@ -427,10 +430,15 @@ class DrawnBatch:
     rollout_silence_ratio: float
     advantage_collapse_share: float
     round_sizes: tuple[int, ...] = ()
+    prompts: tuple[bytes, ...] = ()
 
 
 def draw_batch(
-    payloads: Sequence[bytes], spec: pb.RunSpec, step: int, collapse_tau: float
+    payloads: Sequence[bytes],
+    spec: pb.RunSpec,
+    step: int,
+    collapse_tau: float,
+    prompts_by_group: bool = False,
 ) -> DrawnBatch:
     """The training batch of ``step`` from its StoredGroup payloads (ascending prompt_id).
 
@@ -440,6 +448,10 @@ def draw_batch(
     ``step``). Each drawn pair gives two adjacent items (high advantage first) whose
     ``draw_probability`` is Φ of the pair. ``grpo``: every rollout of every group in order,
     each with draw_probability 1/N and pair_index -1.
+
+    ``prompts_by_group`` (``SampleRequest.prompts_by_group``): the items leave out
+    ``prompt_token_ids`` and :attr:`DrawnBatch.prompts` holds each drawn group's prompt once,
+    encoded as ``SampleResponse.prompts`` entries (``wire.split_item_head``).
     """
     groups = [pb.StoredGroup.FromString(p) for p in payloads]
     bodies = [list(g.item_bodies) for g in groups]  # one copy each, reused by recurring pairs
@@ -465,6 +477,12 @@ def draw_batch(
         pairs_total, shortfall, skipped = len(owner), drawn.shortfall, drawn.skipped
         round_sizes = drawn.round_sizes
     heads = [g.item_head for g in groups]
+    prompts: tuple[bytes, ...] = ()
+    if prompts_by_group:
+        drawn_groups = sorted({g for g, _, _ in picks})
+        cut = {g: split_item_head(heads[g]) for g in drawn_groups}
+        heads = [cut[g][0] if g in cut else b"" for g in range(len(groups))]
+        prompts = tuple(cut[g][1] for g in drawn_groups)
     group_advantages = [list(g.advantages) for g in groups]
     group_truncated = [list(g.truncated) for g in groups]
     encoded: list[bytes] = []
@@ -486,4 +504,5 @@ def draw_batch(
         rollout_silence_ratio=rollout_silence_ratio(advantages, truncated),
         advantage_collapse_share=advantage_collapse_share(advantages, collapse_tau),
         round_sizes=round_sizes,
+        prompts=prompts,
     )

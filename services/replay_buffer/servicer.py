@@ -245,7 +245,13 @@ class ReplayBufferServicer:
             raise _Abort(grpc.StatusCode.ABORTED, str(exc)) from exc
         self.metrics.set_held(run_id, snapshot.held)
         spec = pb.RunSpec.FromString(snapshot.spec)
-        batch = logic.draw_batch(snapshot.payloads, spec, request.step, self.algo.collapse_tau)
+        batch = logic.draw_batch(
+            snapshot.payloads,
+            spec,
+            request.step,
+            self.algo.collapse_tau,
+            prompts_by_group=request.prompts_by_group,
+        )
         header = pb.SampleResponse(
             run_id=run_id,
             step=request.step,
@@ -263,7 +269,7 @@ class ReplayBufferServicer:
             if g.images:
                 prompt_id = pb.SampledItem.FromString(g.item_head).prompt_id
                 header.images[prompt_id].images.extend(g.images)
-        body = b"".join([header.SerializeToString(), *batch.encoded])
+        body = b"".join([header.SerializeToString(), *batch.encoded, *batch.prompts])
         if len(body) > self.max_message_bytes:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

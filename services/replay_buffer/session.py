@@ -86,6 +86,7 @@ class BufferSession:
                     policy_version=policy_version,
                     expected_groups=len(groups),
                     spec=self.spec,
+                    prompts_by_group=True,
                 )
                 return put, sample
             except grpc.RpcError as exc:

@@ -63,6 +63,10 @@ ADVANTAGE_TAG = tag(ITEM, "advantage", I64)
 PAIR_INDEX_TAG = tag(ITEM, "pair_index", VARINT)
 DRAW_PROBABILITY_TAG = tag(ITEM, "draw_probability", I64)
 ITEM_TAG = tag(pb.SampleResponse.DESCRIPTOR, "items", LEN)
+PROMPTS_TAG = bytes([pb.SampleResponse.DESCRIPTOR.fields_by_name["prompts"].number << 3 | LEN])
+MAP_KEY_TAG, MAP_VALUE_TAG = bytes([1 << 3 | LEN]), bytes([2 << 3 | LEN])
+GROUP_PROMPT_TOKENS_TAG = tag(pb.GroupPrompt.DESCRIPTOR, "token_ids", LEN)
+ITEM_WIRE = wire_types(ITEM)
 
 
 @dataclass(frozen=True)
@@ -199,3 +203,22 @@ def varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def split_item_head(head: bytes) -> tuple[bytes, bytes]:
+    """A stored item head (``SampledItem(step, prompt_id, prompt_token_ids)`` serialized,
+    fields in that order) cut into the head without the prompt and the
+    ``SampleResponse.prompts`` map entry of its prompt (tag and length included), as
+    protobuf writes them (``SampleRequest.prompts_by_group``)."""
+    fields = walk(head, 0, len(head), ITEM_WIRE)
+    if fields is None:  # written by this server: cannot happen short of a corrupt store
+        raise ValueError("a stored item head does not parse")
+    prompt_id, short_end, tokens = b"", len(head), b""
+    for number, start, _, end in fields:
+        if number == ITEM.fields_by_name["prompt_id"].number:
+            prompt_id = head[start:end]  # its length prefix and bytes
+        elif number == ITEM.fields_by_name["prompt_token_ids"].number:
+            short_end, tokens = start - 1, head[start:end]  # the one-byte tag before start
+    value = GROUP_PROMPT_TOKENS_TAG + tokens if tokens else b""
+    entry = b"".join((MAP_KEY_TAG, prompt_id, MAP_VALUE_TAG, varint(len(value)), value))
+    return head[:short_end], PROMPTS_TAG + varint(len(entry)) + entry

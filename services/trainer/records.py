@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from protos import replay_buffer_pb2 as pb
+from services.replay_buffer.client import item_prompts
 from shuffle_r1.data.splits import Prompt
 from shuffle_r1.training import TrainBatch
 
@@ -64,7 +65,7 @@ def train_batch(sample: Any) -> tuple[TrainBatch, int]:
     """
     images = {pid: _image_bytes(pid, found.images) for pid, found in sample.images.items()}
     batch = TrainBatch(
-        prompt_token_ids=[list(it.prompt_token_ids) for it in sample.items],
+        prompt_token_ids=item_prompts(sample),
         response_token_ids=[list(it.rollout.token_ids) for it in sample.items],
         advantages=torch.tensor([it.advantage for it in sample.items]),
         images=[images.get(it.prompt_id, ()) for it in sample.items] if images else [],

@@ -14,6 +14,7 @@ from buffer_helpers import make_group, random_groups
 
 from protos import replay_buffer_pb2 as pb
 from services.replay_buffer import logic, wire
+from services.replay_buffer.client import item_prompts
 from shuffle_r1.config import AlgorithmConfig
 
 
@@ -85,6 +86,44 @@ def test_a_sampled_batch_carries_the_groups_as_put(buffer, run_id):
         g = by_id[item.prompt_id]
         assert (item.step, list(item.prompt_token_ids)) == (3, list(g.prompt_token_ids))
         assert item.rollout == g.rollouts[item.rollout_index]
+
+
+def test_a_head_split_for_prompts_by_group_is_what_protobuf_writes():
+    for g in edge_groups("split"):
+        full = pb.SampledItem(
+            step=g.step, prompt_id=g.prompt_id, prompt_token_ids=g.prompt_token_ids
+        )
+        short, entry = wire.split_item_head(full.SerializeToString())
+        assert short == pb.SampledItem(step=g.step, prompt_id=g.prompt_id).SerializeToString()
+        response = pb.SampleResponse()
+        response.prompts[g.prompt_id].token_ids[:] = g.prompt_token_ids
+        assert entry == response.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "shuffle_r1"])
+def test_prompts_by_group_send_each_prompt_once_and_the_same_batch(buffer, run_id, algorithm):
+    """The same draw either way; per group, the prompt comes once and the items carry none,
+    and client.item_prompts gives every item its prompt back."""
+    groups = random_groups(run_id, 5, 4, n=8, seed=9)
+    spec = pb.RunSpec(algorithm=algorithm)
+    assert buffer.client.put_groups(groups, spec=spec).stored == 4
+    per_item = buffer.client.sample(run_id, 5, policy_version=0, spec=spec)
+    by_group = buffer.client.sample(run_id, 5, policy_version=0, spec=spec, prompts_by_group=True)
+    assert len(by_group.items) == len(per_item.items) > 0
+    assert not any(item.prompt_token_ids for item in by_group.items)
+    drawn = {item.prompt_id for item in per_item.items}
+    assert set(by_group.prompts) == drawn
+    for a, b in zip(per_item.items, by_group.items, strict=True):
+        b_full = pb.SampledItem()
+        b_full.CopyFrom(b)
+        b_full.prompt_token_ids[:] = by_group.prompts[b.prompt_id].token_ids
+        assert b_full == a
+    assert item_prompts(by_group) == item_prompts(per_item)
+    assert item_prompts(per_item) == [list(i.prompt_token_ids) for i in per_item.items]
+    assert by_group.ByteSize() < per_item.ByteSize()
+    del by_group.prompts[next(iter(drawn))]
+    with pytest.raises(ValueError, match="has no prompt for group"):
+        item_prompts(by_group)
 
 
 def big_group(run_id: str, prompt_id: str, tokens: int) -> pb.Group:
