@@ -220,20 +220,44 @@ def microbatch_slices(num_rollouts: int, micro_batch_size: int, count: int) -> l
     ]
 
 
-def token_budget_microbatches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Cut a shard into micro-batches of at most ``budget`` padded tokens, longest pairs first
-    (verl's dynamic batch size, ``use_dynamic_bsz``, with pairs kept whole).
+def microbatch_cost(
+    rows: Sequence[int], lengths: Sequence[int], prompts: Sequence[tuple[int, int]] | None = None
+) -> int:
+    """Token positions a micro-batch of ``rows`` runs (0 for none).
 
-    A micro-batch of rows R runs ``|R| · max_{i∈R} lengths[i]`` token positions (right
-    padding, ``training.collate``). Pairs (rows 2k, 2k+1) are sorted by their longer row,
-    longest first (stable), and packed greedily: a pair joins the current micro-batch while
-    the padded count stays within ``budget``, else starts the next. So rows of similar length
-    share a micro-batch and short rollouts stop paying for long ones. A pair longer than
-    ``budget / 2`` alone gets a micro-batch of its own (over the budget).
+    Full rows (``training.collate``, right padding): ``|rows| · max lengths[rows]``. With
+    ``prompts`` (each row's ``(prompt key, prompt length)``; the shared-prompt layout of
+    ``shuffle_r1.shared_prompt``): ``distinct prompts · longest prompt + |rows| · longest
+    response``, a response being ``lengths[i] - prompt length``.
+    """
+    if not rows:
+        return 0
+    if prompts is None:
+        return len(rows) * max(lengths[i] for i in rows)
+    distinct = {prompts[i][0] for i in rows}
+    longest_prompt = max(prompts[i][1] for i in rows)
+    longest_response = max(lengths[i] - prompts[i][1] for i in rows)
+    return len(distinct) * longest_prompt + len(rows) * longest_response
+
+
+def token_budget_microbatches(
+    lengths: Sequence[int], budget: int, prompts: Sequence[tuple[int, int]] | None = None
+) -> list[list[int]]:
+    """Cut a shard into micro-batches of at most ``budget`` token positions
+    (:func:`microbatch_cost`), pairs whole: verl's dynamic batch size (``use_dynamic_bsz``).
+
+    Pairs (rows 2k, 2k+1) are sorted longest first (by their longer row; stable) and packed
+    greedily: a pair joins the current micro-batch while its cost stays within ``budget``,
+    else starts the next. So rows of similar length share a micro-batch and short rollouts
+    stop paying for long ones. With ``prompts`` (the shared-prompt layout) the pairs of one
+    prompt are kept next to each other, prompts ordered by their longest pair, so a prompt
+    runs in as few micro-batches as the budget allows. A pair over the budget alone gets a
+    micro-batch of its own.
 
     Args:
         lengths: each row's sequence length, prompt + response tokens (``(B,)``, B even).
-        budget: padded tokens per micro-batch, >= 1.
+        budget: token positions per micro-batch, >= 1.
+        prompts: each row's ``(prompt key, prompt length)``, or None for full rows.
 
     Returns:
         Row indices of each micro-batch, in packing order; each row exactly once, both rows
@@ -245,31 +269,34 @@ def token_budget_microbatches(lengths: Sequence[int], budget: int) -> list[list[
     _check_even("len(lengths)", len(lengths), 0)
     if budget < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {budget}")
-    pairs = sorted(
-        range(len(lengths) // 2),
-        key=lambda k: -max(lengths[2 * k], lengths[2 * k + 1]),
-    )
+    pair_len = [max(lengths[2 * k], lengths[2 * k + 1]) for k in range(len(lengths) // 2)]
+    order = sorted(range(len(pair_len)), key=lambda k: -pair_len[k])
+    if prompts is not None:
+        first: dict[int, int] = {}  # prompt key -> rank of its longest pair
+        for rank, k in enumerate(order):
+            first.setdefault(prompts[2 * k][0], rank)
+        order.sort(key=lambda k: first[prompts[2 * k][0]])  # stable: longest first within
     out: list[list[int]] = []
-    longest = 0
-    for k in pairs:
-        pair_len = max(lengths[2 * k], lengths[2 * k + 1])
-        if out and (len(out[-1]) + 2) * max(longest, pair_len) <= budget:
+    for k in order:
+        if out and microbatch_cost([*out[-1], 2 * k, 2 * k + 1], lengths, prompts) <= budget:
             out[-1].extend((2 * k, 2 * k + 1))
-            longest = max(longest, pair_len)
         else:
             out.append([2 * k, 2 * k + 1])
-            longest = pair_len
     return out
 
 
 def microbatch_plans(
-    shard_lengths: Sequence[Sequence[int]], micro_batch_size: int, micro_batch_tokens: int = 0
+    shard_lengths: Sequence[Sequence[int]],
+    micro_batch_size: int,
+    micro_batch_tokens: int = 0,
+    shard_prompts: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> list[list[list[int]]]:
     """Every rank's micro-batches, as row indices into its shard, padded with empty lists so
     that every rank runs the same number (the most any rank needs; at least one).
 
-    ``micro_batch_tokens`` > 0 cuts each shard with :func:`token_budget_microbatches`,
-    else into consecutive runs of ``micro_batch_size`` rows (:func:`microbatch_slices`).
+    ``micro_batch_tokens`` > 0 cuts each shard with :func:`token_budget_microbatches` (with
+    ``shard_prompts[r]``, the shared-prompt layout's costs, when given), else into
+    consecutive runs of ``micro_batch_size`` rows (:func:`microbatch_slices`).
 
     Args:
         shard_lengths: per rank, each row's prompt + response length.
@@ -278,7 +305,12 @@ def microbatch_plans(
         ValueError: a size < 1 or an odd shard under the token budget.
     """
     if micro_batch_tokens > 0:
-        cuts = [token_budget_microbatches(lengths, micro_batch_tokens) for lengths in shard_lengths]
+        cuts = [
+            token_budget_microbatches(
+                lengths, micro_batch_tokens, None if shard_prompts is None else shard_prompts[r]
+            )
+            for r, lengths in enumerate(shard_lengths)
+        ]
     else:
         count = microbatch_count([len(x) for x in shard_lengths], micro_batch_size)
         cuts = [
@@ -288,13 +320,23 @@ def microbatch_plans(
             ]
             for x in shard_lengths
         ]
-    count = max([1, *(sum(1 for rows in cut if rows) for cut in cuts)])
-    return [
-        [rows for rows in cut if rows] + [[]] * (count - sum(1 for r in cut if r)) for cut in cuts
-    ]
+    real = [[rows for rows in cut if rows] for cut in cuts]
+    count = max([1, *(len(rows) for rows in real)])
+    return [rows + [[] for _ in range(count - len(rows))] for rows in real]
 
 
-def padded_tokens(lengths: Sequence[int], plan: Sequence[Sequence[int]]) -> int:
-    """Token positions a rank's ``plan`` runs: ``Σ_micro |rows| · max(lengths[rows])``
-    (padding micro-batches, empty lists, count 0 here; they run one token each)."""
-    return sum(len(rows) * max(lengths[i] for i in rows) for rows in plan if rows)
+def padded_tokens(
+    lengths: Sequence[int],
+    plan: Sequence[Sequence[int]],
+    prompts: Sequence[tuple[int, int]] | None = None,
+) -> int:
+    """Token positions a rank's ``plan`` runs: the sum of :func:`microbatch_cost` (padding
+    micro-batches, empty lists, count 0 here; they run one token each)."""
+    return sum(microbatch_cost(rows, lengths, prompts) for rows in plan)
+
+
+def prompt_keys(prompt_token_ids: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """Each row's ``(prompt key, prompt length)``: equal prompts get the same key (the index
+    of their first row), the shared-prompt layout's cost input (:func:`microbatch_cost`)."""
+    seen: dict[tuple[int, ...], int] = {}
+    return [(seen.setdefault(tuple(p), i), len(p)) for i, p in enumerate(prompt_token_ids)]

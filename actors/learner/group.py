@@ -26,6 +26,7 @@ from shuffle_r1.minibatches import (
     microbatch_plans,
     minibatch_slices,
     pair_aligned_shards,
+    prompt_keys,
     rollouts_per_optimizer_step,
 )
 from shuffle_r1.precision import resolve_dtype
@@ -87,6 +88,9 @@ class LearnerGroup:
         started = time.perf_counter()
         address = self._gather([self.workers[0].master_address.remote()])[0]
         self._gather([w.setup.remote(*address) for w in self.workers])
+        # whether the ranks run shuffle_r1/shared_prompt.py's layout (a text model and
+        # learner.share_prompts): the token budget then packs a prompt's rollouts together
+        self.share_prompts = bool(self._gather([self.workers[0].ping.remote()])[0]["share_prompts"])
         logger.info(
             "learner: %d %s ranks on %s ready in %.1f s",
             le.num_ranks,
@@ -126,8 +130,12 @@ class LearnerGroup:
         shards = pair_aligned_shards(len(batch), len(self.workers))
         lengths = sequence_lengths(batch)
         le = self.cfg.learner
+        prompts = prompt_keys(batch.prompt_token_ids) if self.share_prompts else None
         plans = microbatch_plans(
-            [lengths[s] for s in shards], le.micro_batch_size, le.micro_batch_tokens
+            [lengths[s] for s in shards],
+            le.micro_batch_size,
+            le.micro_batch_tokens,
+            None if prompts is None else [prompts[s] for s in shards],
         )
         refs = [
             getattr(w, method).remote(batch.select(s), plan)

@@ -42,10 +42,11 @@ from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.data.images import vision_inputs
 from shuffle_r1.integrity import CheckpointWriteError, check_files, full_disk_error
-from shuffle_r1.minibatches import padded_tokens
+from shuffle_r1.minibatches import padded_tokens, prompt_keys
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.net import free_port
 from shuffle_r1.precision import resolve_dtype
+from shuffle_r1.shared_prompt import collate_shared, shared_prompt_logprobs
 from shuffle_r1.training import (
     TrainBatch,
     collate,
@@ -102,6 +103,9 @@ class LearnerWorker:
         self.image_processor: Any = None
         self.image_token_id = -1
         self.filler: TrainBatch | None = None
+        # each distinct prompt of a micro-batch once (shuffle_r1/shared_prompt.py): text
+        # models only, and the same on every rank (a forward is a collective); set in setup
+        self.share_prompts = False
 
     def master_address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port for the process group's rendezvous (rank 0)."""
@@ -135,6 +139,8 @@ class LearnerWorker:
         model.config.use_cache = False
         if hasattr(model.config, "vision_config"):
             self._setup_vision(model)
+        else:
+            self.share_prompts = le.share_prompts
         if le.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.to(self.device)
@@ -160,9 +166,14 @@ class LearnerWorker:
     # -- log-probs and training --------------------------------------------------------------
 
     def _inputs(self, batch: TrainBatch) -> dict[str, Tensor]:
-        """Model inputs of a micro-batch (:func:`collate`); for a vision-language model also
-        the vision inputs, after appending the filler to a micro-batch without an image
-        (module doc; its rows come last and carry no signal)."""
+        """Model inputs of a micro-batch: for a text model with ``learner.share_prompts``, its
+        distinct prompts and the responses (:func:`collate_shared`), else the full rows
+        (:func:`collate`); for a vision-language model also the vision inputs, after
+        appending the filler to a micro-batch without an image (module doc; its rows come
+        last and carry no signal)."""
+        if self.share_prompts:
+            inputs = collate_shared(batch)
+            return {k: v.to(self.device) for k, v in inputs.items()}
         if self.filler is not None and not batch.has_images:
             batch = batch.concat(self.filler)
         inputs = collate(batch)
@@ -175,6 +186,9 @@ class LearnerWorker:
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     def _logprobs(self, inputs: dict[str, Tensor]) -> Tensor:
+        temperature = self.cfg.rollout.temperature
+        if self.share_prompts:
+            return shared_prompt_logprobs(self.backend.model, inputs, temperature)
         vision = {k: inputs[k] for k in VISION_KEYS if k in inputs}
         return token_logprobs(
             self.backend.model,
@@ -183,7 +197,7 @@ class LearnerWorker:
             None if vision else inputs["position_ids"],  # VL: the model's own mRoPE positions
             inputs["response_start"],
             inputs["response_mask"],
-            temperature=self.cfg.rollout.temperature,
+            temperature=temperature,
             vision=vision,
         )
 
@@ -242,9 +256,11 @@ class LearnerWorker:
             ``micro``: a list of per-micro-batch loss metrics (floats, real micro-batches
             only); ``grad_norm`` (float, before clipping); ``lr``; ``stepped`` (bool);
             ``tokens`` (prompt + response tokens of the shard) and ``padded_tokens`` (token
-            positions its real micro-batches ran, padding included); ``peak_memory_mb``, the
-            largest peak of any micro-batch (resident set on CPU, allocated on CUDA;
-            :func:`~actors.learner.memory.peak_memory_mb`); ``microbatches``, ``len(plan)``.
+            positions its real micro-batches ran, padding included, each distinct prompt of
+            a micro-batch once under ``share_prompts``: ``minibatches.microbatch_cost``);
+            ``peak_memory_mb``, the largest peak of any micro-batch (resident set on CPU,
+            allocated on CUDA; :func:`~actors.learner.memory.peak_memory_mb`);
+            ``microbatches``, ``len(plan)``.
         """
         alg = self.cfg.algorithm
         started = time.perf_counter()
@@ -287,13 +303,14 @@ class LearnerWorker:
         self._m_step.observe(time.perf_counter() - started)
         lr = self.backend.optimizer.param_groups[0]["lr"]
         lengths = sequence_lengths(shard)
+        prompts = prompt_keys(shard.prompt_token_ids) if self.share_prompts else None
         return {
             "micro": records,
             "grad_norm": grad_norm,
             "lr": lr,
             "stepped": stepped,
             "tokens": sum(lengths),
-            "padded_tokens": padded_tokens(lengths, plan),
+            "padded_tokens": padded_tokens(lengths, plan, prompts),
             "microbatches": len(plan),
             "peak_memory_mb": peak,
         }
@@ -402,12 +419,14 @@ class LearnerWorker:
         return meta
 
     def ping(self) -> dict[str, Any]:
-        """Liveness: rank, pid, device, torch's thread count (not collective)."""
+        """Liveness: rank, pid, device, torch's thread count, whether micro-batches run each
+        distinct prompt once (not collective)."""
         return {
             "rank": self.rank,
             "pid": os.getpid(),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "share_prompts": self.share_prompts,
         }
 
     def shutdown(self) -> None:

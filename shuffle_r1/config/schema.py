@@ -172,6 +172,10 @@ class LearnerConfig:
     # > 0: micro-batches of at most this many padded tokens instead, length-sorted, pairs
     # whole (verl's dynamic batch size; shuffle_r1/minibatches.py); 0: micro_batch_size rows
     micro_batch_tokens: int = 0
+    # text models: each distinct prompt of a micro-batch runs through the model once and its
+    # rollouts continue from its KV cache (shuffle_r1/shared_prompt.py; same log-probs and
+    # gradients up to rounding); vision-language models always run full rows
+    share_prompts: bool = True
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = True
     ray_resources: dict[str, float] = field(default_factory=dict)  # per rank, as rollout's

@@ -8,12 +8,14 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shuffle_r1.minibatches import (
+    microbatch_cost,
     microbatch_count,
     microbatch_plans,
     microbatch_slices,
     minibatch_slices,
     padded_tokens,
     pair_aligned_shards,
+    prompt_keys,
     rollouts_per_optimizer_step,
     token_budget_microbatches,
 )
@@ -296,6 +298,22 @@ def test_token_budget_packs_similar_lengths_and_keeps_pairs_whole() -> None:
         token_budget_microbatches([1, 2, 3], budget=100)
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         token_budget_microbatches([1, 2], budget=0)
+
+
+def test_shared_prompt_costs_and_packing_keep_a_prompts_rollouts_together() -> None:
+    # prompts A (len 80) and B (len 10); rows: A+20, A+30 | B+50, B+5 | A+10, A+10
+    lengths = [100, 110, 60, 15, 90, 90]
+    prompts = [(0, 80), (0, 80), (1, 10), (1, 10), (0, 80), (0, 80)]
+    assert microbatch_cost([0, 1, 4, 5], lengths, prompts) == 80 + 4 * 30
+    assert microbatch_cost([0, 1, 2, 3], lengths, prompts) == 2 * 80 + 4 * 50
+    assert microbatch_cost([0, 1, 2, 3], lengths) == 4 * 110
+    assert microbatch_cost([], lengths, prompts) == 0
+    # longest first would put pair B (60) before pair A' (90) only by length; by prompt, A's
+    # two pairs go together, and cost one prompt between them
+    cut = token_budget_microbatches(lengths, budget=200, prompts=prompts)
+    assert cut == [[0, 1, 4, 5], [2, 3]]
+    assert padded_tokens(lengths, cut, prompts) == (80 + 4 * 30) + (10 + 2 * 50)
+    assert prompt_keys([[1, 2], [3], [1, 2]]) == [(0, 2), (1, 1), (0, 2)]
 
 
 @pytest.mark.parametrize("budget", [0, 64, 256])

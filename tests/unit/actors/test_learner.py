@@ -33,9 +33,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 VOCAB = 49152  # the tiny Llama has SmolLM2's vocabulary
 # AdamW's first step moves a weight by ~lr·g/|g|: a gradient element near zero may land on
-# either side of its reference value (seen: 1 of 3.2 M elements off by 4.6e-6 at lr 1e-3).
-# Weights are compared to 1% of lr; the grad norms, compared to 1e-5, catch any scaling.
+# either side of its reference value (seen: 1 of 3.2 M elements off by 4.6e-6 at lr 1e-3;
+# with each prompt run once, whose sums round differently from the full rows', 1 element
+# of a 16,384-element matrix off by 5e-5, 11 of the 3.2 M in another run). Weights are
+# compared to 1% of lr, all but a WEIGHT_OUTLIERS share of the elements (32 of 3.2 M), and
+# those to 2 lr (an AdamW step moves none further); the grad norms, compared to 1e-5,
+# catch any scaling, and a wrong gradient moves far more elements than that.
 WEIGHT_ATOL = 1e-5
+WEIGHT_OUTLIERS = 1e-5
+
+
+def assert_weights_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Every weight within WEIGHT_ATOL of the reference, but for a WEIGHT_OUTLIERS share of
+    near-zero-gradient elements, which stay within 2 x lr (make_config's 1e-3)."""
+    assert got.keys() == want.keys()
+    outliers = []
+    total = sum(t.numel() for t in want.values())
+    for name in want:
+        diff = (got[name].float() - want[name].float()).abs()
+        assert float(diff.max()) <= 2e-3, f"{name}: off by {float(diff.max())}"
+        outliers += [(name, float(d)) for d in diff[diff > WEIGHT_ATOL].tolist()]
+    assert len(outliers) <= WEIGHT_OUTLIERS * total, outliers[:20]
 
 
 def make_config(backend: str = "fsdp2", zero_stage: int = 2) -> Config:
@@ -52,13 +70,22 @@ def make_config(backend: str = "fsdp2", zero_stage: int = 2) -> Config:
 
 
 def make_batch(num_rollouts: int, seed: int) -> TrainBatch:
-    """Rollouts of varied prompt/response lengths; each pair has a high and a low advantage."""
+    """Rollouts of varied prompt/response lengths; each pair has a high and a low advantage.
+    Both rollouts of a pair share their prompt, and every third pair repeats the previous
+    pair's, as a group's pairs do (so the shared-prompt layout has prompts to share)."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 12, (num_rollouts, 2), generator=gen).tolist()
     high = torch.rand(num_rollouts // 2, generator=gen) + 0.2
     advantages = torch.stack([high, -high + 0.1], dim=1).flatten()
+    prompts: list[list[int]] = []
+    for pair in range(num_rollouts // 2):
+        if pair % 3 == 2:
+            prompt = prompts[-1]
+        else:
+            prompt = torch.randint(VOCAB, (lengths[2 * pair][0],), generator=gen).tolist()
+        prompts += [prompt, prompt]
     return TrainBatch(
-        prompt_token_ids=[torch.randint(VOCAB, (p,), generator=gen).tolist() for p, _ in lengths],
+        prompt_token_ids=prompts,
         response_token_ids=[torch.randint(VOCAB, (r,), generator=gen).tolist() for _, r in lengths],
         advantages=advantages,
     )
@@ -243,11 +270,11 @@ def test_two_ranks_update_equals_a_single_process_update(scenario, reference) ->
     r = scenario.results
     assert r["m1"]["grad_norm"] == pytest.approx(reference["norms1"][0], rel=1e-5)
     assert reference["norms1"][0] > 1.0
-    torch.testing.assert_close(r["w1"], reference["w1"], atol=WEIGHT_ATOL, rtol=0)
+    assert_weights_close(r["w1"], reference["w1"])
     # uneven: 14 rollouts → mini-batches of 8 and 6; the 6 split 4 + 2 with one padded slot
     assert r["m2"]["num_optimizer_steps"] == 2
     assert r["m2"]["grad_norm"] == pytest.approx(sum(reference["norms2"]) / 2, rel=1e-5)
-    torch.testing.assert_close(r["w2"], reference["w2"], atol=WEIGHT_ATOL, rtol=0)
+    assert_weights_close(r["w2"], reference["w2"])
 
 
 def test_publish_weights_versions_and_loads_into_a_fresh_model(scenario, reference) -> None:
@@ -328,5 +355,5 @@ def test_deepspeed_zero2_update_equals_fsdp2(scenario, reference, tmp_path) -> N
     torch.testing.assert_close(logp0, reference["logp0"], atol=1e-5, rtol=0)
     assert version == 1
     assert metrics["grad_norm"] == pytest.approx(reference["norms1"][0], rel=1e-4)
-    torch.testing.assert_close(weights, reference["w1"], atol=WEIGHT_ATOL, rtol=0)
+    assert_weights_close(weights, reference["w1"])
     torch.testing.assert_close(after_load, reference["logp1"], atol=1e-5, rtol=0)
