@@ -29,12 +29,14 @@ without ``bench/results/roofline.json``.
 
 ``--profile FILE``: record the rollout worker's process with py-spy (collapsed stacks,
 100 Hz) during the ``shuffle_r1`` rounds and print where its busy time went, seconds per
-round (``profile``: :func:`profile_summary`). ``num_workers_s`` and ``handle_ping_s`` time the
-serving path's fixed costs alone: the replica count read before each call, and a no-op call
-through the Serve handle.
+round (``profile``: :func:`profile_summary`, with the other threads' busiest stacks);
+``--native`` adds native frames and one root frame per thread (``py-spy --native
+--threads``), to see what Ray's and vLLM's C++ threads do. ``num_workers_s`` and
+``handle_ping_s`` time the serving path's fixed costs alone: the replica count read before
+each call, and a no-op call through the Serve handle.
 
     python bench/rollout_overhead.py [--prompts 8] [--n 8] [--max-tokens 64] [--rounds 5]
-        [--profile outputs/bench/overhead-profile.txt]
+        [--profile outputs/bench/overhead-profile.txt [--native]]
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def profile_summary(path: Path, rounds: int, rate_hz: float = 100.0) -> dict[str
     the model's forward pass and the rest of vLLM's step), the engine thread outside it
     (our wrapper), and every other thread (Ray's worker loop, Serve's event loop, metrics)."""
     seconds = {"vllm_forward": 0, "vllm_other": 0, "wrapper": 0, "other_threads": 0}
+    others: dict[str, int] = {}  # the other threads' busy stacks: thread, then leaf frames
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
@@ -74,6 +77,8 @@ def profile_summary(path: Path, rounds: int, rate_hz: float = 100.0) -> dict[str
         frames = stack.split(";")
         if not any("RolloutWorker._generate" in f for f in frames):
             where = "other_threads"
+            key = " <- ".join([*frames[-1:-4:-1], frames[0]])
+            others[key] = others.get(key, 0) + int(count)
         elif not any(f.startswith("LLM.generate ") for f in frames):
             where = "wrapper"
         elif any("_model_forward" in f for f in frames):
@@ -81,7 +86,10 @@ def profile_summary(path: Path, rounds: int, rate_hz: float = 100.0) -> dict[str
         else:
             where = "vllm_other"
         seconds[where] += int(count)
-    return {k: v / rate_hz / max(rounds, 1) for k, v in seconds.items()}
+    out: dict[str, Any] = {k: v / rate_hz / max(rounds, 1) for k, v in seconds.items()}
+    top = sorted(others.items(), key=lambda kv: -kv[1])[:12]
+    out["other_threads_top"] = {k: round(v / rate_hz / max(rounds, 1), 3) for k, v in top}
+    return out
 
 
 def main() -> None:
@@ -91,6 +99,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", type=Path, help="py-spy the rollout worker into this file")
+    p.add_argument(
+        "--native", action="store_true", help="profile native frames too, thread by thread"
+    )
     args = p.parse_args()
 
     import ray
@@ -176,6 +187,7 @@ def main() -> None:
                     "--output",
                     str(args.profile),
                     "--nonblocking",
+                    *(["--native", "--threads"] if args.native else []),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
