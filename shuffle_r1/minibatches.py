@@ -325,13 +325,14 @@ def microbatch_plans(
     return [rows + [[] for _ in range(count - len(rows))] for rows in real]
 
 
-def padded_tokens(
+def positions_run(
     lengths: Sequence[int],
     plan: Sequence[Sequence[int]],
     prompts: Sequence[tuple[int, int]] | None = None,
 ) -> int:
-    """Token positions a rank's ``plan`` runs: the sum of :func:`microbatch_cost` (padding
-    micro-batches, empty lists, count 0 here; they run one token each)."""
+    """Token positions a rank's ``plan`` runs, padding included: the sum of
+    :func:`microbatch_cost` (padding micro-batches, empty lists, count 0 here; they run one
+    token each)."""
     return sum(microbatch_cost(rows, lengths, prompts) for rows in plan)
 
 

@@ -191,8 +191,9 @@ class LearnerGroup:
             ``clip_fraction``, ``approx_kl``; mean ``grad_norm`` over optimizer steps
             (before clipping); ``num_optimizer_steps`` (steps taken; a non-finite gradient
             skips one); ``lr``; ``tokens`` (prompt + response tokens trained, all ranks),
-            ``padded_tokens`` (token positions the micro-batches ran) and ``padding_share``
-            (1 - tokens / padded_tokens); ``microbatches_per_rank`` (forward/backward passes
+            ``positions`` (token positions the micro-batches ran, padding included, a shared
+            prompt once) and ``positions_per_token`` (positions / tokens: above 1 is padding,
+            below 1 what shared prompts saved); ``microbatches_per_rank`` (forward/backward passes
             each rank ran, padding ones included); ``peak_memory_mb`` (the largest
             per-micro-batch peak of any rank, ``LearnerWorker.train_step``).
 
@@ -218,7 +219,7 @@ class LearnerGroup:
             batch = batch.with_logprobs(old=old_logprobs)
         records: list[dict[str, float]] = []
         norms, steps, lr = [], 0, float("nan")
-        tokens, padded, peak, micro_per_rank = 0, 0, 0.0, 0
+        tokens, positions, peak, micro_per_rank = 0, 0, 0.0, 0
         for _ in range(self.cfg.learner.ppo_epochs):
             cuts = minibatches or minibatch_slices(len(batch), self.rollouts_per_minibatch)
             for rows in cuts:
@@ -228,7 +229,7 @@ class LearnerGroup:
                 steps += int(results[0]["stepped"])
                 lr = results[0]["lr"]
                 tokens += sum(r["tokens"] for r in results)
-                padded += sum(r["padded_tokens"] for r in results)
+                positions += sum(r["positions"] for r in results)
                 peak = max([peak, *(r["peak_memory_mb"] for r in results)])
                 micro_per_rank += results[0]["microbatches"]
         if steps:
@@ -237,8 +238,8 @@ class LearnerGroup:
         metrics.update(grad_norm=sum(norms) / len(norms), num_optimizer_steps=float(steps), lr=lr)
         metrics.update(
             tokens=float(tokens),
-            padded_tokens=float(padded),
-            padding_share=1 - tokens / padded if padded else 0.0,
+            positions=float(positions),
+            positions_per_token=positions / tokens if tokens else 0.0,
             microbatches_per_rank=float(micro_per_rank),
             peak_memory_mb=peak,
         )

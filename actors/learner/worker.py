@@ -42,7 +42,7 @@ from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.data.images import vision_inputs
 from shuffle_r1.integrity import CheckpointWriteError, check_files, full_disk_error
-from shuffle_r1.minibatches import padded_tokens, prompt_keys
+from shuffle_r1.minibatches import positions_run, prompt_keys
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.net import free_port
 from shuffle_r1.precision import resolve_dtype
@@ -255,7 +255,7 @@ class LearnerWorker:
         Returns:
             ``micro``: a list of per-micro-batch loss metrics (floats, real micro-batches
             only); ``grad_norm`` (float, before clipping); ``lr``; ``stepped`` (bool);
-            ``tokens`` (prompt + response tokens of the shard) and ``padded_tokens`` (token
+            ``tokens`` (prompt + response tokens of the shard) and ``positions`` (token
             positions its real micro-batches ran, padding included, each distinct prompt of
             a micro-batch once under ``share_prompts``: ``minibatches.microbatch_cost``);
             ``peak_memory_mb``, the largest peak of any micro-batch (resident set on CPU,
@@ -310,7 +310,7 @@ class LearnerWorker:
             "lr": lr,
             "stepped": stepped,
             "tokens": sum(lengths),
-            "padded_tokens": padded_tokens(lengths, plan, prompts),
+            "positions": positions_run(lengths, plan, prompts),
             "microbatches": len(plan),
             "peak_memory_mb": peak,
         }

@@ -13,8 +13,8 @@ from shuffle_r1.minibatches import (
     microbatch_plans,
     microbatch_slices,
     minibatch_slices,
-    padded_tokens,
     pair_aligned_shards,
+    positions_run,
     prompt_keys,
     rollouts_per_optimizer_step,
     token_budget_microbatches,
@@ -288,9 +288,9 @@ def test_token_budget_packs_similar_lengths_and_keeps_pairs_whole() -> None:
     assert cut == [[0, 1], [4, 5], [6, 7, 2, 3]]  # longest first; 4 rows x 30 = 120 fit
     assert sorted(i for rows in cut for i in rows) == list(range(8))
     assert all(len(rows) * max(lengths[i] for i in rows) <= 200 for rows in cut)
-    assert padded_tokens(lengths, cut) == 2 * 100 + 2 * 90 + 4 * 30
+    assert positions_run(lengths, cut) == 2 * 100 + 2 * 90 + 4 * 30
     # in file order, 4 rows at a time, the short pairs pay for the long ones
-    assert padded_tokens(lengths, [[0, 1, 2, 3], [4, 5, 6, 7]]) == 4 * 100 + 4 * 90
+    assert positions_run(lengths, [[0, 1, 2, 3], [4, 5, 6, 7]]) == 4 * 100 + 4 * 90
     # a pair longer than budget/2 gets a micro-batch of its own, over the budget
     assert token_budget_microbatches([300, 10, 5, 5], budget=100) == [[0, 1], [2, 3]]
     assert token_budget_microbatches([], budget=100) == []
@@ -312,7 +312,7 @@ def test_shared_prompt_costs_and_packing_keep_a_prompts_rollouts_together() -> N
     # two pairs go together, and cost one prompt between them
     cut = token_budget_microbatches(lengths, budget=200, prompts=prompts)
     assert cut == [[0, 1, 4, 5], [2, 3]]
-    assert padded_tokens(lengths, cut, prompts) == (80 + 4 * 30) + (10 + 2 * 50)
+    assert positions_run(lengths, cut, prompts) == (80 + 4 * 30) + (10 + 2 * 50)
     assert prompt_keys([[1, 2], [3], [1, 2]]) == [(0, 2), (1, 1), (0, 2)]
 
 

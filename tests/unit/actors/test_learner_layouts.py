@@ -18,7 +18,7 @@ import ray
 import torch
 
 from actors.learner import LearnerGroup
-from shuffle_r1.minibatches import padded_tokens, prompt_keys, token_budget_microbatches
+from shuffle_r1.minibatches import positions_run, prompt_keys, token_budget_microbatches
 from shuffle_r1.models import build_tiny_llama
 from shuffle_r1.training import sequence_lengths
 from tests.unit.actors.learner_reference import reference_update
@@ -67,8 +67,9 @@ def test_one_rank_of_two_threads_with_a_token_budget_equals_one_micro_batch(
     assert len(plan) > 1, "the budget must cut the shard, or nothing is tested"
     assert metrics["microbatches_per_rank"] == len(plan)
     assert metrics["tokens"] == sum(lengths)
-    assert metrics["padded_tokens"] == padded_tokens(lengths, plan, prompts)
-    assert 0 <= metrics["padding_share"] < 1 and metrics["peak_memory_mb"] > 0
+    assert metrics["positions"] == positions_run(lengths, plan, prompts)
+    assert metrics["positions_per_token"] == metrics["positions"] / metrics["tokens"]
+    assert metrics["peak_memory_mb"] > 0
 
     reference_cfg = make_config()
     reference_cfg.learner.num_ranks, reference_cfg.learner.micro_batch_size = 1, len(batch)
