@@ -186,11 +186,11 @@ def main() -> None:
                     "raw",
                     "--output",
                     str(args.profile),
-                    "--nonblocking",
-                    *(["--native", "--threads"] if args.native else []),
+                    # native stacks need the process paused while sampled
+                    *(["--native", "--threads"] if args.native else ["--nonblocking"]),
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=args.profile.with_suffix(".log").open("w"),
             )
             time.sleep(1.0)
         ids = {}
