@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from shuffle_r1.training import TrainBatch
+from shuffle_r1.training import TrainBatch, loss_inputs
 
 
 def collate_shared(batch: TrainBatch, pad_token_id: int = 0) -> dict[str, Tensor]:
@@ -57,19 +57,13 @@ def collate_shared(batch: TrainBatch, pad_token_id: int = 0) -> dict[str, Tensor
     for i, response in enumerate(batch.response_token_ids):
         response_ids[i, : len(response)] = torch.tensor(response, dtype=torch.long)
         response_mask[i, : len(response)] = 1.0
-    out = {
+    return {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "prompt_of": torch.tensor(prompt_of, dtype=torch.long),
         "response_ids": response_ids,
-        "response_mask": response_mask,
-        "advantages": batch.advantages.detach().to(torch.float32),
+        **loss_inputs(batch, response_mask),
     }
-    for name in ("old_logprobs", "ref_logprobs"):
-        value = getattr(batch, name)
-        if value is not None:
-            out[name] = value[:, :width].detach().to(torch.float32) * response_mask
-    return out
 
 
 def shared_prompt_logprobs(

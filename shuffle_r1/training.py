@@ -229,11 +229,22 @@ def collate(batch: TrainBatch, pad_token_id: int = 0) -> dict[str, Tensor]:
         input_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         attention_mask[i, : len(tokens)] = 1
         response_mask[i, : len(response)] = 1.0
-    out = {
+    return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": torch.arange(total).expand(rows, total).clone(),
         "response_start": torch.tensor(prompt_lens, dtype=torch.long),
+        **loss_inputs(batch, response_mask),
+    }
+
+
+def loss_inputs(batch: TrainBatch, response_mask: Tensor) -> dict[str, Tensor]:
+    """What the policy loss takes besides the log-probs, for a ``(B, L)`` ``response_mask``:
+    the mask, ``advantages`` ``(B,)`` float32, and ``old_logprobs`` / ``ref_logprobs``
+    ``(B, L)`` float32 zeroed under the mask when the batch has them (:func:`collate`,
+    ``shared_prompt.collate_shared``)."""
+    width = response_mask.shape[1]
+    out = {
         "response_mask": response_mask,
         "advantages": batch.advantages.detach().to(torch.float32),
     }

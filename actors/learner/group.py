@@ -26,6 +26,7 @@ from shuffle_r1.minibatches import (
     microbatch_plans,
     minibatch_slices,
     pair_aligned_shards,
+    positions_run,
     prompt_keys,
     rollouts_per_optimizer_step,
 )
@@ -122,26 +123,31 @@ class LearnerGroup:
             ) from exc
         return ray.get(refs)
 
-    def _run(self, method: str, batch: TrainBatch) -> list[tuple[slice, Any]]:
+    def _run(self, method: str, batch: TrainBatch) -> tuple[list[tuple[slice, Any]], int, int]:
         """Call ``method(shard, plan)`` on every rank with its pair-aligned shard and its
-        micro-batches (``minibatches.microbatch_plans``: the same count on every rank)."""
+        micro-batches (``minibatches.microbatch_plans``: the same count on every rank).
+
+        Returns ``(shard, result)`` per rank, the micro-batches each rank ran, and the token
+        positions all ranks ran (``minibatches.positions_run``)."""
         if not self.workers:
             raise RuntimeError("the learner group is shut down")
         shards = pair_aligned_shards(len(batch), len(self.workers))
         lengths = sequence_lengths(batch)
         le = self.cfg.learner
         prompts = prompt_keys(batch.prompt_token_ids) if self.share_prompts else None
+        shard_prompts = None if prompts is None else [prompts[s] for s in shards]
         plans = microbatch_plans(
-            [lengths[s] for s in shards],
-            le.micro_batch_size,
-            le.micro_batch_tokens,
-            None if prompts is None else [prompts[s] for s in shards],
+            [lengths[s] for s in shards], le.micro_batch_size, le.micro_batch_tokens, shard_prompts
+        )
+        positions = sum(
+            positions_run(lengths[s], plan, None if prompts is None else prompts[s])
+            for s, plan in zip(shards, plans, strict=True)
         )
         refs = [
             getattr(w, method).remote(batch.select(s), plan)
             for w, s, plan in zip(self.workers, shards, plans, strict=True)
         ]
-        return list(zip(shards, self._gather(refs), strict=True))
+        return list(zip(shards, self._gather(refs), strict=True)), len(plans[0]), positions
 
     def compute_logprobs(self, batch: TrainBatch) -> Tensor:
         """Log-probs ``(B, L)`` (nats, float32, CPU) of the response tokens under the current
@@ -152,7 +158,7 @@ class LearnerGroup:
             ValueError: the batch has an odd number of rollouts (pairs cannot be kept whole).
         """
         out = torch.zeros(len(batch), batch.max_response_len)
-        for rows, part in self._run("compute_logprobs", batch):
+        for rows, part in self._run("compute_logprobs", batch)[0]:
             out[rows, : part.shape[1]] = part
         return out
 
@@ -223,15 +229,17 @@ class LearnerGroup:
         for _ in range(self.cfg.learner.ppo_epochs):
             cuts = minibatches or minibatch_slices(len(batch), self.rollouts_per_minibatch)
             for rows in cuts:
-                results = [r for _, r in self._run("train_step", batch.select(rows))]
+                mini = batch.select(rows)
+                ran, micro, ran_positions = self._run("train_step", mini)
+                results = [r for _, r in ran]
                 records.extend(m for r in results for m in r["micro"])
                 norms.append(results[0]["grad_norm"])
                 steps += int(results[0]["stepped"])
                 lr = results[0]["lr"]
-                tokens += sum(r["tokens"] for r in results)
-                positions += sum(r["positions"] for r in results)
+                tokens += sum(sequence_lengths(mini))
+                positions += ran_positions
                 peak = max([peak, *(r["peak_memory_mb"] for r in results)])
-                micro_per_rank += results[0]["microbatches"]
+                micro_per_rank += micro
         if steps:
             self.version += 1
         metrics = {k: sum(r[k] for r in records) / len(records) for k in LOSS_METRICS}

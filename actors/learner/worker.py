@@ -42,7 +42,6 @@ from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.data.images import vision_inputs
 from shuffle_r1.integrity import CheckpointWriteError, check_files, full_disk_error
-from shuffle_r1.minibatches import positions_run, prompt_keys
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.net import free_port
 from shuffle_r1.precision import resolve_dtype
@@ -51,7 +50,6 @@ from shuffle_r1.training import (
     TrainBatch,
     collate,
     padding_batch,
-    sequence_lengths,
     token_logprobs,
     vision_filler,
 )
@@ -255,12 +253,8 @@ class LearnerWorker:
         Returns:
             ``micro``: a list of per-micro-batch loss metrics (floats, real micro-batches
             only); ``grad_norm`` (float, before clipping); ``lr``; ``stepped`` (bool);
-            ``tokens`` (prompt + response tokens of the shard) and ``positions`` (token
-            positions its real micro-batches ran, padding included, each distinct prompt of
-            a micro-batch once under ``share_prompts``: ``minibatches.microbatch_cost``);
             ``peak_memory_mb``, the largest peak of any micro-batch (resident set on CPU,
-            allocated on CUDA; :func:`~actors.learner.memory.peak_memory_mb`);
-            ``microbatches``, ``len(plan)``.
+            allocated on CUDA; :func:`~actors.learner.memory.peak_memory_mb`).
         """
         alg = self.cfg.algorithm
         started = time.perf_counter()
@@ -302,16 +296,11 @@ class LearnerWorker:
             self._m_tokens.inc(tokens)
         self._m_step.observe(time.perf_counter() - started)
         lr = self.backend.optimizer.param_groups[0]["lr"]
-        lengths = sequence_lengths(shard)
-        prompts = prompt_keys(shard.prompt_token_ids) if self.share_prompts else None
         return {
             "micro": records,
             "grad_norm": grad_norm,
             "lr": lr,
             "stepped": stepped,
-            "tokens": sum(lengths),
-            "positions": positions_run(lengths, plan, prompts),
-            "microbatches": len(plan),
             "peak_memory_mb": peak,
         }
 
