@@ -35,6 +35,14 @@ round (``profile``: :func:`profile_summary`, with the other threads' busiest sta
 ``handle_ping_s`` time the serving path's fixed costs alone: the replica count read before
 each call, and a no-op call through the Serve handle.
 
+``cpu``: where the machine's CPU time went during each side's measured rounds, from every
+thread's ``utime + stime`` in ``/proc`` (no sampling, nothing paused): CPU seconds per round
+for the whole machine, by process (Ray sets its workers' process titles, so the rollout
+replica, the driver, raylet and GCS are told apart), and for the rollout worker's and this
+process's busiest threads with the CPUs each may run on (``Cpus_allowed_list``). A side whose
+engine threads get fewer CPU seconds per round, or whose CPU goes to other threads or
+processes, shows it here.
+
     python bench/rollout_overhead.py [--prompts 8] [--n 8] [--max-tokens 64] [--rounds 5]
         [--profile outputs/bench/overhead-profile.txt [--native]]
 """
@@ -42,6 +50,7 @@ each call, and a no-op call through the Serve handle.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import statistics
 import subprocess
@@ -90,6 +99,102 @@ def profile_summary(path: Path, rounds: int, rate_hz: float = 100.0) -> dict[str
     top = sorted(others.items(), key=lambda kv: -kv[1])[:12]
     out["other_threads_top"] = {k: round(v / rate_hz / max(rounds, 1), 3) for k, v in top}
     return out
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_label(pid_dir: Path) -> str:
+    """A process's title (Ray sets ``ray::ServeReplica:...``, ``ray::IDLE``) or command, short."""
+    try:
+        argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    title = argv[0].decode(errors="replace")
+    if title.startswith("ray::"):
+        return title[:60]
+    return " ".join(Path(a.decode(errors="replace")).name for a in argv[:2] if a)[:60] or "?"
+
+
+def thread_cpu_ticks() -> dict[tuple[int, int], tuple[str, str, int]]:
+    """Every thread on the machine: ``(pid, tid) -> (process label, thread name, utime +
+    stime in clock ticks)``, read from ``/proc/<pid>/task/<tid>/stat`` (proc(5): fields 14
+    and 15). Threads that exit while being read are skipped."""
+    out: dict[tuple[int, int], tuple[str, str, int]] = {}
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        label = _process_label(pid_dir)
+        try:
+            tasks = list((pid_dir / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+            ticks = int(fields[11]) + int(fields[12])
+            out[(int(pid_dir.name), int(task.name))] = (label, name, ticks)
+    return out
+
+
+def _allowed_cpus(pid: int, tid: int) -> str:
+    try:
+        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+class CpuAccount:
+    """CPU seconds by process and by thread, summed over the intervals between
+    :meth:`start` and :meth:`stop` (one per measured round of a side)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids  # processes whose threads are listed one by one: name -> pid
+        self.by_process: dict[str, float] = {}
+        self.by_thread: dict[tuple[int, int], float] = {}
+        self.names: dict[tuple[int, int], str] = {}
+        self.before: dict[tuple[int, int], tuple[str, str, int]] = {}
+
+    def start(self) -> None:
+        self.before = thread_cpu_ticks()
+
+    def stop(self) -> None:
+        after = thread_cpu_ticks()
+        for key, (label, name, ticks) in after.items():
+            used = (ticks - self.before.get(key, (label, name, 0))[2]) / CLOCK_TICKS
+            if used <= 0:
+                continue
+            self.by_process[label] = self.by_process.get(label, 0.0) + used
+            if key[0] in self.pids.values():
+                self.by_thread[key] = self.by_thread.get(key, 0.0) + used
+                self.names[key] = name
+
+    def summary(self, rounds: int, wall_s: float) -> dict[str, Any]:
+        """Seconds per round: the machine's total, its busiest processes, and the listed
+        processes' busiest threads (name, seconds, allowed CPUs); ``busy_cores`` is the
+        total over the side's wall time."""
+        per = max(rounds, 1)
+        total = sum(self.by_process.values())
+        top = sorted(self.by_process.items(), key=lambda kv: -kv[1])[:8]
+        threads: dict[str, list[Any]] = {}
+        for who, pid in self.pids.items():
+            mine = sorted(
+                ((k, v) for k, v in self.by_thread.items() if k[0] == pid), key=lambda kv: -kv[1]
+            )[:8]
+            threads[who] = [[self.names[k], round(v / per, 3), _allowed_cpus(*k)] for k, v in mine]
+        return {
+            "total_s": round(total / per, 3),
+            "busy_cores": round(total / wall_s, 2) if wall_s else None,
+            "by_process": {k: round(v / per, 3) for k, v in top},
+            "threads": threads,
+        }
 
 
 def main() -> None:
@@ -170,6 +275,10 @@ def main() -> None:
     tokens: dict[str, list[int]] = {side: [] for side in sides}
     profiler = None
     same = 0
+    accounts = {
+        side: CpuAccount({"this_process": os.getpid(), "rollout_worker": pool.workers()[0]["pid"]})
+        for side in sides
+    }
     for round_ in range(args.rounds + 1):
         if round_ == 1 and args.profile:
             pid = pool.workers()[0]["pid"]
@@ -195,8 +304,11 @@ def main() -> None:
             time.sleep(1.0)
         ids = {}
         for side, run in sides.items():
+            if round_ > 0:
+                accounts[side].start()
             wall, ids[side] = run(round_)
             if round_ > 0:  # round 0 is the warm-up
+                accounts[side].stop()
                 walls[side].append(wall)
                 tokens[side].append(sum(map(len, ids[side])))
         same += ids["raw"] == ids["engine"] == ids["shuffle_r1"]
@@ -238,6 +350,7 @@ def main() -> None:
         w - e for w, e in zip(walls["shuffle_r1"], in_engine, strict=True)
     )
     row.update({k: stats(v)["median"] for k, v in fixed.items()})
+    row["cpu"] = {side: accounts[side].summary(args.rounds, sum(walls[side])) for side in sides}
     row["overhead"] = med["shuffle_r1"] / med["raw"] - 1
     row["target_overhead"] = 0.10
     roof = load_roofline()

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(roofline overhead breakdown throughput buffer weight_sync)
+[ ${#benches[@]} -gt 0 ] || benches=(roofline overhead breakdown throughput throughput_deepspeed buffer weight_sync)
 mkdir -p outputs/bench
 for name in "${benches[@]}"; do
   case $name in
@@ -16,6 +16,7 @@ for name in "${benches[@]}"; do
     overhead)   cmd=("$PY" bench/rollout_overhead.py --profile outputs/bench/overhead-profile.txt) ;;
     breakdown)  cmd=("$PY" bench/breakdown.py) ;;
     throughput) cmd=("$PY" bench/throughput.py) ;;
+    throughput_deepspeed) cmd=("$PY" bench/throughput.py --backend deepspeed) ;;
     buffer)     cmd=("$PY" bench/buffer.py) ;;
     images)     cmd=("$PY" bench/images.py) ;;
     algorithms) cmd=("$PY" bench/algorithms.py sweep --seeds 1 2 3 4) ;;
@@ -23,7 +24,7 @@ for name in "${benches[@]}"; do
     vllm_start) cmd=("$PY" bench/vllm_start.py) ;;
     weight_sync) cmd=("$PY" bench/weight_sync.py) ;;
     driver_batch) cmd=("$PY" bench/driver_batch.py) ;;
-    *) echo "run_all: unknown benchmark '$name' (roofline overhead breakdown throughput buffer weight_sync driver_batch images algorithms precision vllm_start)" >&2; exit 2 ;;
+    *) echo "run_all: unknown benchmark '$name' (roofline overhead breakdown throughput throughput_deepspeed buffer weight_sync driver_batch images algorithms precision vllm_start)" >&2; exit 2 ;;
   esac
   echo "== $name: ${cmd[*]}"
   # Everything goes to outputs/bench/<name>.log (Ray forwards its workers' logs to stdout);

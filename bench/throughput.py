@@ -7,7 +7,8 @@ template), reward (``math_reward_last_number_fallback``), group size ``--n``, pr
 advantages, PPO clip 0.2, no KL, token-mean), learning rate, fp32 training, and one
 optimizer step per training step. shuffle-r1 runs plain GRPO here (``algorithm.name=grpo``:
 it trains on every rollout, as TRL does) with its embedded layout: one vLLM rollout worker
-(2 threads), 2 FSDP2 learner ranks, the Redis-backed buffer. TRL 1.16 runs as its docs give
+(2 threads), 2 learner ranks (FSDP2, or DeepSpeed ZeRO-2 with ``--backend deepspeed``), the
+Redis-backed buffer. TRL 1.16 runs as its docs give
 for one CPU process: ``GRPOConfig(use_cpu=True, bf16=False)``, transformers ``generate`` (TRL's
 vLLM mode needs CUDA), gradient checkpointing off.
 
@@ -23,6 +24,7 @@ threads that ``bench/roofline.py`` measured (``bench/results/roofline.json``; nu
 it): both sides train in float32 on the 2 cores.
 
     python bench/throughput.py [--prompts 4] [--n 4] [--max-tokens 32] [--steps 3] [--rounds 2]
+        [--backend fsdp2|deepspeed]
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--backend", choices=["fsdp2", "deepspeed"], default="fsdp2")
     args = p.parse_args()
     if args.command == "trl-steps":
         trl_steps(args)
@@ -165,6 +168,7 @@ def main() -> None:
             f"learner.global_batch_size={args.prompts}",
             f"learner.micro_batch_size={args.prompts * args.n}",
             "learner.dtype=float32",
+            f"learner.backend={args.backend}",
             f"learner.lr={LR}",
             "data.shuffle=false",
             "trainer.run_name=bench-throughput",
@@ -194,6 +198,7 @@ def main() -> None:
                 for k in got:
                     sides[side][k] += got[k]
     summary: dict[str, Any] = {"bench": "throughput_summary", "prompts": args.prompts}
+    summary["backend"] = args.backend
     summary.update({"n": args.n, "max_tokens": args.max_tokens})
     config = load_model_config(cfg.learner.model_path)
     drawn = train_prompts(cfg, args.rounds * args.prompts * (args.steps + 1))

