@@ -160,6 +160,7 @@ class CpuAccount:
         self.by_process: dict[str, float] = {}
         self.by_thread: dict[tuple[int, int], float] = {}
         self.names: dict[tuple[int, int], str] = {}
+        self.allowed: dict[tuple[int, int], str] = {}  # read while the threads live
         self.before: dict[tuple[int, int], tuple[str, str, int]] = {}
 
     def start(self) -> None:
@@ -175,6 +176,7 @@ class CpuAccount:
             if key[0] in self.pids.values():
                 self.by_thread[key] = self.by_thread.get(key, 0.0) + used
                 self.names[key] = name
+                self.allowed.setdefault(key, _allowed_cpus(*key))
 
     def summary(self, rounds: int, wall_s: float) -> dict[str, Any]:
         """Seconds per round: the machine's total, its busiest processes, and the listed
@@ -188,7 +190,7 @@ class CpuAccount:
             mine = sorted(
                 ((k, v) for k, v in self.by_thread.items() if k[0] == pid), key=lambda kv: -kv[1]
             )[:8]
-            threads[who] = [[self.names[k], round(v / per, 3), _allowed_cpus(*k)] for k, v in mine]
+            threads[who] = [[self.names[k], round(v / per, 3), self.allowed[k]] for k, v in mine]
         return {
             "total_s": round(total / per, 3),
             "busy_cores": round(total / wall_s, 2) if wall_s else None,

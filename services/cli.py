@@ -1,15 +1,9 @@
-"""The ``shuffle-r1`` command.
-
-    shuffle-r1 train --config configs/X.yaml [--resume] [key=value ...]   train a recipe
-    shuffle-r1 eval --config configs/X.yaml [--checkpoint DIR]          evaluate
-    shuffle-r1 config --config configs/X.yaml [key=value ...]   print the resolved recipe
-                                                                (secrets shown as ***)
-    shuffle-r1 scale rollout N [--run R] [--address A]       resize a running job's rollout workers
-    shuffle-r1 buffer serve --redis-url URL --port P ...        run the replay buffer service
+"""The ``shuffle-r1`` command: the usage below is also its ``--help``.
 
 The entry point lives at the top layer (``services/``), the one place that may import every
 package (docs/architecture.md: the arrows only point down); each service's subcommands are
-imported when the parser is built, so ``shuffle-r1 config`` starts without Ray.
+imported when the parser is built, and import Ray, torch and gRPC only when they run, so
+``shuffle-r1 --help`` and ``shuffle-r1 config`` start in well under a second.
 """
 
 from __future__ import annotations
@@ -20,7 +14,27 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from shuffle_r1.config import ConfigError, load_config, to_yaml
+from shuffle_r1.config import SECTIONS, ConfigError, load_config, to_yaml
+
+DESCRIPTION = """\
+Post-train a language model with reinforcement learning from verifiable rewards, with the
+Shuffle-R1 recipe (GRPO + Pairwise Trajectory Sampling + Advantage-based Batch Shuffle) on Ray:
+vLLM rollout workers, reward workers, a Redis-backed replay buffer and FSDP2/DeepSpeed learners."""
+
+EPILOG = f"""\
+examples:
+  shuffle-r1 train --config configs/arith_smollm2_cpu.yaml          (the embedded default)
+  shuffle-r1 train --config configs/X.yaml learner.lr=2e-6 trainer.total_steps=40
+  shuffle-r1 train --config configs/X.yaml --resume               (from its last checkpoint)
+  shuffle-r1 eval --config configs/X.yaml --checkpoint outputs/X  (score a checkpoint)
+  shuffle-r1 config --config configs/X.yaml                       (check and print a recipe)
+  shuffle-r1 config --list                                        (every key, default, help)
+  shuffle-r1 scale rollout 4                                      (resize a running job)
+  shuffle-r1 buffer serve --redis-url redis://127.0.0.1:6379/0 --port 50051
+
+A recipe is YAML with the sections {", ".join(SECTIONS)};
+any key can be overridden as section.key=value after the command.
+`shuffle-r1 COMMAND --help` describes a command."""
 
 # modules whose `add_parser(subparsers)` registers commands whose `func(args)` returns an int;
 # imported when the parser is built (the buffer's pulls in gRPC, the trainer's Ray)
@@ -30,27 +44,70 @@ SERVICE_COMMANDS = (
 )
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-
-
 def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    print(to_yaml(cfg), end="")
+    if args.list:
+        from shuffle_r1.config.listing import list_keys
+
+        print(list_keys(cfg), end="")
+    else:
+        print(to_yaml(cfg), end="")
     return 0
 
 
+def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="debug logging"
+    )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser`` (``buffer serve`` included), depth first."""
+    found = []
+    for action in parser._actions:  # argparse keeps no public list of its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to one parser
+                found += [child, *_subparsers(child)]
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shuffle-r1", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("config", help="check a recipe and print it resolved (secrets as ***)")
-    _add_config_args(p)
+    parser = argparse.ArgumentParser(
+        prog="shuffle-r1",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_verbose(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "config",
+        help="check a recipe and print it resolved (secrets as ***)",
+        description="Load a recipe with its overrides, check every value, and print the "
+        "resolved recipe as YAML (secrets as ***), or with --list every key with its value "
+        "and help. Exit 2 naming the key when a value is wrong.",
+    )
+    p.add_argument("--config", help="YAML recipe (configs/*.yaml); default: the built-in defaults")
+    p.add_argument("--list", action="store_true", help="every key with its value and its help")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_cmd_config)
     for module_name in SERVICE_COMMANDS:
         importlib.import_module(module_name).add_parser(sub)
+    for child in _subparsers(parser):
+        if "verbose" not in {a.dest for a in child._actions}:
+            # after the command too (`train ... -v`); SUPPRESS keeps a -v given before it
+            _add_verbose(child, argparse.SUPPRESS)
     return parser
+
+
+def _check_one_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """A second ``--config`` would silently replace the first (argparse keeps the last)."""
+    given = [a for a in argv if a == "--config" or a.startswith("--config=")]
+    if len(given) > 1:
+        parser.error(
+            "--config given more than once: one recipe per run; change single keys with "
+            "section.key=value overrides"
+        )
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -58,6 +115,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     (``eval --config X --checkpoint D data.val_path=F``: argparse alone takes positionals
     only in one run). Anything else it does not know is an error, as usual."""
     parser = build_parser()
+    _check_one_config(parser, sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
     if extra != overrides or (overrides and not hasattr(args, "overrides")):

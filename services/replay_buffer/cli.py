@@ -21,7 +21,6 @@ from typing import Any
 
 from services.embedded_redis import PASSWORD_ENV
 from services.replay_buffer.client import TOKEN_ENV
-from services.replay_buffer.server import serve, start_embedded_redis
 from shuffle_r1.config import Config, ConfigError, load_config, validate
 
 log = logging.getLogger(__name__)
@@ -82,6 +81,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``buffer serve``; returns the exit status (2 for a bad setting)."""
+    # here, not at the top: the server pulls in torch, and every `shuffle-r1` command
+    # (help included) builds this parser
+    from services.replay_buffer.server import serve, start_embedded_redis
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

