@@ -41,7 +41,8 @@ for the whole machine, by process (Ray sets its workers' process titles, so the 
 replica, the driver, raylet and GCS are told apart), and for the rollout worker's and this
 process's busiest threads with the CPUs each may run on (``Cpus_allowed_list``). A side whose
 engine threads get fewer CPU seconds per round, or whose CPU goes to other threads or
-processes, shows it here.
+processes, shows it here; so does a thread that was runnable but waited for a CPU (its
+run-queue wait, from ``schedstat``) against one that was blocked.
 
     python bench/rollout_overhead.py [--prompts 8] [--n 8] [--max-tokens 64] [--rounds 5]
         [--profile outputs/bench/overhead-profile.txt [--native]]
@@ -141,6 +142,24 @@ def thread_cpu_ticks() -> dict[tuple[int, int], tuple[str, str, int]]:
     return out
 
 
+def run_queue_wait(pids: list[int]) -> dict[tuple[int, int], int]:
+    """Nanoseconds each thread of ``pids`` has spent runnable but waiting for a CPU
+    (``/proc/<pid>/task/<tid>/schedstat``, its second field): high when threads queue for the
+    cores, low when a thread that is not running is blocked (a lock, the GIL, I/O)."""
+    out: dict[tuple[int, int], int] = {}
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                out[(pid, int(task.name))] = int((task / "schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
 def _allowed_cpus(pid: int, tid: int) -> str:
     try:
         for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
@@ -162,11 +181,17 @@ class CpuAccount:
         self.names: dict[tuple[int, int], str] = {}
         self.allowed: dict[tuple[int, int], str] = {}  # read while the threads live
         self.before: dict[tuple[int, int], tuple[str, str, int]] = {}
+        self.waits: dict[tuple[int, int], float] = {}  # run-queue wait, seconds
+        self.waits_before: dict[tuple[int, int], int] = {}
 
     def start(self) -> None:
         self.before = thread_cpu_ticks()
+        self.waits_before = run_queue_wait(list(self.pids.values()))
 
     def stop(self) -> None:
+        for key, ns in run_queue_wait(list(self.pids.values())).items():
+            waited = (ns - self.waits_before.get(key, 0)) / 1e9
+            self.waits[key] = self.waits.get(key, 0.0) + waited
         after = thread_cpu_ticks()
         for key, (label, name, ticks) in after.items():
             used = (ticks - self.before.get(key, (label, name, 0))[2]) / CLOCK_TICKS
@@ -180,8 +205,8 @@ class CpuAccount:
 
     def summary(self, rounds: int, wall_s: float) -> dict[str, Any]:
         """Seconds per round: the machine's total, its busiest processes, and the listed
-        processes' busiest threads (name, seconds, allowed CPUs); ``busy_cores`` is the
-        total over the side's wall time."""
+        processes' busiest threads (name, CPU seconds, seconds runnable but waiting for a
+        CPU, allowed CPUs); ``busy_cores`` is the total over the side's wall time."""
         per = max(rounds, 1)
         total = sum(self.by_process.values())
         top = sorted(self.by_process.items(), key=lambda kv: -kv[1])[:8]
@@ -190,7 +215,11 @@ class CpuAccount:
             mine = sorted(
                 ((k, v) for k, v in self.by_thread.items() if k[0] == pid), key=lambda kv: -kv[1]
             )[:8]
-            threads[who] = [[self.names[k], round(v / per, 3), self.allowed[k]] for k, v in mine]
+            threads[who] = [
+                [self.names[k], round(v / per, 3), round(self.waits.get(k, 0) / per, 3), cpus]
+                for k, v in mine
+                for cpus in [self.allowed[k]]
+            ]
         return {
             "total_s": round(total / per, 3),
             "busy_cores": round(total / wall_s, 2) if wall_s else None,

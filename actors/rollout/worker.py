@@ -7,9 +7,10 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from torch import Tensor
@@ -19,6 +20,8 @@ from actors.rollout.engines import make_engine
 from actors.rollout.records import GenerateReply, GenerationRequest, SamplingSpec, request_seed
 from actors.serving import worker_id
 from shuffle_r1.config import RolloutConfig
+
+T = TypeVar("T")
 
 
 class RolloutWorker:
@@ -32,6 +35,14 @@ class RolloutWorker:
     :meth:`load_weights` hands it. One engine call runs at a time (generation and weight
     loads are serialised); Serve's event loop stays free for health checks because the
     engine runs in a thread.
+
+    That thread is one and the same for the engine's whole life (built, warmed up, loading
+    weights, generating): torch's OpenMP runtime gives every thread that runs a parallel
+    region its own team of worker threads, and vLLM binds the team of the thread that built
+    the engine. Calls spread over a thread pool (``asyncio.to_thread``) made extra teams,
+    more OpenMP threads than cores, so their workers slept between regions instead of
+    spinning: the engine ran 12-19 % slower in a replica than in a plain process on the
+    same requests (README "Rollout overhead").
     """
 
     def __init__(
@@ -44,9 +55,11 @@ class RolloutWorker:
         run_id: str = "",
     ) -> None:
         self.worker_id = worker_id()
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         # replicas get the same arguments: mix the worker id into the engine's own RNG seed,
         # which only unseeded requests use
-        self.engine = make_engine(model_path, cfg, seed ^ (request_seed(0, self.worker_id) >> 32))
+        engine_seed = seed ^ (request_seed(0, self.worker_id) >> 32)
+        self.engine = self._on_engine_thread(make_engine, model_path, cfg, engine_seed)
         self._lock = threading.Lock()
         # seconds per part of the last weight sync (store, fetch, load, the engine's parts)
         self.last_sync_parts: dict[str, float] = {}
@@ -70,9 +83,17 @@ class RolloutWorker:
         self._m_version.set(0)
         if self._store is not None:
             newest: Any = ray.get(self._store.version.remote())
-            self._sync(newest)
+            self._on_engine_thread(self._sync, newest)
 
-    # -- the engine, under the lock ------------------------------------------------------------
+    # -- the engine, on its thread, under the lock --------------------------------------------
+
+    def _on_engine_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the engine's thread, waited for (from a thread that may block)."""
+        return self._engine_thread.submit(fn, *args).result()
+
+    async def _on_engine_thread_async(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the engine's thread, awaited (Serve's event loop stays free)."""
+        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
 
     def _sync(self, min_version: int) -> float:
         """Load the store's newest weights if this worker is below ``min_version``; seconds."""
@@ -133,13 +154,13 @@ class RolloutWorker:
     ) -> GenerateReply:
         """``sampling.n`` completions per request (flat, request order then index), after
         loading weights of at least ``min_version`` from the store if this worker is behind."""
-        return await asyncio.to_thread(self._generate, requests, sampling, min_version)
+        return await self._on_engine_thread_async(self._generate, requests, sampling, min_version)
 
     async def sync_weights(self, min_version: int) -> dict[str, Any]:
         """Pull the store's newest weights if below ``min_version``; returns :meth:`ping`
         with the seconds the sync took (``load_s``, 0.0 when already there) and its
         ``parts`` (seconds: ``store``, ``fetch``, ``load`` and the engine's own parts)."""
-        seconds = await asyncio.to_thread(self._sync, min_version)
+        seconds = await self._on_engine_thread_async(self._sync, min_version)
         parts = self.last_sync_parts if seconds > 0 else {}
         return {**self.ping(), "load_s": seconds, "parts": parts}
 
@@ -147,8 +168,12 @@ class RolloutWorker:
         """Load ``state`` (a state dict, or an object ref to one) as ``version``; return the
         seconds it took. A ref passed as a top-level argument arrives already resolved."""
         state_dict = ray.get(state) if isinstance(state, ray.ObjectRef) else state
-        with self._lock:
-            return self._load(version, state_dict)
+
+        def load() -> float:
+            with self._lock:
+                return self._load(version, state_dict)
+
+        return self._on_engine_thread(load)
 
     def weight_version(self) -> int:
         return self.engine.weight_version
