@@ -46,6 +46,17 @@ SERVICE_COMMANDS = (
 
 def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.check:
+        from services.trainer.cli import report_problems
+        from services.trainer.preflight import preflight
+
+        if report_problems("shuffle-r1 config", preflight(cfg), started=False):
+            return 2
+        print(
+            f"ok: model {cfg.learner.model_path}, data {cfg.data.train_path} and "
+            f"{cfg.data.val_path}, reward {cfg.reward.function}",
+            file=sys.stderr,
+        )
     if args.list:
         from shuffle_r1.config.listing import list_keys
 
@@ -85,10 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a recipe and print it resolved (secrets as ***)",
         description="Load a recipe with its overrides, check every value, and print the "
         "resolved recipe as YAML (secrets as ***), or with --list every key with its value "
-        "and help. Exit 2 naming the key when a value is wrong.",
+        "and help. Exit 2 naming the key when a value is wrong (with --check, also a model, "
+        "data file or reward function that would fail at the start of `train`).",
     )
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); default: the built-in defaults")
     p.add_argument("--list", action="store_true", help="every key with its value and its help")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also check what `train` checks before it starts: the model resolves (a built-in "
+        "name, a folder or a Hugging Face id), the data files parse, the reward function "
+        "imports and takes the workers' call",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_cmd_config)
     for module_name in SERVICE_COMMANDS:

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -365,14 +366,31 @@ def load_policy_model(model_path: str | Path, dtype: Any = "auto") -> Any:
     return auto.from_pretrained(model_path, dtype=dtype)
 
 
+# A Hugging Face model id: "owner/name", optionally "@revision" (a branch, tag or commit).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
+# Files a model folder does not need: other frameworks' and quantised copies of the weights.
+HUB_IGNORE = ["*.gguf", "*.onnx", "*.onnx_data", "*.h5", "*.msgpack", "*.tflite", "original/*"]
+
+
 def resolve_model_path(spec: str) -> Path:
     """Turn ``learner.model_path`` into a local transformers folder.
 
-    ``"smollm2-135m-instruct"`` → :func:`prepare_smollm2` (converted once);
-    ``"tiny-llama"`` → :func:`build_tiny_llama` and ``"tiny-qwen2.5-vl"`` →
-    :func:`build_tiny_qwen2_5_vl` in the cache folder; anything else must be an existing
-    local folder with a ``config.json``. Raises ``FileNotFoundError`` naming the
-    path otherwise (hub ids are not downloaded: the machines this runs on may be offline).
+    In this order:
+
+    - ``"smollm2-135m-instruct"`` → :func:`prepare_smollm2` (converted once);
+      ``"tiny-llama"`` → :func:`build_tiny_llama` and ``"tiny-qwen2.5-vl"`` →
+      :func:`build_tiny_qwen2_5_vl` in the cache folder;
+    - an existing local folder with a ``config.json``;
+    - a Hugging Face id (``owner/name`` or ``owner/name@revision``) →
+      ``huggingface_hub.snapshot_download``, which honours ``HF_HOME``, ``HF_HUB_CACHE``,
+      ``HF_TOKEN`` and ``HF_HUB_OFFLINE``: a model already in the cache resolves offline,
+      one that is not is downloaded once (weights in safetensors or bin; the GGUF, ONNX and
+      other frameworks' copies are skipped).
+
+    Raises:
+        FileNotFoundError: naming ``spec`` and why: no such folder, a folder without
+            ``config.json``, or an id that is neither cached nor downloadable (with the hub's
+            own error and where the cache is).
     """
     if spec == SMOLLM2:
         return prepare_smollm2()
@@ -381,11 +399,43 @@ def resolve_model_path(spec: str) -> Path:
     if spec == TINY_QWEN2_5_VL:
         return build_tiny_qwen2_5_vl(default_cache_dir() / TINY_QWEN2_5_VL)
     path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model {spec!r} is neither a known name ({SMOLLM2!r}, {TINY_LLAMA!r}, "
-            f"{TINY_QWEN2_5_VL!r}) nor a "
-            f"local folder with a config.json ({path.resolve()} has none); download it first "
-            "and pass its folder"
+    if (path / "config.json").is_file():
+        return path
+    if not path.exists() and HUB_ID.match(spec):
+        return _from_hub(spec)
+    why = (
+        f"{path.resolve()} has no config.json"
+        if path.exists()
+        else f"there is no folder {path.resolve()}, and it is not a Hugging Face id (owner/name)"
+    )
+    raise FileNotFoundError(
+        f"model {spec!r} is neither a known name ({SMOLLM2!r}, {TINY_LLAMA!r}, "
+        f"{TINY_QWEN2_5_VL!r}), nor a local folder with a config.json, nor a Hugging Face "
+        f"id: {why}"
+    )
+
+
+def _from_hub(spec: str) -> Path:
+    """The local snapshot of Hugging Face model ``spec`` (``owner/name[@revision]``)."""
+    from huggingface_hub import constants, snapshot_download
+
+    repo_id, _, revision = spec.partition("@")
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision or None, ignore_patterns=HUB_IGNORE)
         )
-    return path
+    except Exception as exc:  # offline and not cached, no such repo, gated, network down
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise FileNotFoundError(
+            f"model {spec!r}: the Hugging Face id did not resolve{offline}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            f"(cache: {constants.HF_HUB_CACHE}; pre-populate it, e.g. with "
+            f"`huggingface-cli download {repo_id}`, or pass a local folder)"
+        ) from exc
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {spec!r}: its Hugging Face snapshot {folder} has no config.json "
+            "(not a transformers model?)"
+        )
+    logger.info("model %s resolved to %s", spec, folder)
+    return folder

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from services.trainer.preflight import Problem, check_output_folder, preflight
 from shuffle_r1.config import check_reward_function, load_config
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,18 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=scale)
 
 
+def report_problems(command: str, problems: list[Problem], started: bool = True) -> bool:
+    """Print each problem as one line on stderr, then their count (``started``: saying that
+    nothing was started); whether there were any."""
+    for problem in problems:
+        print(f"{command}: {problem}", file=sys.stderr)
+    if problems:
+        count = f"{len(problems)} problem(s)"
+        print(f"{command}: nothing was started ({count})" if started else f"{command}: {count}",
+              file=sys.stderr)  # fmt: skip
+    return bool(problems)
+
+
 def train(args: argparse.Namespace) -> int:
     """Train ``args.config``; 0 when every step ran. SIGINT (Ctrl-C) or SIGTERM abandons the
     step in progress and exits with 130 or 143 within seconds, every process the run started
@@ -58,7 +71,11 @@ def train(args: argparse.Namespace) -> int:
     checkpoint. Exits 3 at once, before Ray starts, when another run holds the output
     folder (``services.trainer.runlock``), and 74 when the output cannot be written (a full
     disk, a quota: ``shuffle_r1.integrity.OutputWriteError``), nothing restarted and the
-    last complete checkpoint intact."""
+    last complete checkpoint intact. Exits 2, before Ray starts, for a user's mistake, one line
+    each (:mod:`services.trainer.preflight`): a model that does not resolve, a data file that
+    is missing or gives no problems, a reward function that does not import or cannot take
+    the workers' call, an output folder holding an earlier run without ``--resume`` or
+    ``trainer.overwrite=true``."""
     import ray
 
     from services.trainer.bootstrap import init_ray
@@ -70,12 +87,20 @@ def train(args: argparse.Namespace) -> int:
     from shuffle_r1.integrity import OutputWriteError
 
     cfg = load_config(args.config, args.overrides)
-    check_reward_function(cfg)  # imports it here, not minutes later in a Serve replica
+    resume = args.resume or cfg.trainer.resume
+    # model, data and reward function, here, not minutes later in a worker
+    if report_problems("shuffle-r1 train", preflight(cfg)):
+        return 2
     try:  # before Ray starts: a second run in the folder is refused at once
         lock = RunLock(cfg.trainer.output_dir).acquire()
     except RunLockedError as exc:
         print(f"shuffle-r1 train: {exc}", file=sys.stderr)
         return 3
+    problem = check_output_folder(cfg, resume)  # holding the lock: no live run's files
+    if problem is not None:
+        lock.release()
+        report_problems("shuffle-r1 train", [problem])
+        return 2
     start_reaper()  # before Ray and Redis start: nothing of the run outlives this process
     with lock, StopOnSignal() as stop:
         trainer: Trainer | None = None
@@ -85,7 +110,7 @@ def train(args: argparse.Namespace) -> int:
             # ... and its core worker a C-level one (abseil's failure handler: it logs, then
             # aborts): installing ours again takes the signals back at the C level too
             stop.install()
-            trainer = Trainer(cfg, resume=args.resume or cfg.trainer.resume)
+            trainer = Trainer(cfg, resume=resume)
             try:
                 summary = trainer.run()
             except OutputWriteError as exc:  # a full disk is the operator's, not a crash

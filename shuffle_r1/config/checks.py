@@ -5,6 +5,7 @@ ranges, choices, the services' limits (``shuffle_r1.limits``), the security rule
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import ipaddress
 import math
 import os
@@ -151,7 +152,9 @@ def _check_reward_path(value: str) -> None:
 
 
 def check_reward_function(cfg: Config) -> None:
-    """Import ``reward.function`` and check that it names a callable.
+    """Import ``reward.function`` and check that it names a callable that takes the call
+    the reward workers make: ``fn(response, reference_answer, accuracy_weight=...,
+    format_weight=..., timeout_s=...)``.
 
     This runs the module's code, so :func:`load_config` only checks that the module can be
     found; the trainer calls this before it starts Ray, so that a reward function that does
@@ -160,7 +163,8 @@ def check_reward_function(cfg: Config) -> None:
 
     Raises:
         ConfigError: naming ``reward.function``, the module and what went wrong (the import
-            error, a missing attribute, an attribute that is not callable).
+            error, a missing attribute, an attribute that is not callable, a signature that
+            cannot take that call).
     """
     from shuffle_r1.rewards import load_reward_fn
 
@@ -169,7 +173,7 @@ def check_reward_function(cfg: Config) -> None:
     if added:  # import it as the reward workers will
         sys.path.append(REPO_ROOT)
     try:
-        load_reward_fn(value)
+        fn = load_reward_fn(value)
     except ValueError as exc:  # malformed, not importable, no such attribute, not callable
         raise ConfigError(f"reward.function={echo(value)}: {cut(str(exc), 1000)}") from exc
     except Exception as exc:  # the module's own code may raise anything while imported
@@ -181,6 +185,26 @@ def check_reward_function(cfg: Config) -> None:
     finally:
         if added:
             sys.path.remove(REPO_ROOT)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or extension function: nothing to check
+        return
+    r = cfg.reward
+    try:  # as the reward workers call it (actors/reward.py)
+        signature.bind(
+            "response",
+            "reference answer",
+            accuracy_weight=r.accuracy_weight,
+            format_weight=r.format_weight,
+            timeout_s=r.timeout_s,
+        )
+    except TypeError as exc:
+        raise ConfigError(
+            f"reward.function={echo(value)}: its signature {signature} cannot take the call "
+            "fn(response, reference_answer, accuracy_weight=..., format_weight=..., "
+            f"timeout_s=...) the reward workers make ({exc}); add **kwargs to ignore the "
+            "keywords it does not use"
+        ) from None
 
 
 def validate(cfg: Config) -> Config:

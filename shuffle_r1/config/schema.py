@@ -240,6 +240,9 @@ class TrainerConfig:
     val_before_train: bool = True  # with eval_every > 0: evaluate before the first update
     seed: int = 1  # seeds sampling, PTS/ABS draws and the learner
     resume: bool = False  # as `train --resume`: continue from the newest checkpoint
+    # a fresh run in an output_dir that holds an earlier run's logs or checkpoints: false =
+    # refused before anything starts; true = that run's logs and checkpoints are deleted
+    overwrite: bool = False
     # a learner rank that dies: rebuild the group from the last checkpoint, this many times
     max_learner_restarts: int = 3
     metrics_port: int = 0  # Prometheus /metrics of the trainer; 0 = off

@@ -2,6 +2,11 @@
 
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,16 +98,62 @@ def test_resolve_model_path_known_names_and_folders(tmp_path, monkeypatch):
     assert resolve_model_path(str(tiny)) == tiny
 
 
-@pytest.mark.parametrize("make", ["missing", "empty folder", "hub id"])
+@pytest.mark.parametrize("make", ["missing", "empty folder", "relative path"])
 def test_resolve_model_path_errors_name_the_input(tmp_path, make):
     spec = {
         "missing": str(tmp_path / "nope"),
         "empty folder": str(tmp_path),
-        "hub id": "Qwen/Qwen2.5-VL-3B-Instruct",
+        "relative path": "./models/nope",  # a path, not an owner/name id: nothing downloaded
     }[make]
     with pytest.raises(FileNotFoundError, match=r"config\.json") as info:
         resolve_model_path(spec)
     assert repr(spec) in str(info.value)
+
+
+RESOLVE = """
+import sys
+from shuffle_r1.models import resolve_model_path
+try:
+    print(resolve_model_path(sys.argv[1]))
+except FileNotFoundError as exc:
+    print("ERROR", exc)
+"""
+
+
+def _resolve_offline(spec: str, hf_home: Path) -> str:
+    """``resolve_model_path(spec)`` in a fresh process with ``HF_HOME=hf_home`` and
+    ``HF_HUB_OFFLINE=1``, as a user sets them (huggingface_hub reads both at import)."""
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", RESOLVE, spec], env=env, capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_hugging_face_id_resolves_from_a_cache_offline(tmp_path, monkeypatch):
+    """A hub cache laid out as huggingface_hub writes it (refs/main -> snapshots/<commit>),
+    built here from the tiny model: the id resolves to the snapshot, offline, and it loads;
+    ``@revision`` picks a commit; an id not in the cache fails naming it, the offline mode
+    and the cache."""
+    monkeypatch.setenv("SHUFFLE_R1_CACHE", str(tmp_path / "cache"))
+    tiny = resolve_model_path("tiny-llama")
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    got = _resolve_offline("acme/tiny-llama", tmp_path / "hf")
+    assert got == str(repo / "snapshots" / commit)
+    model = AutoModelForCausalLM.from_pretrained(got)
+    assert model.config.num_hidden_layers == 2
+    assert _resolve_offline(f"acme/tiny-llama@{commit}", tmp_path / "hf") == got
+
+    missing = _resolve_offline("acme/not-cached", tmp_path / "hf")
+    assert missing.startswith("ERROR model 'acme/not-cached'")
+    assert "HF_HUB_OFFLINE is set" in missing and str(tmp_path / "hf" / "hub") in missing
 
 
 @pytest.mark.slow

@@ -1,0 +1,147 @@
+"""Checks a run makes before Ray starts, so that a user's mistake fails in a second as one
+line naming the key, not minutes later as a traceback in a worker's log.
+
+:func:`preflight` checks what :func:`shuffle_r1.config.load_config` cannot without touching
+files, the network or imports: that the model resolves (a built-in name, a local folder or a
+Hugging Face id, :func:`shuffle_r1.models.resolve_model_path`), that both data files exist
+and their first rows parse with the configured columns, and that the reward function imports
+and takes the arguments the reward workers pass. :func:`check_output_folder` refuses to start
+a fresh run over an earlier one unless ``trainer.overwrite`` is set.
+``shuffle-r1 train`` runs both; ``shuffle-r1 config --check`` runs :func:`preflight`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from shuffle_r1.config import Config, ConfigError, check_reward_function
+
+# rows of each data file read to check it: enough to catch a wrong column or format
+SAMPLE_ROWS = 8
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One failed check: the config key it concerns and what is wrong, in one line."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+def preflight(cfg: Config, check_model: bool = True) -> list[Problem]:
+    """Every problem found, in the order model, data, reward; ``[]`` when the run can start.
+
+    ``check_model=False`` skips resolving the model (which may convert or download it)."""
+    problems: list[Problem] = []
+    if check_model:
+        problems += _check_model(cfg)
+    problems += _check_data(cfg)
+    try:
+        check_reward_function(cfg)
+    except ConfigError as exc:
+        problems.append(Problem("reward.function", str(exc).removeprefix("reward.function=")))
+    return problems
+
+
+def _check_model(cfg: Config) -> list[Problem]:
+    from shuffle_r1.models import resolve_model_path
+
+    try:
+        resolve_model_path(cfg.learner.model_path)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        return [Problem("learner.model_path", _one_line(exc))]
+    return []
+
+
+def _check_data(cfg: Config) -> list[Problem]:
+    from shuffle_r1.data import load_examples
+
+    d = cfg.data
+    problems = []
+    quiet = _Quiet(logging.getLogger("shuffle_r1.data"))  # its "loaded N examples" lines
+    for key, path in (("data.train_path", d.train_path), ("data.val_path", d.val_path)):
+        try:
+            with quiet:
+                result = load_examples(
+                    path,
+                    problem_key=d.problem_key,
+                    answer_key=d.answer_key,
+                    image_key=d.image_key,
+                    id_key=d.id_key or None,
+                    answer_format=d.answer_format,
+                    image_root=d.image_root or None,
+                    limit=SAMPLE_ROWS,
+                )
+        except (OSError, ValueError) as exc:  # missing, unknown extension, not JSON/Parquet
+            problems.append(Problem(key, f"{path!r}: {_one_line(exc)}"))
+            continue
+        if not result.examples:
+            first = result.skipped[0] if result.skipped else None
+            why = f"every row read was skipped; the first: {first}" if first else "it is empty"
+            problems.append(Problem(key, f"{path!r} gives no problems: {why}"))
+    return problems
+
+
+class _Quiet:
+    """Holds a logger at ERROR inside ``with``: a check prints only its problems."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.level = logger, logger.level
+
+    def __enter__(self) -> None:
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# What a run leaves in trainer.output_dir that a fresh run would mix with its own: the
+# metrics and prompt logs it appends to, and checkpoints that --resume would pick up.
+RUN_FILES = ("metrics.jsonl", "prompts.jsonl")
+RUN_DIRS = ("checkpoints",)
+
+
+def earlier_run(output_dir: Path) -> list[str]:
+    """What of an earlier run ``output_dir`` holds (names, for the message); ``[]`` if none."""
+    found = [name for name in RUN_FILES if (output_dir / name).is_file()]
+    for name in RUN_DIRS:
+        folder = output_dir / name
+        if folder.is_dir() and any(folder.iterdir()):
+            found.append(f"{name}/ ({sum(1 for _ in folder.iterdir())} entries)")
+    return found
+
+
+def check_output_folder(cfg: Config, resume: bool) -> Problem | None:
+    """Refuse a fresh run (no ``--resume``) in a folder holding an earlier run, unless
+    ``trainer.overwrite``; with it, remove that run's logs and checkpoints (so a later
+    ``--resume`` cannot pick up the old run's). Call it holding the run lock
+    (:mod:`services.trainer.runlock`), so that no running run's files are removed."""
+    out = Path(cfg.trainer.output_dir)
+    if resume:
+        return None
+    found = earlier_run(out)
+    if not found:
+        return None
+    if not cfg.trainer.overwrite:
+        return Problem(
+            "trainer.output_dir",
+            f"{str(out)!r} holds an earlier run ({', '.join(found)}): continue it with "
+            "--resume, start over with trainer.overwrite=true (its logs and checkpoints are "
+            "deleted), or choose another trainer.output_dir",
+        )
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    return None
