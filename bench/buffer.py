@@ -26,7 +26,11 @@ way before #17 item 5).
 Prints one JSON line per configuration, size and prompt layout. Times: wall clock at the client, ms.
 ``pts_abs_ms`` is the library's GRPO advantage + PTS + ABS on the step's rewards alone;
 ``prepare_ms`` and ``draw_ms`` are the server's put and sample logic (library calls plus
-protobuf encoding) measured in this process.
+protobuf encoding) measured in this process. ``sample_server_mean_ms`` is the warm server's
+own time per Sample (its ``shuffle_r1_buffer_request_seconds`` histogram: Redis, the draw, the
+encoding; scraped from its metrics port before and after the measured steps), and
+``sample_outside_server_mean_ms`` the rest of the client's mean wall time (gRPC on loopback,
+the client's parse): where a Sample's time goes.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ import json
 import os
 import random
 import select
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -103,10 +109,29 @@ def make_groups(
     ]
 
 
-def start_server(redis_url: str) -> tuple[subprocess.Popen[str], str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_seconds(metrics_port: int, method: str) -> tuple[float, float]:
+    """``(sum, count)`` of the server's request-time histogram for ``method``."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    found = {"sum": 0.0, "count": 0.0}
+    for line in text.decode().splitlines():
+        for part in found:
+            prefix = f'shuffle_r1_buffer_request_seconds_{part}{{method="{method}"}} '
+            if line.startswith(prefix):
+                found[part] = float(line[len(prefix) :])
+    return found["sum"], found["count"]
+
+
+def start_server(redis_url: str, metrics_port: int = 0) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "services.replay_buffer.cli", "serve", "--redis-url", redis_url,
-         "--port", "0", "--keep-steps", "2", "--max-message-mb", "512"],
+         "--port", "0", "--keep-steps", "2", "--max-message-mb", "512",
+         "--metrics-port", str(metrics_port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -159,6 +184,7 @@ def bench_size(
     steps: int,
     samples_per_step: int,
     by_group: bool,
+    metrics_port: int,
 ) -> dict:
     spec = SPECS[config]
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
@@ -178,6 +204,8 @@ def bench_size(
             put = client.put_groups(groups, spec=spec)
             elapsed = time.perf_counter() - start
             assert put.stored == count, put
+            if step == 2:
+                server_before = server_seconds(metrics_port, "Sample")
             for _ in range(samples_per_step):
                 t0 = time.perf_counter()
                 batch = client.sample(
@@ -186,6 +214,8 @@ def bench_size(
                 )  # fmt: skip
                 if step >= 2:
                     sample_s.append(time.perf_counter() - t0)
+            if step == steps + 1:
+                server_after = server_seconds(metrics_port, "Sample")
             t0 = time.perf_counter()
             cold.sample(
                 run_id, step, policy_version=step, expected_groups=count,
@@ -213,12 +243,23 @@ def bench_size(
             "sample_p50_ms": round(percentile(sample_s, 50) * 1e3, 2),
             "sample_p99_ms": round(percentile(sample_s, 99) * 1e3, 2),
             "sample_trajectories_per_s": round(statistics.mean(items) / statistics.mean(sample_s)),
+            "sample_mean_ms": round(statistics.mean(sample_s) * 1e3, 2),
             "sample_cold_p50_ms": round(percentile(cold_s, 50) * 1e3, 2),
             "sample_cold_p99_ms": round(percentile(cold_s, 99) * 1e3, 2),
             "puts": len(put_s),
             "samples": len(sample_s),
             "samples_cold": len(cold_s),
         }
+        server_sum = server_after[0] - server_before[0]
+        server_count = server_after[1] - server_before[1]
+        if server_count != len(sample_s):
+            raise RuntimeError(
+                f"the server counted {server_count} samples, the client {len(sample_s)}"
+            )
+        result["sample_server_mean_ms"] = round(server_sum / server_count * 1e3, 2)
+        result["sample_outside_server_mean_ms"] = round(
+            result["sample_mean_ms"] - result["sample_server_mean_ms"], 2
+        )
         result |= compute_times(pool[0], spec, reps=20)
         return result
     finally:
@@ -242,7 +283,8 @@ def main() -> None:
     args = parser.parse_args()
     url = os.environ.get("SHUFFLE_R1_REDIS_URL", "redis://127.0.0.1:6379/0")
     embedded = None if ping(url) else EmbeddedRedis().start()
-    servers = [start_server(embedded.url if embedded else url) for _ in range(2)]
+    metrics_port = free_port()  # the warm server's (the first)
+    servers = [start_server(embedded.url if embedded else url, port) for port in (metrics_port, 0)]
     try:
         client, cold = (
             ReplayBufferClient(address, timeout_s=120, max_message_mb=512) for _, address in servers
@@ -253,7 +295,7 @@ def main() -> None:
                     steps = max(5, args.steps * 512 // max(size, 512))
                     result = bench_size(
                         client, cold, config, size, steps, args.samples_per_step,
-                        by_group=prompts == "by_group",
+                        by_group=prompts == "by_group", metrics_port=metrics_port,
                     )  # fmt: skip
                     result["load_average_1m"] = round(os.getloadavg()[0], 2)
                     print(json.dumps(result), flush=True)

@@ -149,6 +149,20 @@ CATALOG: tuple[MetricSpec, ...] = (
     _m("learner_grad_norm", "gauge", "trainer", "Mean gradient norm (before clipping)"),
     _m("learner_clip_fraction", "gauge", "trainer", "Share of tokens whose ratio was clipped"),
     _m("learner_kl", "gauge", "trainer", "Mean KL to the reference policy (0 when off)"),
+    _m(
+        "learner_positions_per_token",
+        "gauge",
+        "trainer",
+        "Token positions the last update ran per trained token (above 1: padding; below 1: "
+        "prompts shared by their rollouts, run once)",
+    ),
+    _m(
+        "learner_peak_memory_bytes",
+        "gauge",
+        "trainer",
+        "Largest per-micro-batch memory peak of a learner rank in the last update (resident "
+        "set on CPU, allocated memory on CUDA), bytes",
+    ),
     # --- replay buffer service --------------------------------------------------------------
     _m("buffer_requests_total", "counter", "buffer", "RPCs answered", "method", "code"),
     _m("buffer_request_seconds", "histogram", "buffer", "RPC handling time, seconds", "method"),

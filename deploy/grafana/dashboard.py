@@ -274,6 +274,17 @@ ROWS: list[tuple[str, list[JSON]]] = [
                 [(quantile(0.9, "learner_worker_step_seconds", "rank"), "rank {{rank}}")],
                 unit="s",
             ),
+            ts(
+                "Positions run per trained token",
+                [(f"max({m('learner_positions_per_token')})", "positions / token")],
+                w=8,
+            ),
+            ts(
+                "Peak memory per micro-batch (largest rank)",
+                [(f"max({m('learner_peak_memory_bytes')})", "peak")],
+                unit="bytes",
+                w=8,
+            ),
         ],
     ),
     (

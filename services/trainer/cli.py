@@ -268,7 +268,14 @@ def scale(args: argparse.Namespace) -> int:
     from actors.weights import weight_store_name
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # as a local run starts Ray (init_ray)
-    ray.init(address=args.address, namespace=args.namespace, logging_level=logging.WARNING)
+    try:
+        ray.init(address=args.address, namespace=args.namespace, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"shuffle-r1 scale: cannot join the Ray cluster at --address={args.address}: "
+              f"{first} (is the job running, and is this its head's address? `ray status "
+              f"--address {args.address}` checks)", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         stores = [
             a["name"]

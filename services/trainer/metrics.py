@@ -115,7 +115,10 @@ _GAUGES = {
     "learner/grad_norm": ("shuffle_r1_learner_grad_norm", {}),
     "learner/clip_fraction": ("shuffle_r1_learner_clip_fraction", {}),
     "learner/kl": ("shuffle_r1_learner_kl", {}),
+    "learner/positions_per_token": ("shuffle_r1_learner_positions_per_token", {}),
 }
+# step-metrics keys in another unit than their gauge's: key -> (gauge, factor)
+_SCALED_GAUGES = {"learner/peak_memory_mb": ("shuffle_r1_learner_peak_memory_bytes", 2.0**20)}
 # step-metrics keys -> catalog counters incremented by their value each step
 _COUNTERS = {
     "rollout/tokens": "shuffle_r1_rollout_tokens_total",
@@ -212,6 +215,10 @@ class TrainerExporter:
             value = metrics.get(key)
             if value is not None and math.isfinite(value):
                 (m[name].labels(**labels) if labels else m[name]).set(value)
+        for key, (name, factor) in _SCALED_GAUGES.items():
+            value = metrics.get(key)
+            if value is not None and math.isfinite(value):
+                m[name].set(value * factor)
         for key, name in _COUNTERS.items():
             value = metrics.get(key)
             if value:

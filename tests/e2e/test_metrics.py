@@ -154,6 +154,8 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
     assert raised > 0  # the reward function raises for about a quarter of the responses
     assert values(e, "shuffle_r1_weight_sync_seconds_count") == [STEPS]
     assert values(e, "shuffle_r1_learner_grad_norm")[0] > 0
+    assert 0 < values(e, "shuffle_r1_learner_positions_per_token")[0] < 2
+    assert values(e, "shuffle_r1_learner_peak_memory_bytes")[0] > 2**20  # a rank's RSS peak
     # the buffer
     assert values(e, "shuffle_r1_buffer_groups_stored", run=RUN)[0] > 0
     assert values(e, "shuffle_r1_buffer_samples_total") == [STEPS]

@@ -154,3 +154,18 @@ def test_config_check_reports_or_confirms(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     assert ok.stderr.strip().splitlines()[-1].startswith("ok: model tiny-llama")
     assert "learner:" in ok.stdout  # and the resolved recipe, as without --check
+
+
+def test_scale_against_an_address_with_no_ray_is_one_line_not_a_traceback() -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = run_cli("scale", "rollout", "2", "--address", f"127.0.0.1:{port}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"shuffle-r1 scale: cannot join the Ray cluster at --address=127.0.0.1:{port}"
+    )
