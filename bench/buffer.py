@@ -30,7 +30,9 @@ protobuf encoding) measured in this process. ``sample_server_mean_ms`` is the wa
 own time per Sample (its ``shuffle_r1_buffer_request_seconds`` histogram: Redis, the draw, the
 encoding; scraped from its metrics port before and after the measured steps), and
 ``sample_outside_server_mean_ms`` the rest of the client's mean wall time (gRPC on loopback,
-the client's parse): where a Sample's time goes.
+the client's parse): where a Sample's time goes; ``sample_server_over_5ms_share`` and
+``sample_client_over_5ms_share``, the share of samples over 5 ms as the server timed them and
+as the client did: where the tail is.
 """
 
 from __future__ import annotations
@@ -115,16 +117,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_seconds(metrics_port: int, method: str) -> tuple[float, float]:
-    """``(sum, count)`` of the server's request-time histogram for ``method``."""
+def server_seconds(metrics_port: int, method: str) -> tuple[float, float, float]:
+    """``(sum, count, count under 5 ms)`` of the server's request-time histogram for
+    ``method``."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
     found = {"sum": 0.0, "count": 0.0}
+    under_5ms = 0.0
     for line in text.decode().splitlines():
         for part in found:
             prefix = f'shuffle_r1_buffer_request_seconds_{part}{{method="{method}"}} '
             if line.startswith(prefix):
                 found[part] = float(line[len(prefix) :])
-    return found["sum"], found["count"]
+        if (
+            line.startswith("shuffle_r1_buffer_request_seconds_bucket{")
+            and f'method="{method}"' in line
+            and 'le="0.005"' in line
+        ):
+            under_5ms = float(line.rsplit(" ", 1)[1])
+    return found["sum"], found["count"], under_5ms
 
 
 def start_server(redis_url: str, metrics_port: int = 0) -> tuple[subprocess.Popen[str], str]:
@@ -257,6 +267,13 @@ def bench_size(
                 f"the server counted {server_count} samples, the client {len(sample_s)}"
             )
         result["sample_server_mean_ms"] = round(server_sum / server_count * 1e3, 2)
+        # the server's own share of samples over 5 ms (its histogram's bucket), against the
+        # client's: a tail the server does not see is gRPC's or the client's
+        over = 1 - (server_after[2] - server_before[2]) / server_count
+        result["sample_server_over_5ms_share"] = round(over, 4)
+        result["sample_client_over_5ms_share"] = round(
+            sum(t > 0.005 for t in sample_s) / len(sample_s), 4
+        )
         result["sample_outside_server_mean_ms"] = round(
             result["sample_mean_ms"] - result["sample_server_mean_ms"], 2
         )

