@@ -60,7 +60,7 @@ def _check_model(cfg: Config) -> list[Problem]:
 
 
 def _check_data(cfg: Config) -> list[Problem]:
-    from shuffle_r1.data import load_examples
+    from shuffle_r1.data.splits import load_data_file
 
     d = cfg.data
     problems = []
@@ -68,16 +68,7 @@ def _check_data(cfg: Config) -> list[Problem]:
     for key, path in (("data.train_path", d.train_path), ("data.val_path", d.val_path)):
         try:
             with quiet:
-                result = load_examples(
-                    path,
-                    problem_key=d.problem_key,
-                    answer_key=d.answer_key,
-                    image_key=d.image_key,
-                    id_key=d.id_key or None,
-                    answer_format=d.answer_format,
-                    image_root=d.image_root or None,
-                    limit=SAMPLE_ROWS,
-                )
+                result = load_data_file(d, path, SAMPLE_ROWS)
         except (OSError, ValueError) as exc:  # missing, unknown extension, not JSON/Parquet
             problems.append(Problem(key, f"{path!r}: {_one_line(exc)}"))
             continue

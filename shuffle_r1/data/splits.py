@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shuffle_r1.config import DataConfig
-from shuffle_r1.data.dataset import Example, load_examples
+from shuffle_r1.data.dataset import Example, LoadResult, load_examples
 from shuffle_r1.data.images import ImageSpec, expand_image_tokens
 from shuffle_r1.data.prompt import render_prompt
 
@@ -78,6 +78,24 @@ def tokenize_prompts(
     return prompts, overlong
 
 
+def load_data_file(
+    d: DataConfig, path: str, limit: int | None, image_spec: ImageSpec | None = None
+) -> LoadResult:
+    """:func:`~shuffle_r1.data.dataset.load_examples` of ``path`` with the columns, answer
+    format and image root ``d`` configures; at most ``limit`` examples (``None``: all)."""
+    return load_examples(
+        path,
+        problem_key=d.problem_key,
+        answer_key=d.answer_key,
+        image_key=d.image_key,
+        id_key=d.id_key or None,
+        answer_format=d.answer_format,
+        image_root=d.image_root or None,
+        image_spec=image_spec,
+        limit=limit,
+    )
+
+
 def load_prompt_splits(
     d: DataConfig, tokenizer: Any, processor: Any = None, model: str | Path = "the model"
 ) -> tuple[list[Prompt], list[Prompt], int, int]:
@@ -100,17 +118,7 @@ def load_prompt_splits(
         spec = ImageSpec(d.min_pixels, d.max_pixels, ip.patch_size * ip.merge_size)
     out, skipped, overlong = [], 0, 0
     for path, size in ((d.train_path, d.train_size), (d.val_path, d.val_size)):
-        result = load_examples(
-            path,
-            problem_key=d.problem_key,
-            answer_key=d.answer_key,
-            image_key=d.image_key,
-            id_key=d.id_key or None,
-            answer_format=d.answer_format,
-            image_root=d.image_root or None,
-            image_spec=spec,
-            limit=size or None,
-        )
+        result = load_data_file(d, path, size or None, spec)
         for row in result.skipped[:5]:
             logger.warning("skipped %s", row)
         with_images = sum(bool(ex.images) for ex in result.examples)
