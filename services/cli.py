@@ -47,8 +47,7 @@ SERVICE_COMMANDS = (
 def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.check:
-        from services.trainer.cli import report_problems
-        from services.trainer.preflight import preflight
+        from services.trainer.preflight import preflight, report_problems
 
         if report_problems("shuffle-r1 config", preflight(cfg), started=False):
             return 2

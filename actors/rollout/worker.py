@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +32,8 @@ class RolloutWorker:
     published weights before it serves its first request, and again whenever a call asks for
     a version it does not hold. Without a store the worker only loads what
     :meth:`load_weights` hands it. One engine call runs at a time (generation and weight
-    loads are serialised); Serve's event loop stays free for health checks because the
-    engine runs in a thread.
+    loads are serialised: every engine call goes through the engine's one thread); Serve's
+    event loop stays free for health checks because the engine runs in that thread.
 
     That thread is one and the same for the engine's whole life (built, warmed up, loading
     weights, generating): torch's OpenMP runtime gives every thread that runs a parallel
@@ -60,7 +59,6 @@ class RolloutWorker:
         # which only unseeded requests use
         engine_seed = seed ^ (request_seed(0, self.worker_id) >> 32)
         self.engine = self._on_engine_thread(make_engine, model_path, cfg, engine_seed)
-        self._lock = threading.Lock()
         # seconds per part of the last weight sync (store, fetch, load, the engine's parts)
         self.last_sync_parts: dict[str, float] = {}
         self._store: Any = (
@@ -85,7 +83,7 @@ class RolloutWorker:
             newest: Any = ray.get(self._store.version.remote())
             self._on_engine_thread(self._sync, newest)
 
-    # -- the engine, on its thread, under the lock --------------------------------------------
+    # -- the engine, on its one thread -------------------------------------------------------
 
     def _on_engine_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the engine's thread, waited for (from a thread that may block)."""
@@ -97,28 +95,27 @@ class RolloutWorker:
 
     def _sync(self, min_version: int) -> float:
         """Load the store's newest weights if this worker is below ``min_version``; seconds."""
-        with self._lock:
-            if self._store is None or self.engine.weight_version >= min_version:
-                return 0.0
-            start = time.perf_counter()
-            latest: tuple[int, list[ray.ObjectRef]] = ray.get(self._store.latest.remote())
-            version, refs = latest
-            if version < min_version:
-                raise RuntimeError(
-                    f"rollout worker {self.worker_id}: asked for weight version >= {min_version} "
-                    f"but the weight store holds {version}; publish before generating"
-                )
-            asked = time.perf_counter()
-            state = ray.get(refs[0])
-            fetched = time.perf_counter()
-            load_s = self._load(version, state)
-            self.last_sync_parts = {
-                "store": asked - start,
-                "fetch": fetched - asked,
-                "load": load_s,
-                **self.engine.last_load_parts,
-            }
-            return time.perf_counter() - start
+        if self._store is None or self.engine.weight_version >= min_version:
+            return 0.0
+        start = time.perf_counter()
+        latest: tuple[int, list[ray.ObjectRef]] = ray.get(self._store.latest.remote())
+        version, refs = latest
+        if version < min_version:
+            raise RuntimeError(
+                f"rollout worker {self.worker_id}: asked for weight version >= {min_version} "
+                f"but the weight store holds {version}; publish before generating"
+            )
+        asked = time.perf_counter()
+        state = ray.get(refs[0])
+        fetched = time.perf_counter()
+        load_s = self._load(version, state)
+        self.last_sync_parts = {
+            "store": asked - start,
+            "fetch": fetched - asked,
+            "load": load_s,
+            **self.engine.last_load_parts,
+        }
+        return time.perf_counter() - start
 
     def _load(self, version: int, state_dict: dict[str, Tensor]) -> float:
         start = time.perf_counter()
@@ -132,11 +129,10 @@ class RolloutWorker:
         self, requests: Sequence[GenerationRequest], sampling: SamplingSpec, min_version: int
     ) -> GenerateReply:
         self._sync(min_version)
-        with self._lock:
-            start = time.perf_counter()
-            completions = self.engine.generate(requests, sampling)
-            seconds = time.perf_counter() - start
-            version = self.engine.weight_version
+        start = time.perf_counter()
+        completions = self.engine.generate(requests, sampling)
+        seconds = time.perf_counter() - start
+        version = self.engine.weight_version
         self._m_generate.observe(seconds)
         self._m_requests.inc(len(requests))
         self._m_tokens.inc(sum(len(c.token_ids) for c in completions))
@@ -168,12 +164,7 @@ class RolloutWorker:
         """Load ``state`` (a state dict, or an object ref to one) as ``version``; return the
         seconds it took. A ref passed as a top-level argument arrives already resolved."""
         state_dict = ray.get(state) if isinstance(state, ray.ObjectRef) else state
-
-        def load() -> float:
-            with self._lock:
-                return self._load(version, state_dict)
-
-        return self._on_engine_thread(load)
+        return self._on_engine_thread(self._load, version, state_dict)
 
     def weight_version(self) -> int:
         return self.engine.weight_version

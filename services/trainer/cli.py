@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.trainer.preflight import Problem, check_output_folder, preflight
+from services.trainer.preflight import check_output_folder, preflight, report_problems
 from shuffle_r1.config import check_reward_function, load_config
 
 logger = logging.getLogger(__name__)
@@ -50,18 +50,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--namespace", default="shuffle-r1", help="the job's cluster.namespace")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the workers")
     p.set_defaults(func=scale)
-
-
-def report_problems(command: str, problems: list[Problem], started: bool = True) -> bool:
-    """Print each problem as one line on stderr, then their count (``started``: saying that
-    nothing was started); whether there were any."""
-    for problem in problems:
-        print(f"{command}: {problem}", file=sys.stderr)
-    if problems:
-        count = f"{len(problems)} problem(s)"
-        print(f"{command}: nothing was started ({count})" if started else f"{command}: {count}",
-              file=sys.stderr)  # fmt: skip
-    return bool(problems)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -286,7 +274,7 @@ def scale(args: argparse.Namespace) -> int:
         # ray.init retries an unreachable GCS for minutes: a host:port is tried first
         _check_reachable(args.address)
         ray.init(address=args.address, namespace=args.namespace, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError, OSError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # OSError: ConnectionError, TimeoutError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"shuffle-r1 scale: cannot join the Ray cluster at --address={args.address}: "
               f"{first} (is the job running, and is this its head's address? `ray status "

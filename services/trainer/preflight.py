@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,18 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.key}: {self.message}"
+
+
+def report_problems(command: str, problems: list[Problem], started: bool = True) -> bool:
+    """Print each problem as one line on stderr, then their count (``started``: saying that
+    nothing was started); whether there were any."""
+    for problem in problems:
+        print(f"{command}: {problem}", file=sys.stderr)
+    if problems:
+        count = f"{len(problems)} problem(s)"
+        print(f"{command}: nothing was started ({count})" if started else f"{command}: {count}",
+              file=sys.stderr)  # fmt: skip
+    return bool(problems)
 
 
 def preflight(cfg: Config, check_model: bool = True) -> list[Problem]:
@@ -64,10 +79,10 @@ def _check_data(cfg: Config) -> list[Problem]:
 
     d = cfg.data
     problems = []
-    quiet = _Quiet(logging.getLogger("shuffle_r1.data"))  # its "loaded N examples" lines
+    data_log = logging.getLogger("shuffle_r1.data")  # its "loaded N examples" lines
     for key, path in (("data.train_path", d.train_path), ("data.val_path", d.val_path)):
         try:
-            with quiet:
+            with _quiet(data_log):
                 result = load_data_file(d, path, SAMPLE_ROWS)
         except (OSError, ValueError) as exc:  # missing, unknown extension, not JSON/Parquet
             problems.append(Problem(key, f"{path!r}: {_one_line(exc)}"))
@@ -79,18 +94,15 @@ def _check_data(cfg: Config) -> list[Problem]:
     return problems
 
 
-class _Quiet:
-    """Holds a logger at ERROR inside ``with``: a check prints only its problems."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self.logger, self.level = logger, logger.level
-
-    def __enter__(self) -> None:
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.setLevel(self.level)
+@contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Holds ``logger`` at ERROR inside ``with``: a check prints only its problems."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _one_line(exc: BaseException) -> str:
