@@ -123,8 +123,10 @@ class LearnerGroup:
             ) from exc
         return ray.get(refs)
 
-    def _run(self, method: str, batch: TrainBatch) -> tuple[list[tuple[slice, Any]], int, int]:
-        """Call ``method(shard, plan)`` on every rank with its pair-aligned shard and its
+    def _run(
+        self, method: str, batch: TrainBatch, **kwargs: Any
+    ) -> tuple[list[tuple[slice, Any]], int, int]:
+        """Call ``method(shard, plan, **kwargs)`` on every rank with its pair-aligned shard and its
         micro-batches (``minibatches.microbatch_plans``: the same count on every rank).
 
         Returns ``(shard, result)`` per rank, the micro-batches each rank ran, and the token
@@ -144,21 +146,31 @@ class LearnerGroup:
             for s, plan in zip(shards, plans, strict=True)
         )
         refs = [
-            getattr(w, method).remote(batch.select(s), plan)
+            getattr(w, method).remote(batch.select(s), plan, **kwargs)
             for w, s, plan in zip(self.workers, shards, plans, strict=True)
         ]
         return list(zip(shards, self._gather(refs), strict=True)), len(plans[0]), positions
 
-    def compute_logprobs(self, batch: TrainBatch) -> Tensor:
+    def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> Tensor:
         """Log-probs ``(B, L)`` (nats, float32, CPU) of the response tokens under the current
         weights, ``L = batch.max_response_len``, 0 past each response. The batch is split
         across the ranks in contiguous pair-aligned shards; rows come back in order.
+        ``reference``: under the reference policy of the KL loss instead (the initial model,
+        frozen; ``algorithm.kl_coef > 0``), what :meth:`update` needs as
+        ``batch.ref_logprobs``.
 
         Raises:
-            ValueError: the batch has an odd number of rollouts (pairs cannot be kept whole).
+            ValueError: the batch has an odd number of rollouts (pairs cannot be kept whole),
+                or ``reference`` while ``algorithm.kl_coef`` is 0 (no reference policy is
+                loaded then).
         """
+        if reference and self.cfg.algorithm.kl_coef <= 0:
+            raise ValueError(
+                "reference log-probs need a reference policy, and none is loaded: "
+                f"algorithm.kl_coef is {self.cfg.algorithm.kl_coef}"
+            )
         out = torch.zeros(len(batch), batch.max_response_len)
-        for rows, part in self._run("compute_logprobs", batch)[0]:
+        for rows, part in self._run("compute_logprobs", batch, reference=reference)[0]:
             out[rows, : part.shape[1]] = part
         return out
 

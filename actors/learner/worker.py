@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,12 @@ from torch import Tensor
 from actors.learner.backends import DTYPES, make_backend
 from actors.learner.memory import peak_memory_mb, reset_peak_memory
 from actors.metrics import ray_metric
+from actors.rollout.transport import FlatWeights, pack, tied_names
 from shuffle_r1.algos import policy_loss
 from shuffle_r1.config import Config
 from shuffle_r1.data.images import vision_inputs
 from shuffle_r1.integrity import CheckpointWriteError, check_files, full_disk_error
+from shuffle_r1.lora import ADAPTER_FILE, add_lora, base_name, is_adapter, merge_lora_state
 from shuffle_r1.models import load_policy_model
 from shuffle_r1.net import free_port
 from shuffle_r1.precision import resolve_dtype
@@ -104,6 +107,10 @@ class LearnerWorker:
         # each distinct prompt of a micro-batch once (shuffle_r1/shared_prompt.py): text
         # models only, and the same on every rank (a forward is a collective); set in setup
         self.share_prompts = False
+        # algorithm.kl_coef > 0: the reference policy (docs/algorithm.md §4), the initial
+        # model frozen; None with LoRA, whose reference is the policy with its adapters off
+        self.reference: Any = None
+        self.lora = cfg.learner.lora_rank > 0
 
     def master_address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port for the process group's rendezvous (rank 0)."""
@@ -141,8 +148,16 @@ class LearnerWorker:
             self.share_prompts = le.share_prompts
         if le.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
+        if self.lora:  # the same adapter initialisation on every rank, and on a resume
+            torch.manual_seed(self.cfg.trainer.seed)
+            model = add_lora(model, le)
         model.to(self.device)
         self.backend.wrap(model)
+        if self.cfg.algorithm.kl_coef > 0 and not self.lora:
+            reference: Any = load_policy_model(self.model_path, dtype=torch.float32)
+            reference.config.use_cache = False
+            reference.requires_grad_(False)
+            self.reference = self.backend.wrap_reference(reference.to(self.device))
 
     def _setup_vision(self, model: Any) -> None:
         from shuffle_r1.processor import load_processor
@@ -183,13 +198,16 @@ class LearnerWorker:
             )
         return {k: v.to(self.device) for k, v in inputs.items()}
 
-    def _logprobs(self, inputs: dict[str, Tensor]) -> Tensor:
+    def _logprobs(self, inputs: dict[str, Tensor], model: Any = None) -> Tensor:
+        """Response log-probs of a micro-batch's ``inputs`` under ``model`` (the policy if
+        None), at the rollouts' temperature."""
+        model = self.backend.model if model is None else model
         temperature = self.cfg.rollout.temperature
         if self.share_prompts:
-            return shared_prompt_logprobs(self.backend.model, inputs, temperature)
+            return shared_prompt_logprobs(model, inputs, temperature)
         vision = {k: inputs[k] for k in VISION_KEYS if k in inputs}
         return token_logprobs(
-            self.backend.model,
+            model,
             inputs["input_ids"],
             inputs["attention_mask"],
             None if vision else inputs["position_ids"],  # VL: the model's own mRoPE positions
@@ -207,18 +225,28 @@ class LearnerWorker:
         return [(rows, shard.select(rows) if rows else padding_batch()) for rows in plan]
 
     @torch.no_grad()
-    def compute_logprobs(self, shard: TrainBatch, plan: list[list[int]]) -> Tensor:
+    def compute_logprobs(
+        self, shard: TrainBatch, plan: list[list[int]], reference: bool = False
+    ) -> Tensor:
         """Log-probs ``(len(shard), shard.max_response_len)`` (nats, CPU float32) of the
         shard's response tokens, 0 past each response; micro-batches ``plan`` (collective).
+        ``reference``: under the reference policy instead (``algorithm.kl_coef > 0``): the
+        frozen initial model, or with LoRA the policy with its adapters disabled.
+        Only with ``algorithm.kl_coef > 0`` (``LearnerGroup.compute_logprobs`` checks).
         """
         self.backend.model.eval()
+        model = self.reference if reference else None
+        adapters_off = (
+            self.backend.module.disable_adapter() if reference and self.lora else nullcontext()
+        )
         out = torch.zeros(len(shard), shard.max_response_len)
-        for rows, micro in self._micro_batches(shard, plan):
-            self._m_micro.inc(1, tags={"kind": "logprobs"})
-            logprobs = self._logprobs(self._inputs(micro))[: len(micro)].cpu()
-            if rows:
-                width = min(out.shape[1], logprobs.shape[1])
-                out[rows, :width] = logprobs[:, :width]
+        with adapters_off:
+            for rows, micro in self._micro_batches(shard, plan):
+                self._m_micro.inc(1, tags={"kind": "ref_logprobs" if reference else "logprobs"})
+                logprobs = self._logprobs(self._inputs(micro), model)[: len(micro)].cpu()
+                if rows:
+                    width = min(out.shape[1], logprobs.shape[1])
+                    out[rows, :width] = logprobs[:, :width]
         return out
 
     def _weights(self, shard: TrainBatch, plan: list[list[int]]) -> list[float]:
@@ -306,9 +334,11 @@ class LearnerWorker:
 
     # -- weights and checkpoints ---------------------------------------------------------------
 
-    def full_state_dict(self) -> dict[str, Tensor] | None:
+    def full_state_dict(self, merged: bool = True) -> dict[str, Tensor] | None:
         """The full model state on CPU in the master dtype (collective): a dict on rank 0,
-        ``None`` elsewhere. Keys are the transformers names (``model.layers.0...``)."""
+        ``None`` elsewhere. Keys are the transformers names (``model.layers.0...``); with
+        LoRA, the adapters merged into the weights (``merged``, :mod:`shuffle_r1.lora`) or,
+        ``merged=False``, peft's own names, adapters apart."""
         state = self.backend.full_state_dict()
         if self.rank != 0:
             return None
@@ -320,6 +350,9 @@ class LearnerWorker:
             if id(param) in first and name in state:
                 state[name] = state[first[id(param)]]
             first.setdefault(id(param), name)
+        if self.lora and merged:
+            le = self.cfg.learner
+            state = merge_lora_state(state, le.lora_alpha / le.lora_rank)
         return state
 
     def publish(self, dtype: str) -> tuple[list[ray.ObjectRef], dict[str, float]] | None:
@@ -330,7 +363,22 @@ class LearnerWorker:
         each part (the backend's, then ``put``) and ``bytes`` published; the others
         ``None``."""
         times: dict[str, float] = {}
-        flat = self.backend.flat_state(DTYPES[dtype], times)
+        flat: FlatWeights | None
+        if self.lora:  # merged on rank 0 from the gathered state (shuffle_r1/lora.py)
+            start = time.perf_counter()
+            state = self.full_state_dict()
+            times["gather"] = time.perf_counter() - start
+            if state is None:
+                return None
+            start = time.perf_counter()
+            tied = [
+                (base_name(a), base_name(b))
+                for a, b in tied_names(self.backend.module.state_dict(keep_vars=True))
+            ]
+            flat = pack(state, DTYPES[dtype], tied)
+            times["pack"] = time.perf_counter() - start
+        else:
+            flat = self.backend.flat_state(DTYPES[dtype], times)
         if flat is None:
             return None
         start = time.perf_counter()
@@ -368,11 +416,21 @@ class LearnerWorker:
             ) from exc
 
     def _write_checkpoint(self, root: Path, version: int) -> None:
-        state = self.full_state_dict()
+        state = self.full_state_dict(merged=False)
         if self.rank == 0:
+            assert state is not None
             model_dir = root / "model"
             model_dir.mkdir(parents=True, exist_ok=True)
-            self.backend.module.save_pretrained(model_dir, state_dict=state)
+            module = self.backend.module
+            if self.lora:  # model/ merged, loadable as a plain model; the adapters apart
+                from safetensors.torch import save_file
+
+                adapters = {k: v.contiguous() for k, v in state.items() if is_adapter(k)}
+                save_file(adapters, str(root / ADAPTER_FILE))
+                le = self.cfg.learner
+                state = merge_lora_state(state, le.lora_alpha / le.lora_rank)
+                module = module.get_base_model()
+            module.save_pretrained(model_dir, state_dict=state)
             _copy_non_weight_files(Path(self.model_path), model_dir)
         del state
         self.backend.save_checkpoint(root)

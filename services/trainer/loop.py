@@ -321,6 +321,10 @@ class Trainer:
             old = None if reuse else self.learner.compute_logprobs(batch)
             times["old_logprobs"] = time.perf_counter() - t
             m["learner/old_logprobs_reused"] = float(reuse)
+            if cfg.algorithm.kl_coef > 0:  # the KL loss's reference policy (§4)
+                t = time.perf_counter()
+                batch = batch.with_logprobs(ref=self.learner.compute_logprobs(batch, True))
+                times["ref_logprobs"] = time.perf_counter() - t
             t = time.perf_counter()
             minibatches = self._minibatches(sample)
             if minibatches is not None:

@@ -37,23 +37,28 @@ class PolicyLossOutput:
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "low_var_kl") -> Tensor:
-    """Per-token KL estimate between the policy and the reference policy (nats), veRL's names.
+    """Per-token KL estimate between the policy and the reference policy (nats), veRL's names
+    (``verl/trainer/ppo/core_algos.py``, ``kl_penalty``) for J. Schulman's estimators of
+    KL(π‖π_ref) from samples of π ("Approximating KL Divergence", 2020):
 
-    - ``low_var_kl``: k3 estimator, ``exp(ref - logp) - (ref - logp) - 1``, clamped to
-      [-10, 10] (its log-ratio to ±20);
-    - ``kl``: ``logp - ref``; ``abs``: ``|logp - ref|``; ``mse``: ``0.5 (logp - ref)²``.
+    - ``low_var_kl`` / ``k3``: ``exp(ref - logp) - (ref - logp) - 1``, clamped to
+      [-10, 10] (its log-ratio to ±20); unbiased, ≥ 0, low variance;
+    - ``kl`` / ``k1``: ``logp - ref``, unbiased; ``mse`` / ``k2``: ``0.5 (logp - ref)²``;
+      ``abs``: ``|logp - ref|``.
+
+    ``logprobs``, ``ref_logprobs``: ``(B, L)``; returns ``(B, L)``.
 
     Raises:
         ValueError: unknown ``kl_type``.
     """
-    if kl_type == "low_var_kl":
+    if kl_type in ("low_var_kl", "k3"):
         kl = (ref_logprobs - logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
         return (kl.exp() - kl - 1).clamp(-10.0, 10.0)
-    if kl_type == "kl":
+    if kl_type in ("kl", "k1"):
         return logprobs - ref_logprobs
     if kl_type == "abs":
         return (logprobs - ref_logprobs).abs()
-    if kl_type == "mse":
+    if kl_type in ("mse", "k2"):
         return 0.5 * (logprobs - ref_logprobs).square()
     raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}")
 

@@ -292,12 +292,6 @@ def validate(cfg: Config) -> Config:
     _at_least("algorithm.clip_ratio_high", a.clip_ratio_high, 0.0)
     _choice("algorithm.loss_agg_mode", a.loss_agg_mode, LOSS_AGG_MODES)
     _at_least("algorithm.kl_coef", a.kl_coef, 0.0)
-    if a.kl_coef > 0:  # else the learner would refuse it at the first update, minutes in
-        raise ConfigError(
-            f"algorithm.kl_coef={a.kl_coef!r}: a KL penalty needs reference-model log-probs, "
-            "which the trainer does not compute yet (docs/algorithm.md §4); use 0, as the "
-            "paper's recipe and DAPO do"
-        )
     _choice("algorithm.kl_type", a.kl_type, KL_TYPES)
     _at_least("algorithm.collapse_tau", a.collapse_tau, 0.0)
     _choice("algorithm.abs_minibatch_order", a.abs_minibatch_order, ABS_MINIBATCH_ORDERS)
@@ -316,6 +310,27 @@ def validate(cfg: Config) -> Config:
     _at_least("learner.micro_batch_size", le.micro_batch_size, 1)
     _at_least("learner.micro_batch_tokens", le.micro_batch_tokens, 0)
     _resources("learner.ray_resources", le.ray_resources)
+    if a.kl_coef > 0 and le.backend == "deepspeed" and le.zero_stage == 3:
+        raise ConfigError(
+            f"algorithm.kl_coef={a.kl_coef!r} with learner.backend=deepspeed needs "
+            f"learner.zero_stage <= 2, got {le.zero_stage}: the reference model is kept whole "
+            "on each rank, as ZeRO-2 keeps the policy; use learner.backend=fsdp2 to shard both"
+        )
+    _at_least("learner.lora_rank", le.lora_rank, 0)
+    if le.lora_rank > 0:
+        _between("learner.lora_alpha", le.lora_alpha, 0.0, math.inf, low_open=True)
+        if not le.lora_target_modules or not all(
+            isinstance(m, str) and m for m in le.lora_target_modules
+        ):
+            raise ConfigError(
+                f"learner.lora_target_modules={echo(le.lora_target_modules)} must name at "
+                "least one Linear layer, e.g. [q_proj, v_proj]"
+            )
+        if le.backend != "fsdp2":
+            raise ConfigError(
+                f"learner.lora_rank={le.lora_rank} needs learner.backend=fsdp2; LoRA is not "
+                f"implemented for learner.backend={le.backend!r}"
+            )
     if a.uses_pts and le.micro_batch_size % 2:
         raise ConfigError(
             f"learner.micro_batch_size={le.micro_batch_size} must be even under PTS: "

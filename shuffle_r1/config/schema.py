@@ -11,7 +11,8 @@ ABS_MINIBATCH_ORDERS = ("interleaved", "sequential")
 # algorithm.loss_agg_mode's and algorithm.kl_type's choices, as shuffle_r1.algos.loss
 # implements them (it imports these: one list, and this module stays free of torch)
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
-KL_TYPES = ("low_var_kl", "kl", "abs", "mse")
+# (veRL's names; k1 = kl, k2 = mse, k3 = low_var_kl, Schulman's estimators)
+KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")
 
 ALGORITHMS = ("grpo", "grpo+pts", "shuffle_r1")
 # Secrets a recipe need not hold: an empty buffer.auth_token / reward.http_token is taken from
@@ -127,8 +128,10 @@ class AlgorithmConfig:
     clip_ratio_low: float = 0.2  # PPO clip: ratio >= 1 - this
     clip_ratio_high: float = 0.2  # PPO clip: ratio <= 1 + this
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean
-    kl_coef: float = 0.0  # KL penalty to a reference policy; > 0 is refused (not implemented)
-    kl_type: str = "low_var_kl"  # low_var_kl | kl | abs | mse
+    # KL loss to the reference policy (the initial model, frozen, sharded like the policy):
+    # loss = policy loss + kl_coef * KL; 0 = no reference model (the paper's recipe, DAPO)
+    kl_coef: float = 0.0
+    kl_type: str = "low_var_kl"  # the KL estimator: low_var_kl (k3) | kl (k1) | abs | mse (k2)
     collapse_tau: float = 0.1  # |advantage| below this counts as collapsed (a metric)
     # how the learner cuts an ABS batch into optimizer mini-batches
     # (shuffle_r1.minibatches.abs_minibatch_rows): "interleaved", the upstream layout, gives
@@ -180,6 +183,14 @@ class LearnerConfig:
     share_prompts: bool = True
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     freeze_vision_tower: bool = True  # vision-language models: train the language model only
+    # LoRA (peft): > 0 trains rank-r adapters on target_modules instead of every weight; the
+    # rollout workers and checkpoints get the adapters merged into the weights
+    lora_rank: int = 0
+    lora_alpha: int = 16  # LoRA scaling is lora_alpha / lora_rank
+    # the Linear layers that get adapters, by name (peft's target_modules)
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     ray_resources: dict[str, float] = field(default_factory=dict)  # per rank, as rollout's
     # FSDP2 ranks on one host publish weights through shared-memory buckets in /dev/shm, each
     # casting its own rows (docs/architecture.md §3); false (or ranks on several hosts, or too

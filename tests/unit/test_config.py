@@ -74,7 +74,16 @@ def test_algorithm_name_selects_pts_and_abs(
         ("rollout.n=7", "rollout.n=7"),
         ("algorithm.keep_ratio=0", "algorithm.keep_ratio"),
         ("algorithm.keep_ratio=0.1", "keeps no pair"),
-        ("algorithm.kl_coef=0.01", "needs reference-model log-probs"),
+        ("algorithm.kl_coef=-0.01", "algorithm.kl_coef=-0.01 must be >= 0"),
+        ("algorithm.kl_type=k4", "algorithm.kl_type='k4' is not allowed"),
+        ("learner.lora_rank=-1", "learner.lora_rank=-1 must be >= 0"),
+        ("learner.lora_rank=8|learner.lora_alpha=0", "learner.lora_alpha=0"),
+        ("learner.lora_rank=8|learner.lora_target_modules=[]", "learner.lora_target_modules"),
+        ("learner.lora_rank=8|learner.backend=deepspeed", "LoRA is not implemented for"),
+        (
+            "algorithm.kl_coef=0.1|learner.backend=deepspeed|learner.zero_stage=3",
+            "needs learner.zero_stage <= 2",
+        ),
         ("rollout.top_p=1.5", "rollout.top_p"),
         ("learner.backend=megatron", "learner.backend"),
         ("learner.micro_batch_size=3", "learner.micro_batch_size"),
@@ -103,7 +112,7 @@ def test_algorithm_name_selects_pts_and_abs(
 )
 def test_bad_values_name_the_key(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, override.split("|"))  # "a=1|b=2": two overrides
     assert fragment in str(info.value)
 
 

@@ -70,6 +70,13 @@ class Backend:
         trainable parameters; sets :attr:`model` and :attr:`optimizer`."""
         raise NotImplementedError
 
+    def wrap_reference(self, model: torch.nn.Module) -> Any:
+        """The frozen reference policy of a KL loss (``algorithm.kl_coef > 0``): ``model``
+        (float32, no parameter requiring gradients, on this rank's device) sharded as
+        :meth:`wrap` shards the policy, computing in the same dtype; returns what a forward
+        pass calls. No optimizer."""
+        raise NotImplementedError
+
     def backward(self, loss: Tensor) -> None:
         """Back-propagate one micro-batch's (already ``1/count``-scaled) loss; gradients
         accumulate until :meth:`step`."""

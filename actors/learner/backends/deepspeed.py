@@ -44,6 +44,11 @@ class DeepSpeedBackend(Backend):
             model=model, optimizer=optimizer, config=config, dist_init_required=False
         )
 
+    def wrap_reference(self, model: torch.nn.Module) -> Any:
+        """Whole on each rank, as ZeRO stages 0-2 keep the policy (stage 3 with a KL loss is
+        refused at load); bf16 when the policy computes in it."""
+        return model.to(torch.bfloat16 if self.dtype == "bfloat16" else torch.float32).eval()
+
     def backward(self, loss: Tensor) -> None:
         self.model.backward(loss, scale_wrt_gas=False)
 

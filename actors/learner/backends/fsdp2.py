@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from actors.learner.backends import DTYPES, Backend
 from actors.rollout.transport import FlatWeights, Layout, tied_names
+from shuffle_r1.lora import ADAPTER_FILE
 from shuffle_r1.models import load_policy_model
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,14 @@ class FSDP2Backend(Backend):
     _plans_made = 0
 
     def wrap(self, model: torch.nn.Module) -> None:
+        self.model = self._shard(model)
+        self.optimizer = self._adamw(model)
+
+    def wrap_reference(self, model: torch.nn.Module) -> Any:
+        return self._shard(model).eval()
+
+    def _shard(self, model: torch.nn.Module) -> Any:
+        """``fully_shard`` on every block ``_no_split_modules`` names, then on the root."""
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[self.dtype], reduce_dtype=torch.float32)
         blocks = set(getattr(model, "_no_split_modules", None) or ())
@@ -108,8 +117,7 @@ class FSDP2Backend(Backend):
             if type(module).__name__ in blocks:
                 fully_shard(module, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
-        self.model = model
-        self.optimizer = self._adamw(model)
+        return model
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
@@ -236,10 +244,16 @@ class FSDP2Backend(Backend):
         dcp.save({"optimizer": optim_state}, checkpoint_id=str(root / "optimizer"))
 
     def load_checkpoint(self, root: Path) -> None:
-        full = {}
+        full: dict[str, Any] = {}
+        lora = self.cfg.lora_rank > 0  # the base weights are the model's own: adapters only
         if self.rank == 0:
-            full = load_policy_model(root / "model", dtype=torch.float32).state_dict()
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            if lora:
+                from safetensors.torch import load_file
+
+                full = load_file(str(root / ADAPTER_FILE))
+            else:
+                full = load_policy_model(root / "model", dtype=torch.float32).state_dict()
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not lora)
         set_model_state_dict(self.model, full, options=options)
         optim_state = get_optimizer_state_dict(self.model, self.optimizer)
         dcp.load({"optimizer": optim_state}, checkpoint_id=str(root / "optimizer"))

@@ -31,7 +31,8 @@ def reference_update(
     Each mini-batch is one optimizer step; its micro-batches are those the ranks would run
     (the same pair-aligned cut), each token-mean loss weighted 1 / (micro-batches per rank ·
     ranks), as gradient accumulation plus FSDP's gradient averaging make it. Padding
-    micro-batches carry no gradient and are skipped. ``logprobs(micro_batch)`` gives the
+    micro-batches carry no gradient and are skipped. With ``algorithm.kl_coef > 0`` the
+    loss adds the KL to ``batch.ref_logprobs``. ``logprobs(micro_batch)`` gives the
     ``(B, L)`` response log-probs under ``model``, with gradients. Returns the grad norm of
     each step.
     """
@@ -58,6 +59,9 @@ def reference_update(
                     alg.clip_ratio_low,
                     alg.clip_ratio_high,
                     alg.loss_agg_mode,
+                    ref_logprobs=c.get("ref_logprobs"),
+                    kl_coef=alg.kl_coef,
+                    kl_type=alg.kl_type,
                 )
                 (out.loss / (count * le.num_ranks)).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), le.grad_clip)))

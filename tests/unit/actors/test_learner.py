@@ -147,6 +147,9 @@ def scenario(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         r["w0"] = ray.get(ref0)
         r["logp0"] = group.compute_logprobs(s.batch1)
         r["logp0_small"] = group.compute_logprobs(s.small)  # rank 1 gets no rollout
+        with pytest.raises(ValueError) as error:  # kl_coef 0: no reference policy
+            group.compute_logprobs(s.small, reference=True)
+        r["no_reference_error"] = str(error.value)
         for name, bad in (
             ("empty", s.batch1.select(slice(0, 0))),
             ("odd", s.batch1.select(slice(0, 3))),
@@ -324,6 +327,10 @@ def test_a_full_disk_during_a_save_comes_back_as_the_operator_error(scenario) ->
 def test_update_rejects_empty_and_odd_batches(scenario) -> None:
     assert "empty batch" in scenario.results["empty_error"]
     assert "even" in scenario.results["odd_error"]
+
+
+def test_reference_logprobs_without_a_kl_loss_are_refused(scenario) -> None:
+    assert "algorithm.kl_coef is 0.0" in scenario.results["no_reference_error"]
 
 
 def test_old_logprobs_may_be_omitted_only_for_a_single_optimizer_step(scenario) -> None:
