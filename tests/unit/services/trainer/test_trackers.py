@@ -64,6 +64,7 @@ def run_and_resume(t: TrainerConfig) -> None:
     train(t, range(2, 5), seed=2.0, resume_from=2)
 
 
+@pytest.mark.slow  # imports torch's SummaryWriter: 4-6 s here
 def test_tensorboard_reads_back_every_row_and_a_resume_purges_the_steps_trained_again(
     tmp_path: Path,
 ) -> None:
