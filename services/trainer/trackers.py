@@ -47,7 +47,14 @@ from shuffle_r1.config import TrainerConfig
 log = logging.getLogger(__name__)
 
 IDS_FILE = "trackers.json"  # {tracker: run id} of the output folder's tracker runs
-# URI schemes of MLflow's SQL stores, which need SQLAlchemy and Alembic besides mlflow
+# tracker -> {module it imports: the pip package that has it}
+_LIBRARIES = {
+    "tensorboard": {"tensorboard": "tensorboard"},
+    "mlflow": {"mlflow": "mlflow-skinny"},
+    "wandb": {"wandb": "wandb"},
+}
+# what MLflow's SQL stores (the URI schemes below) import besides mlflow
+_SQL_LIBRARIES = {"sqlalchemy": "sqlalchemy", "alembic": "alembic"}
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
@@ -65,16 +72,13 @@ def missing_packages(t: TrainerConfig) -> dict[str, str]:
     """``{tracker: "pip packages"}`` for each tracker in ``t.loggers`` whose library this Python
     cannot import (looked up, not imported); ``{}`` when all are there."""
     uri = t.mlflow_tracking_uri
-    sql = not uri or uri.split(":", 1)[0].split("+", 1)[0] in _SQL_SCHEMES
-    needs = {
-        "tensorboard": {"tensorboard": "tensorboard"},
-        "mlflow": {"mlflow": "mlflow-skinny", **({"sqlalchemy": "sqlalchemy",
-                                                  "alembic": "alembic"} if sql else {})},
-        "wandb": {"wandb": "wandb"},
-    }  # fmt: skip
+    sql = not uri or uri.split(":", 1)[0].split("+", 1)[0] in _SQL_SCHEMES  # "" = SQLite
     missing = {}
     for name in t.loggers:
-        absent = [pkg for module, pkg in needs.get(name, {}).items() if not _importable(module)]
+        needs = dict(_LIBRARIES.get(name, {}))
+        if name == "mlflow" and sql:
+            needs.update(_SQL_LIBRARIES)
+        absent = [pkg for module, pkg in needs.items() if not _importable(module)]
         if absent:
             missing[name] = " ".join(absent)
     return missing
@@ -95,7 +99,6 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_id: str | None = None  # the folder is the run
-
         if purge_step is None:  # a fresh run: the folder's earlier events are not its own
             shutil.rmtree(folder, ignore_errors=True)
         self.writer = SummaryWriter(str(folder), purge_step=purge_step)
@@ -125,8 +128,10 @@ class MlflowTracker:
             try:
                 self.client.update_run(run_id, status="RUNNING")
             except MlflowException as exc:
-                log.warning("mlflow: run %s is not in the store (%s); starting a new one",
-                            run_id, exc.message)  # fmt: skip
+                log.warning(
+                    "mlflow: run %s is not in the store (%s); starting a new one",
+                    run_id, exc.message,
+                )  # fmt: skip
                 run_id = None
         if run_id is None:
             name = t.tracker_project or t.run_name
@@ -165,7 +170,7 @@ class WandbTracker:
             id=run_id or uuid.uuid4().hex[:12],
             resume="allow",
             dir=str(out),
-            mode="online" if t.wandb_mode == "online" else "offline",
+            mode="online" if t.wandb_mode == "online" else "offline",  # as a Literal
         )
         self.run_id: str | None = self.run.id
 
@@ -189,7 +194,12 @@ class Trackers:
             try:
                 tracker.log(step, values)
             except Exception as exc:  # any library's failure: jsonl stays, training goes on
-                self._drop(name, f"at step {step}", exc)
+                log.warning(
+                    "%s tracker failed at step %d (%s: %s); it gets no more metrics this run, "
+                    "metrics.jsonl still has them all",
+                    name, step, type(exc).__name__, exc,
+                )  # fmt: skip
+                del self.open[name]
 
     def close(self, finished: bool) -> None:
         """End each tracker run (``finished``: the run reached ``trainer.total_steps``)."""
@@ -199,14 +209,6 @@ class Trackers:
             except Exception as exc:  # closing: report and go on
                 log.warning("%s tracker: closing it failed: %s", name, exc)
         self.open.clear()
-
-    def _drop(self, name: str, when: str, exc: BaseException) -> None:
-        log.warning(
-            "%s tracker failed %s (%s: %s); it gets no more metrics this run, metrics.jsonl "
-            "still has them all",
-            name, when, type(exc).__name__, exc,
-        )  # fmt: skip
-        self.open.pop(name, None)
 
 
 def open_trackers(t: TrainerConfig, resume_from: int | None) -> Trackers:
