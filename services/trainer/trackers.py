@@ -25,9 +25,10 @@ is away), is logged once as a warning and dropped: training and ``metrics.jsonl`
 ``--resume`` continues the same tracker runs: TensorBoard purges the steps after the checkpoint
 (``purge_step``) before they are trained again; MLflow reopens, and W&B resumes, the run whose
 id ``<output_dir>/trackers.json`` holds. Neither of those two can take back the steps after the
-checkpoint: MLflow shows both values of a re-trained step, W&B keeps the first (it drops a step
-at or below the last one it has). Steps trained again after a learner rebuild are logged again
-likewise. A fresh run starts new tracker runs and empties ``<output_dir>/tensorboard``.
+checkpoint: MLflow shows both values of a re-trained step; W&B, by its documented rule, ignores
+a step below the last one it has, so it keeps the first (not checked by the tests). Steps
+trained again after a learner rebuild are logged again likewise. A fresh run starts new
+tracker runs and empties ``<output_dir>/tensorboard``.
 """
 
 from __future__ import annotations
