@@ -13,9 +13,11 @@ One step:
    is a single optimizer step (one mini-batch, one PPO epoch) the old log-probs come from
    the update's own forward pass instead: the same weights, one forward pass fewer.
 
-Metrics go to ``<output_dir>/metrics.jsonl`` (and Prometheus when ``trainer.metrics_port``
-is set); a checkpoint every ``trainer.save_every`` steps lets ``--resume`` continue with the
-same data order; evaluation on the held-out split every ``trainer.eval_every`` steps.
+Metrics go to ``<output_dir>/metrics.jsonl``, to the experiment trackers that
+``trainer.loggers`` names (``services.trainer.trackers``) and to Prometheus when
+``trainer.metrics_port`` is set; a checkpoint every ``trainer.save_every`` steps lets
+``--resume`` continue with the same data order; evaluation on the held-out split every
+``trainer.eval_every`` steps.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from services.trainer.state import (
     saving_checkpoint,
     write_state,
 )
+from services.trainer.trackers import Trackers, open_trackers
 from shuffle_r1.config import Config, save_config
 from shuffle_r1.data import PromptSampler
 from shuffle_r1.data.splits import Prompt, load_prompt_splits
@@ -114,6 +117,8 @@ class Trainer:
         logger.info("precision: %s; processor: %s", said, self.cpu)
         save_config(cfg, self.out / "config.yaml", f"precision: {said}\nprocessor: {self.cpu}")
         self.run_id = cfg.trainer.run_name
+        self.resumed = resume
+        self.trackers: Trackers | None = None  # opened by run()
         self.state = TrainerState()
         self.counters: dict[str, float] = {}
         self.last_prompt_ids: list[str] = []
@@ -411,11 +416,12 @@ class Trainer:
         started = time.perf_counter()
         last: dict[str, Any] = {}
         ckpt = latest_checkpoint(self.out, verify=False)  # for the summary; loaded: verified
+        self.trackers = open_trackers(cfg, self.state.step if self.resumed else None)
         if cfg.eval_every and cfg.val_before_train and self.state.step == 0:
             logger.info("evaluating on %d held-out prompts before training", len(self.val_prompts))
             before = self.evaluate()
             logger.info("held-out accuracy before training: %.3f", before["val/accuracy"])
-            self.metrics.write(-1, before)  # step -1: before step 0's update
+            self._record(-1, before)  # step -1: before step 0's update
         dtypes = {c.dtype for c in self.precision.values()}
         bar = tqdm(
             initial=self.state.step,
@@ -433,7 +439,7 @@ class Trainer:
                     self.state.step % cfg.eval_every == 0 or self.state.step == cfg.total_steps
                 ):
                     metrics.update(self.evaluate())
-                self.metrics.write(step, metrics)
+                self._record(step, metrics)
                 if cfg.save_every and (
                     self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps
                 ):
@@ -477,6 +483,13 @@ class Trainer:
         }
         summary.path.write_text(json.dumps(record, indent=1) + "\n")
         return summary
+
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        """Write step ``step``'s row to ``metrics.jsonl``, then to the trackers (at
+        ``step + 1`` training steps done)."""
+        self.metrics.write(step, metrics)
+        if self.trackers is not None:
+            self.trackers.log(step + 1, metrics)
 
     def _rebuild_learner(self, failure: LearnerFailedError) -> None:
         """A learner rank died: start a new learner group, restore it and the driver's state
@@ -547,6 +560,8 @@ class Trainer:
                 except Exception as exc:  # shutting down: report and go on
                     logger.warning("shutdown of %s: %s", type(role).__name__, exc)
             ray.kill(self.buffer_actor, no_restart=True)
+        if self.trackers is not None:
+            self.trackers.close(finished=self.state.step >= self.cfg.trainer.total_steps)
         self.exporter.close()
         self.session.close()
         if self._redis is not None:

@@ -5,8 +5,9 @@ line naming the key, not minutes later as a traceback in a worker's log.
 files, the network or imports: that the model resolves (a built-in name, a local folder or a
 Hugging Face id, :func:`shuffle_r1.models.resolve_model_path`), that both data files exist
 and their first rows parse with the configured columns, and that the reward function imports
-and takes the arguments the reward workers pass. :func:`check_output_folder` refuses to start
-a fresh run over an earlier one unless ``trainer.overwrite`` is set.
+and takes the arguments the reward workers pass, and that the library of each experiment
+tracker in ``trainer.loggers`` is installed. :func:`check_output_folder` refuses to start a
+fresh run over an earlier one unless ``trainer.overwrite`` is set.
 ``shuffle-r1 train`` runs both; ``shuffle-r1 config --check`` runs :func:`preflight`.
 """
 
@@ -50,7 +51,8 @@ def report_problems(command: str, problems: list[Problem], started: bool = True)
 
 
 def preflight(cfg: Config, check_model: bool = True) -> list[Problem]:
-    """Every problem found, in the order model, data, reward; ``[]`` when the run can start.
+    """Every problem found, in the order model, data, reward, trackers; ``[]`` when the run
+    can start.
 
     ``check_model=False`` skips resolving the model (which may convert or download it)."""
     problems: list[Problem] = []
@@ -61,7 +63,21 @@ def preflight(cfg: Config, check_model: bool = True) -> list[Problem]:
         check_reward_function(cfg)
     except ConfigError as exc:
         problems.append(Problem("reward.function", str(exc).removeprefix("reward.function=")))
+    problems += _check_trackers(cfg)
     return problems
+
+
+def _check_trackers(cfg: Config) -> list[Problem]:
+    from services.trainer.trackers import missing_packages
+
+    return [
+        Problem(
+            "trainer.loggers",
+            f"{name} needs {packages}, which this Python does not have: pip install "
+            f"{packages} (the versions in requirements/pins.txt), or leave {name} out",
+        )
+        for name, packages in missing_packages(cfg.trainer).items()
+    ]
 
 
 def _check_model(cfg: Config) -> list[Problem]:

@@ -19,10 +19,12 @@ from shuffle_r1.config.schema import (
     ALGORITHMS,
     BUFFER_TOKEN_ENV,
     KL_TYPES,
+    LOGGERS,
     LOSS_AGG_MODES,
     RAY_AUTH_MODE_ENV,
     REPO_ROOT,
     REWARD_TOKEN_ENV,
+    WANDB_MODES,
     Config,
     ConfigError,
 )
@@ -205,6 +207,23 @@ def check_reward_function(cfg: Config) -> None:
             f"timeout_s=...) the reward workers make ({exc}); add **kwargs to ignore the "
             "keywords it does not use"
         ) from None
+
+
+def _check_loggers(loggers: Sequence[str]) -> None:
+    for name in loggers:
+        if name not in LOGGERS:
+            raise ConfigError(
+                f"trainer.loggers={echo(list(loggers))}: {echo(name)} is not a logger; choose "
+                f"from {list(LOGGERS)}"
+            )
+    if len(set(loggers)) < len(loggers):
+        raise ConfigError(f"trainer.loggers={echo(list(loggers))} names a logger twice")
+    if "jsonl" not in loggers:
+        raise ConfigError(
+            f"trainer.loggers={echo(list(loggers))} must include 'jsonl': metrics.jsonl is what "
+            "--resume, the run's summary and its plot read; e.g. "
+            f"trainer.loggers=[jsonl,{','.join(loggers)}]"
+        )
 
 
 def validate(cfg: Config) -> Config:
@@ -393,6 +412,8 @@ def validate(cfg: Config) -> Config:
     _at_least("trainer.eval_every", t.eval_every, 0)
     _at_least("trainer.max_learner_restarts", t.max_learner_restarts, 0)
     _between("trainer.metrics_port", t.metrics_port, 0, 65535)
+    _check_loggers(t.loggers)
+    _choice("trainer.wandb_mode", t.wandb_mode, WANDB_MODES)
     c = cfg.cluster
     _choice("cluster.auth_mode", c.auth_mode, ("disabled", "token"))
     auth_mode = os.environ.get(RAY_AUTH_MODE_ENV, c.auth_mode)  # as the trainer applies it

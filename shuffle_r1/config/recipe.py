@@ -99,11 +99,13 @@ def redact_url(url: str) -> str:
 
 def redacted(cfg: Config) -> Config:
     """A copy of ``cfg`` whose secrets read ``***``: the tokens that are set (an empty one
-    stays empty: none set) and the user and password of ``buffer.redis_url``. It still loads;
-    the secrets must be given again (or through the environment) to run it."""
-    b, r = cfg.buffer, cfg.reward
+    stays empty: none set) and the user and password of ``buffer.redis_url`` and of
+    ``trainer.mlflow_tracking_uri``. It still loads; the secrets must be given again (or
+    through the environment) to run it."""
+    b, r, t = cfg.buffer, cfg.reward, cfg.trainer
     return dataclasses.replace(
         cfg,
+        trainer=dataclasses.replace(t, mlflow_tracking_uri=redact_url(t.mlflow_tracking_uri)),
         buffer=dataclasses.replace(
             b, redis_url=redact_url(b.redis_url), auth_token=REDACTED if b.auth_token else ""
         ),

@@ -15,6 +15,9 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
 KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")
 
 ALGORITHMS = ("grpo", "grpo+pts", "shuffle_r1")
+# trainer.loggers' choices (services.trainer.trackers); jsonl (metrics.jsonl) is always one
+LOGGERS = ("jsonl", "tensorboard", "mlflow", "wandb")
+WANDB_MODES = ("offline", "online")
 # Secrets a recipe need not hold: an empty buffer.auth_token / reward.http_token is taken from
 # these environment variables when the service starts (and when the config is checked).
 BUFFER_TOKEN_ENV = "SHUFFLE_R1_BUFFER_TOKEN"
@@ -258,6 +261,16 @@ class TrainerConfig:
     max_learner_restarts: int = 3
     metrics_port: int = 0  # Prometheus /metrics of the trainer; 0 = off
     metrics_host: str = "127.0.0.1"  # the trainer's /metrics binds here
+    # where every step's metrics go, from jsonl (metrics.jsonl, required: --resume, the summary
+    # and the plot read it), tensorboard (<output_dir>/tensorboard), mlflow, wandb
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    tracker_project: str = ""  # the wandb project and the mlflow experiment; "" = run_name
+    # mlflow's tracking URI (sqlite:///..., http://host:5000, ...); "" = a SQLite store in
+    # <output_dir>/mlflow.db (read it with `mlflow ui --backend-store-uri sqlite:///...`)
+    mlflow_tracking_uri: str = ""
+    # offline = written under <output_dir>/wandb, no network (upload later: `wandb sync`);
+    # online = sent to the W&B server as it runs (needs `wandb login`)
+    wandb_mode: str = "offline"
 
 
 @dataclass

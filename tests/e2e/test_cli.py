@@ -28,7 +28,8 @@ def run(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 def test_train_then_eval_from_the_command_line(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [f"trainer.output_dir={out}", "trainer.total_steps=2", "trainer.eval_every=2"]
+    args = [f"trainer.output_dir={out}", "trainer.total_steps=2", "trainer.eval_every=2",
+            "trainer.loggers=[jsonl,tensorboard,mlflow]"]  # fmt: skip
     trained = run(["train", *TINY, *args])
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "trained 2 steps" in trained.stdout
@@ -44,6 +45,23 @@ def test_train_then_eval_from_the_command_line(tmp_path: Path) -> None:
     for line in (f"metrics:    {out / 'metrics.jsonl'}", f"checkpoint: {ckpt}"):
         assert line in trained.stdout
     assert (out / "metrics.png").stat().st_size > 0
+    # the experiment trackers got every row, at training steps done (jsonl's step + 1)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run_id = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    for key in ("reward/mean", "learner/policy_loss", "val/accuracy"):
+        curve = [(r["step"] + 1, r[key]) for r in rows if key in r]
+        assert [e.step for e in events.Scalars(key)] == [s for s, _ in curve], key
+        assert [e.value for e in events.Scalars(key)] == pytest.approx([v for _, v in curve])
+        history = sorted((m.step, m.value) for m in mlflow.get_metric_history(run_id, key))
+        assert history == curve, key
+    assert [s for s, _ in curve] == [0, 2]  # val/accuracy: before training and after step 2
 
     # the run folder stands for its newest checkpoint; any dataset file, its first N problems
     evaluated = run(["eval", *TINY, f"trainer.output_dir={out}", "--checkpoint", str(out),
@@ -57,6 +75,7 @@ def test_train_then_eval_from_the_command_line(tmp_path: Path) -> None:
     low, high = result["accuracy_ci95"]
     assert low <= result["accuracy"] <= high and high - low > 0.2  # 6 samples: a wide interval
     assert json.loads((out / "eval" / "eval_summary.json").read_text()) == result
+    assert not (out / "eval" / "tensorboard").exists()  # evaluation logs no tracker run
     # evaluation writes beside the run, never over its metrics (step -1: before training)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [-1, 0, 1]
