@@ -323,6 +323,7 @@ IMPOSSIBLE = {
         "must be on the model volume",
     ),
     "unknown model name": ("model: {path: qwen}", "neither a folder on the model volume"),
+    "not a Hugging Face id": ("model: {path: 'Qwen/Qwen 2.5'}", "a Hugging Face id"),
     "shared port": ("metrics: {trainerPort: 8080}", "share a port"),
     "typo in a key": ("rollout: {maxReplica: 3}", "additional properties 'maxReplica'"),
     "wrong type": ("rollout: {replicas: two}", "/rollout/replicas"),
@@ -345,6 +346,13 @@ def test_large_integer_override_stays_an_integer(tmp_path: Path) -> None:
     assert "'trainer.total_steps=1000000'" in command
     cfg = trainer_config(command, r.objects, tmp_path)
     assert (cfg.trainer.total_steps, cfg.learner.lr) == (1000000, 2.0e-6)
+
+
+def test_a_hugging_face_id_is_a_model(tmp_path: Path) -> None:
+    """An id needs no model volume; the trainer gets it as learner.model_path (#19 item 1)."""
+    r = render_chart("model: {path: Qwen/Qwen2.5-0.5B-Instruct@main, volume: {existingClaim: ''}}")
+    cfg = trainer_config(train_command(r), r.objects, tmp_path)
+    assert cfg.learner.model_path == "Qwen/Qwen2.5-0.5B-Instruct@main"
 
 
 def test_notes_tell_how_to_train_and_scale() -> None:
