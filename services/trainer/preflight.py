@@ -112,7 +112,7 @@ def _check_data(cfg: Config) -> list[Problem]:
 
 def _template_problem(exc: ValueError, where: str = "") -> Problem:
     """``data.prompt_template``'s problem, its message without the key it starts with (a
-    file's ``=@path`` kept)."""
+    file's ``=file:path`` kept)."""
     from shuffle_r1.data.prompt import TEMPLATE_KEY
 
     why = _one_line(exc).removeprefix(TEMPLATE_KEY).removeprefix(": ").removeprefix("=")

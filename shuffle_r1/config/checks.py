@@ -230,13 +230,14 @@ def validate(cfg: Config) -> Config:
         )
     _at_least("data.train_size", d.train_size, 0)
     _at_least("data.val_size", d.val_size, 0)
-    if d.prompt_template and not d.prompt_template.startswith("@"):  # a file: at preflight
-        from shuffle_r1.data.prompt import load_prompt_template
+    if d.prompt_template:  # its syntax is checked here; a file is read by the preflight
+        from shuffle_r1.data.prompt import FILE_PREFIX, load_prompt_template
 
-        try:
-            load_prompt_template(d.prompt_template)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        if not d.prompt_template.startswith(FILE_PREFIX):
+            try:
+                load_prompt_template(d.prompt_template)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
 
     _choice("rollout.engine", r.engine, ("vllm", "hf"))
     _at_least("rollout.n", r.n, 2)

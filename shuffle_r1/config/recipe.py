@@ -45,7 +45,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if overrides:
         try:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as exc:
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:  # yaml: a value like @x
             raise ConfigError(f"could not parse overrides {echo(list(overrides))}: {exc}") from exc
     try:
         merged = OmegaConf.merge(base, *layers)

@@ -41,7 +41,7 @@ class DataConfig:
     image_key: str = "images"  # the column holding image paths (vision-language models)
     id_key: str = ""  # a column with a unique row id; "" = "<file stem>-<row>"
     # the user turn's text: a Jinja template of the row's columns and `problem` (the problem
-    # text), or @path/to/file.jinja; "" = the paper's instruction, a blank line, the problem
+    # text), or file:path/to/prompt.jinja; "" = the paper's instruction, a blank line, the problem
     # (shuffle_r1.data.prompt; README "Configuration")
     prompt_template: str = ""
     answer_format: str = "raw"  # raw | gsm8k ("#### 72" -> "72")

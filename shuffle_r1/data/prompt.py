@@ -40,6 +40,7 @@ DEFAULT_TEMPLATE = (
     + "{% if num_images %}{{ '<image>' * num_images }}{% else %}\n\n{% endif %}{{ problem }}"
 )
 TEMPLATE_KEY = "data.prompt_template"
+FILE_PREFIX = "file:"  # data.prompt_template=file:path/to/prompt.jinja
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,9 @@ class PromptTemplate:
 
 
 def load_prompt_template(value: str) -> PromptTemplate:
-    """Compile ``data.prompt_template``: ``""`` is :data:`DEFAULT_TEMPLATE`, ``@path`` the
-    UTF-8 file at ``path`` (relative to the working directory), anything else the Jinja text
-    itself. Jinja's ``ImmutableSandboxedEnvironment`` (no attribute or method access that
+    """Compile ``data.prompt_template``: ``""`` is :data:`DEFAULT_TEMPLATE`, ``file:path``
+    the UTF-8 file at ``path`` (relative to the working directory), anything else the Jinja
+    text itself. Jinja's ``ImmutableSandboxedEnvironment`` (no attribute or method access that
     could reach Python internals), ``StrictUndefined``, no autoescaping.
 
     Raises:
@@ -86,10 +87,10 @@ def load_prompt_template(value: str) -> PromptTemplate:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     origin, source = TEMPLATE_KEY, value or DEFAULT_TEMPLATE
-    if value.startswith("@"):
+    if value.startswith(FILE_PREFIX):
         origin = f"{TEMPLATE_KEY}={value}"
         try:
-            source = Path(value[1:]).read_text(encoding="utf-8")
+            source = Path(value.removeprefix(FILE_PREFIX)).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"{origin}: cannot read the template file: {exc}") from exc
     env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)

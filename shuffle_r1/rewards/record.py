@@ -3,9 +3,10 @@
 A reward function is called one of two ways, chosen once from its signature
 (:func:`takes_record`, the one rule the reward workers and the preflight check both use):
 
-- **record**: a function with exactly one required positional parameter,
-  ``fn(record: RewardInput)``, gets a :class:`RewardInput` (prompt, response, reference
-  answer, the dataset row's other columns, the number of images);
+- **record**: a function whose one required parameter is positional and annotated
+  :class:`RewardInput` or named ``record`` (``fn(record: RewardInput)``) gets a
+  :class:`RewardInput` (prompt, response, reference answer, the dataset row's other columns,
+  the number of images);
 - **legacy**: any other, ``fn(response, reference_answer, accuracy_weight=...,
   format_weight=..., timeout_s=...)``, as :func:`shuffle_r1.rewards.math_reward`.
 
@@ -59,9 +60,10 @@ class RewardInput:
 
 
 def takes_record(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` is called with a :class:`RewardInput` (exactly one required positional
-    parameter) rather than the legacy ``(response, reference_answer, **weights)``. A callable
-    whose signature cannot be read (a builtin) gets the legacy call."""
+    """Whether ``fn`` is called with a :class:`RewardInput` rather than the legacy
+    ``(response, reference_answer, **weights)``: its one required parameter is positional and
+    annotated ``RewardInput`` (the class, or its name as a string annotation) or named
+    ``record``. A callable whose signature cannot be read gets the legacy call."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -72,7 +74,12 @@ def takes_record(fn: Callable[..., Any]) -> bool:
         for p in params
         if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
-    return len(required) == 1 and required[0].kind in positional
+    if len(required) != 1 or required[0].kind not in positional:
+        return False
+    [param] = required
+    hint = param.annotation
+    named = isinstance(hint, str) and hint.rpartition(".")[2] == RewardInput.__name__
+    return hint is RewardInput or named or param.name == "record"
 
 
 def call_reward(fn: Callable[..., Any], record: RewardInput, **legacy_kwargs: Any) -> Any:

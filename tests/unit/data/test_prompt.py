@@ -161,7 +161,7 @@ def test_a_template_sees_the_rows_other_columns(
     assert examples[1].columns == {"topic": "t1"}  # not the question, not the answer
     file = tmp_path / "prompt.jinja"
     file.write_text("Topic: {{ topic | upper }}.\n{{ problem }}\n")  # the file's last \n dropped
-    template = load_prompt_template(f"@{file}")
+    template = load_prompt_template(f"file:{file}")
     assert template.render(examples[1]) == f"Topic: T1.\n{rows[1]['question']}"
     assert render_prompt(tokenizer, examples[1], template) == (
         f"{SYSTEM}<|im_start|>user\nTopic: T1.\n{rows[1]['question']}<|im_end|>\n"
@@ -188,8 +188,10 @@ def test_syntax_errors_and_missing_files_name_the_key() -> None:
         load_prompt_template("ok\n{{ problem ")
     with pytest.raises(ValueError, match=r"^data\.prompt_template: line 1: No filter named 'nope'"):
         load_prompt_template("{{ problem | nope }}")
-    with pytest.raises(ValueError, match=r"^data\.prompt_template=@/no/such\.jinja: cannot read"):
-        load_prompt_template("@/no/such.jinja")
+    with pytest.raises(
+        ValueError, match=r"^data\.prompt_template=file:/no/such\.jinja: cannot read"
+    ):
+        load_prompt_template("file:/no/such.jinja")
 
 
 def test_the_sandbox_gives_no_way_to_python_internals() -> None:

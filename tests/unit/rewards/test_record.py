@@ -29,8 +29,14 @@ def gsm8k_row() -> tuple[str, str]:
     return row["question"], row["answer"].rsplit("####", 1)[1].strip()
 
 
-def test_one_required_positional_parameter_takes_the_record_anything_else_the_legacy_call() -> None:
+def test_a_parameter_typed_or_named_for_the_record_takes_it_anything_else_the_legacy_call() -> None:
     def record_kw(record: Any, **_: object) -> float:
+        return 0.0
+
+    def typed(x: RewardInput, scale: float = 1.0) -> float:
+        return 0.0
+
+    def untyped(x):  # type: ignore[no-untyped-def]
         return 0.0
 
     def legacy_kw(response: str, reference_answer: str, **_: object) -> float:
@@ -39,10 +45,10 @@ def test_one_required_positional_parameter_takes_the_record_anything_else_the_le
     def optional_second(response: str, reference_answer: str = "") -> float:
         return 0.0
 
-    assert takes_record(echoes_record) and takes_record(record_kw)
-    assert takes_record(optional_second)  # one required: the record (documented rule)
+    assert takes_record(echoes_record) and takes_record(record_kw) and takes_record(typed)
     assert not takes_record(math_reward) and not takes_record(legacy_kw)
-    assert not takes_record(raises)
+    assert not takes_record(raises) and not takes_record(optional_second)
+    assert not takes_record(untyped) and not takes_record(json.loads)  # one parameter, not ours
 
 
 def test_call_reward_gives_each_style_its_call() -> None:
