@@ -41,8 +41,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from actors.metrics import ray_metric
@@ -64,17 +63,9 @@ HTTP_CONCURRENCY = 4
 HTTP_QUEUE = 16
 
 
-@dataclass(frozen=True)
-class ScoreRequest:
-    """One completion to score: its decoded text and the reference answer; the prompt's
-    user text, the row's other columns and its number of images for record-taking functions
-    (as :class:`shuffle_r1.rewards.RewardInput`, whose fields these are)."""
-
-    response: str
-    reference_answer: str
-    prompt: str = ""
-    row: Mapping[str, Any] = field(default_factory=dict)
-    num_images: int = 0
+# One completion to score: its decoded text, the reference answer and, for record-taking
+# functions, the prompt's user text, the row's other columns and its number of images.
+ScoreRequest = RewardInput
 
 
 class RewardWorker:
@@ -102,13 +93,10 @@ class RewardWorker:
         """One request scored by every configured function in the pool, combined
         (:func:`shuffle_r1.rewards.combine`); a function that fails adds 0, and the item's
         error is counted by kind (the prefix of ``error``)."""
-        record = RewardInput(
-            req.response, req.reference_answer, req.prompt, req.row, req.num_images
-        )
         parts = []
         for index, (_, path, weight) in enumerate(self.functions):
             outcome = self.pool.call(
-                record,
+                req,
                 index,
                 accuracy_weight=self.cfg.accuracy_weight,
                 format_weight=self.cfg.format_weight,

@@ -46,7 +46,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         try:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         except (OmegaConfBaseException, yaml.YAMLError) as exc:  # yaml: a value like @x
-            raise ConfigError(f"could not parse overrides {echo(list(overrides))}: {exc}") from exc
+            why = " ".join(str(exc).split())  # yaml's messages span lines
+            raise ConfigError(f"could not parse overrides {echo(list(overrides))}: {why}") from exc
     try:
         merged = OmegaConf.merge(base, *layers)
         cfg = OmegaConf.to_object(merged)
