@@ -1,15 +1,19 @@
 """Reward workers: score completions with a pluggable verifiable-reward function.
 
 The function is named by a Python path in ``reward.function`` (default
-``shuffle_r1.rewards:math_reward``, docs/algorithm.md §6) and called as
-``fn(response, reference_answer, accuracy_weight=..., format_weight=..., timeout_s=...)``;
-it returns a :class:`shuffle_r1.rewards.RewardResult` (or a plain float, taken as both
-reward and accuracy). Each worker runs the function in a process of its own
-(:class:`shuffle_r1.rewards.RewardProcessPool`), in that process's main thread, so the
-function's signal-based timeouts work. A call that raises (``kind=raised``), returns garbage
-(counted as raised), runs past ``timeout_s + grace`` (its process is killed: ``hung``) or
-whose process dies (``died``) gives reward 0 and a counted error, and the next call gets a
-fresh process: the run never crashes or hangs on a reward.
+``shuffle_r1.rewards:math_reward``, docs/algorithm.md §6), or several with weights in
+``reward.functions``. Each is called with a :class:`shuffle_r1.rewards.RewardInput` (prompt,
+response, reference answer, the row's other columns, the number of images) or, by the legacy
+signature, as ``fn(response, reference_answer, accuracy_weight=..., format_weight=...,
+timeout_s=...)`` (:func:`shuffle_r1.rewards.takes_record` decides); it returns a float, a
+dict of named scores or a :class:`shuffle_r1.rewards.RewardResult`, and the reward is the
+weighted sum (:func:`shuffle_r1.rewards.combine`). Each worker runs the functions in
+processes of its own (:class:`shuffle_r1.rewards.RewardProcessPool`), in their main thread,
+so the functions' signal-based timeouts work. A call that raises (``kind=raised``), returns
+garbage (a wrong type or a non-finite score: counted as raised), runs past
+``timeout_s + grace`` (its process is killed: ``hung``) or whose process dies (``died``)
+adds 0 and a counted error, and the next call gets a fresh process: the run never crashes or
+hangs on a reward.
 
 The role is a Ray Serve application (:class:`RewardPool`) of two deployments: the trainer
 scores through a handle of the :class:`RewardWorker` replicas, and outside verifiers and
@@ -33,13 +37,11 @@ import dataclasses
 import hmac
 import json
 import logging
-import math
 import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from actors.metrics import ray_metric
@@ -47,7 +49,7 @@ from actors.rollout import HEALTH_CHECK_PERIOD_S
 from actors.serving import worker_id
 from shuffle_r1.config import REWARD_TOKEN_ENV, RewardConfig, is_loopback
 from shuffle_r1.limits import REWARD_GRACE_S, echo
-from shuffle_r1.rewards import RewardProcessPool, RewardResult
+from shuffle_r1.rewards import RewardInput, RewardProcessPool, RewardResult, combine
 
 logger = logging.getLogger(__name__)
 
@@ -61,25 +63,24 @@ HTTP_CONCURRENCY = 4
 HTTP_QUEUE = 16
 
 
-@dataclass(frozen=True)
-class ScoreRequest:
-    """One completion to score: its decoded text and the reference answer."""
-
-    response: str
-    reference_answer: str
+# One completion to score: its decoded text, the reference answer and, for record-taking
+# functions, the prompt's user text, the row's other columns and its number of images.
+ScoreRequest = RewardInput
 
 
 class RewardWorker:
     """Scores :class:`ScoreRequest` s with the configured reward function: a replica of the
     reward Serve application (:class:`RewardPool`), or a plain Ray actor in tests.
 
-    The function runs in at most ``processes`` worker processes (one call each at a time),
+    The functions run in at most ``processes`` worker processes (one call each at a time),
     started here: a function that does not import raises ``ValueError`` naming it.
     """
 
     def __init__(self, cfg: RewardConfig, run_id: str = "", processes: int = 1) -> None:
         self.cfg = cfg
-        self.pool = RewardProcessPool(cfg.function, cfg.timeout_s + GRACE_S, processes)
+        self.functions = cfg.weighted_functions()
+        paths = [path for _, path, _ in self.functions]
+        self.pool = RewardProcessPool(paths, cfg.timeout_s + GRACE_S, processes)
         self.errors: Counter[str] = Counter()
         self.worker_id = worker_id()
         self._m_scored = ray_metric("shuffle_r1_reward_worker_scored_total")
@@ -89,25 +90,22 @@ class RewardWorker:
             metric.set_default_tags({"worker": self.worker_id, "run": run_id})
 
     def _call(self, req: ScoreRequest) -> RewardResult:
-        """One request scored in the pool; any failure gives reward 0 and is counted by kind
-        (the prefix of ``error``)."""
-        outcome = self.pool.call(
-            req.response,
-            req.reference_answer,
-            accuracy_weight=self.cfg.accuracy_weight,
-            format_weight=self.cfg.format_weight,
-            timeout_s=self.cfg.timeout_s,
-        )
-        error = outcome.error
-        if error is None:
-            try:
-                result = _as_result(outcome.value)
-            except (TypeError, ValueError) as exc:  # garbage: counted as raised, as before
-                error = f"raised: {exc!r}"
-        if error is not None:
-            self.errors[error.split(":", 1)[0]] += 1
-            logger.warning("reward function %s failed: %s", self.cfg.function, error)
-            return RewardResult(0.0, 0.0, 0.0, error=error[:500])
+        """One request scored by every configured function in the pool, combined
+        (:func:`shuffle_r1.rewards.combine`); a function that fails adds 0, and the item's
+        error is counted by kind (the prefix of ``error``)."""
+        parts = []
+        for index, (_, path, weight) in enumerate(self.functions):
+            outcome = self.pool.call(
+                req,
+                index,
+                accuracy_weight=self.cfg.accuracy_weight,
+                format_weight=self.cfg.format_weight,
+                timeout_s=self.cfg.timeout_s,
+            )
+            if outcome.error is not None:
+                logger.warning("reward function %s failed: %s", path, outcome.error)
+            parts.append((weight, outcome.value, outcome.error))
+        result = combine(parts)
         if result.error:
             self.errors[result.error.split(":", 1)[0]] += 1
         return result
@@ -142,21 +140,6 @@ class RewardWorker:
         return {"worker": self.worker_id, "pid": os.getpid(), "reward_pids": self.pool.pids()}
 
 
-def _as_result(out: Any) -> RewardResult:
-    """A reward function's return value as a :class:`RewardResult` (a float is taken as both
-    reward and accuracy). Raises TypeError for anything else, ValueError for a non-finite
-    reward."""
-    if isinstance(out, RewardResult):
-        result = out
-    elif isinstance(out, int | float) and not isinstance(out, bool):
-        result = RewardResult(reward=float(out), accuracy=float(out), format=0.0)
-    else:
-        raise TypeError(f"returned {type(out).__name__}, expected RewardResult or float")
-    if not math.isfinite(result.reward):
-        raise ValueError(f"returned a non-finite reward {result.reward!r}")
-    return result
-
-
 class Refused(Exception):
     """An HTTP request the endpoint answers with ``status`` and ``{"error": message}``."""
 
@@ -169,6 +152,12 @@ class Refused(Exception):
 def parse_score_body(body: Any) -> tuple[list[ScoreRequest], bool]:
     """The requests of an HTTP scoring body (see :meth:`RewardEndpoint.__call__`) and whether
     it held a single item.
+
+    Each item holds ``response`` and ``reference_answer`` (strings) and, optionally,
+    ``prompt`` (a string), ``row`` (an object: the dataset row's other columns) and
+    ``num_images`` (an integer >= 0), which record-taking reward functions receive
+    (:class:`shuffle_r1.rewards.RewardInput`); absent, they are ``""``, ``{}`` and 0. Their
+    size is bounded by the body's, ``reward.max_request_kb``.
 
     Raises:
         Refused: 400 naming the field that is wrong (``items[3].response``), or 413 for more
@@ -201,7 +190,20 @@ def parse_score_body(body: Any) -> tuple[list[ScoreRequest], bool]:
         for key in ("response", "reference_answer"):
             if not isinstance(item.get(key), str):
                 raise Refused(400, f"{where}{key} must be a string, got {echo(item.get(key))}")
-        items.append(ScoreRequest(item["response"], item["reference_answer"]))
+        prompt, row, num_images = (
+            item.get("prompt", ""),
+            item.get("row", {}),
+            item.get("num_images", 0),
+        )
+        if not isinstance(prompt, str):
+            raise Refused(400, f"{where}prompt must be a string, got {echo(prompt)}")
+        if not isinstance(row, dict):
+            raise Refused(400, f"{where}row must be an object, got {echo(row)}")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
+            raise Refused(400, f"{where}num_images must be an integer >= 0, got {echo(num_images)}")
+        items.append(
+            ScoreRequest(item["response"], item["reference_answer"], prompt, row, num_images)
+        )
     return items, single
 
 
@@ -257,6 +259,8 @@ class RewardEndpoint(RewardWorker):
             parsed = json.loads(body)
         except ValueError as exc:  # also UnicodeDecodeError
             raise Refused(400, f"the body is not JSON: {echo(str(exc))}") from exc
+        except RecursionError as exc:  # "[[[[..." nested deeper than Python recurses
+            raise Refused(400, "the body's JSON is nested too deep") from exc
         items, single = parse_score_body(parsed)
         stop = threading.Event()
         try:
@@ -269,7 +273,9 @@ class RewardEndpoint(RewardWorker):
 
     async def __call__(self, request: Any) -> Any:
         """``POST <reward.http_route>`` with a JSON body ``{"response": str,
-        "reference_answer": str}`` → ``{"reward", "accuracy", "format", "error"}``, or
+        "reference_answer": str}`` (optionally ``"prompt"``, ``"row"``, ``"num_images"``:
+        :func:`parse_score_body`) → ``{"reward", "accuracy", "format", "error", "scores"}``
+        (``scores``: the named scores), or
         ``{"items": [{...}, ...]}`` (at most :data:`MAX_HTTP_ITEMS`) → ``{"results": [...]}``
         in order. Errors answer ``{"error": message}`` (what was wrong, at most 200
         characters of the input echoed): 401 without the bearer token, 413 for a body over

@@ -51,9 +51,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
         if report_problems("shuffle-r1 config", preflight(cfg), started=False):
             return 2
+        weighted = [f"{w:g} * {fn}" for _, fn, w in cfg.reward.weighted_functions()]
         print(
             f"ok: model {cfg.learner.model_path}, data {cfg.data.train_path} and "
-            f"{cfg.data.val_path}, reward {cfg.reward.function}",
+            f"{cfg.data.val_path}, reward "
+            + (" + ".join(weighted) if cfg.reward.functions else cfg.reward.function),
             file=sys.stderr,
         )
     if args.list:

@@ -259,9 +259,12 @@ class Trainer:
         texts = self.tokenizer.batch_decode(
             [c.token_ids for c in completions], skip_special_tokens=True
         )
-        answers = [p.example.answer for p in prompts for _ in range(n)]
+        of_rollout = [p for p in prompts for _ in range(n)]
         scores = self.reward.score(
-            [ScoreRequest(t, a) for t, a in zip(texts, answers, strict=True)]
+            [
+                ScoreRequest(t, p.example.answer, p.text, p.example.columns, len(p.example.images))
+                for t, p in zip(texts, of_rollout, strict=True)
+            ]
         )
         for error in (s.error for s in scores if s.error is not None):
             self.exporter.count_error("reward", error.split(":", 1)[0])

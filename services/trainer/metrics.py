@@ -351,6 +351,18 @@ def held_out_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
+def named_score_means(scores: Sequence[Any]) -> dict[str, float]:
+    """``reward/<name>``: the mean of each named score the reward functions returned
+    (``RewardResult.scores``) over the rollouts that have it, except ``accuracy`` and
+    ``format``, which ``reward/accuracy`` and ``reward/format`` report over every rollout."""
+    totals: dict[str, list[float]] = {}
+    for s in scores:
+        for name, value in s.scores.items():
+            if name not in ("accuracy", "format"):
+                totals.setdefault(name, []).append(value)
+    return {f"reward/{name}": sum(v) / len(v) for name, v in sorted(totals.items())}
+
+
 def step_metrics(
     scores: Sequence[Any],
     gen: Any,
@@ -368,6 +380,7 @@ def step_metrics(
     rewards = [s.reward for s in scores]
     completions = gen.completions
     return {
+        **named_score_means(scores),
         "reward/mean": sum(rewards) / len(rewards),
         "reward/accuracy": sum(s.accuracy for s in scores) / len(scores),
         "reward/format": sum(s.format for s in scores) / len(scores),

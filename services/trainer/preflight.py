@@ -4,10 +4,11 @@ line naming the key, not minutes later as a traceback in a worker's log.
 :func:`preflight` checks what :func:`shuffle_r1.config.load_config` cannot without touching
 files, the network or imports: that the model resolves (a built-in name, a local folder or a
 Hugging Face id, :func:`shuffle_r1.models.resolve_model_path`), that both data files exist
-and their first rows parse with the configured columns, and that the reward function imports
-and takes the arguments the reward workers pass, and that the library of each experiment
-tracker in ``trainer.loggers`` is installed. :func:`check_output_folder` refuses to start a
-fresh run over an earlier one unless ``trainer.overwrite`` is set.
+and their first rows parse with the configured columns and render with
+``data.prompt_template``, that each reward function imports and takes the arguments the
+reward workers pass, and that the library of each experiment tracker in ``trainer.loggers``
+is installed. :func:`check_output_folder` refuses to start a fresh run over an earlier one
+unless ``trainer.overwrite`` is set.
 ``shuffle-r1 train`` runs both; ``shuffle-r1 config --check`` runs :func:`preflight`.
 """
 
@@ -61,8 +62,9 @@ def preflight(cfg: Config, check_model: bool = True) -> list[Problem]:
     problems += _check_data(cfg)
     try:
         check_reward_function(cfg)
-    except ConfigError as exc:
-        problems.append(Problem("reward.function", str(exc).removeprefix("reward.function=")))
+    except ConfigError as exc:  # "<key>=<value>: why"
+        key, _, rest = str(exc).partition("=")
+        problems.append(Problem(key, rest))
     problems += _check_trackers(cfg)
     return problems
 
@@ -91,10 +93,16 @@ def _check_model(cfg: Config) -> list[Problem]:
 
 
 def _check_data(cfg: Config) -> list[Problem]:
+    from shuffle_r1.data.prompt import load_prompt_template, messages_for
     from shuffle_r1.data.splits import load_data_file
 
     d = cfg.data
     problems = []
+    try:
+        template = load_prompt_template(d.prompt_template)
+    except ValueError as exc:  # a file that cannot be read, a syntax error
+        problems.append(_template_problem(exc))
+        template = None
     data_log = logging.getLogger("shuffle_r1.data")  # its "loaded N examples" lines
     for key, path in (("data.train_path", d.train_path), ("data.val_path", d.val_path)):
         try:
@@ -107,7 +115,24 @@ def _check_data(cfg: Config) -> list[Problem]:
             first = result.skipped[0] if result.skipped else None
             why = f"every row read was skipped; the first: {first}" if first else "it is empty"
             problems.append(Problem(key, f"{path!r} gives no problems: {why}"))
+        if template is None:
+            continue
+        try:
+            for example in result.examples:
+                messages_for(template.render(example), len(example.images))
+        except ValueError as exc:  # a variable the row lacks, image marks that do not fit
+            problems.append(_template_problem(exc, f"{path!r}: "))
+            template = None  # one line is enough: the next rows would say the same
     return problems
+
+
+def _template_problem(exc: ValueError, where: str = "") -> Problem:
+    """``data.prompt_template``'s problem, its message without the key it starts with (a
+    file's ``=file:path`` kept)."""
+    from shuffle_r1.data.prompt import TEMPLATE_KEY
+
+    why = _one_line(exc).removeprefix(TEMPLATE_KEY).removeprefix(": ").removeprefix("=")
+    return Problem(TEMPLATE_KEY, where + why)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from shuffle_r1.config.schema import (
     ABS_MINIBATCH_ORDERS,
     ALGORITHMS,
     BUFFER_TOKEN_ENV,
+    DEFAULT_REWARD_FUNCTION,
     KL_TYPES,
     LOGGERS,
     LOSS_AGG_MODES,
@@ -136,27 +137,29 @@ def _locations(path: Any) -> list[str] | None:
     return list(path) if path is not None else None
 
 
-def _check_reward_path(value: str) -> None:
+def _check_reward_path(key: str, value: str) -> None:
     module, _, attr = value.partition(":")
     names = module.split(".")
     if not attr.isidentifier() or not all(n.isidentifier() for n in names):
         raise ConfigError(
-            f"reward.function={echo(value)} must be a Python path 'module:function', "
+            f"{key}={echo(value)} must be a Python path 'module:function', "
             "e.g. 'shuffle_r1.rewards:math_reward'"
         )
     missing = _missing_module(module)
     if missing is not None:
         raise ConfigError(
-            f"reward.function={echo(value)}: no module {missing!r} on this Python's path "
+            f"{key}={echo(value)}: no module {missing!r} on this Python's path "
             f"(sys.path) or in the repository ({REPO_ROOT}), where the reward workers import "
             "from; check the name, or install the module"
         )
 
 
 def check_reward_function(cfg: Config) -> None:
-    """Import ``reward.function`` and check that it names a callable that takes the call
-    the reward workers make: ``fn(response, reference_answer, accuracy_weight=...,
-    format_weight=..., timeout_s=...)``.
+    """Import each reward function (``reward.function``, or every entry of
+    ``reward.functions``) and check that it names a callable that takes the call the reward
+    workers make: ``fn(record)`` for one that takes a record
+    (:func:`shuffle_r1.rewards.takes_record`), else ``fn(response, reference_answer,
+    accuracy_weight=..., format_weight=..., timeout_s=...)``.
 
     This runs the module's code, so :func:`load_config` only checks that the module can be
     found; the trainer calls this before it starts Ray, so that a reward function that does
@@ -164,24 +167,29 @@ def check_reward_function(cfg: Config) -> None:
     from ``sys.path`` and :data:`REPO_ROOT`, as the reward workers import it.
 
     Raises:
-        ConfigError: naming ``reward.function``, the module and what went wrong (the import
-            error, a missing attribute, an attribute that is not callable, a signature that
-            cannot take that call).
+        ConfigError: starting ``<key>=<value>:`` (``reward.function`` or
+            ``reward.functions[i].function``), naming the module and what went wrong (the
+            import error, a missing attribute, an attribute that is not callable, a signature
+            that cannot take that call).
     """
-    from shuffle_r1.rewards import load_reward_fn
+    for key, value, _ in cfg.reward.weighted_functions():
+        _check_one_reward_function(cfg, key, value)
 
-    value = cfg.reward.function
+
+def _check_one_reward_function(cfg: Config, key: str, value: str) -> None:
+    from shuffle_r1.rewards import load_reward_fn, takes_record
+
     added = REPO_ROOT not in sys.path
     if added:  # import it as the reward workers will
         sys.path.append(REPO_ROOT)
     try:
         fn = load_reward_fn(value)
     except ValueError as exc:  # malformed, not importable, no such attribute, not callable
-        raise ConfigError(f"reward.function={echo(value)}: {cut(str(exc), 1000)}") from exc
+        raise ConfigError(f"{key}={echo(value)}: {cut(str(exc), 1000)}") from exc
     except Exception as exc:  # the module's own code may raise anything while imported
         module = value.partition(":")[0]
         raise ConfigError(
-            f"reward.function={echo(value)}: importing module {module!r} raised "
+            f"{key}={echo(value)}: importing module {module!r} raised "
             f"{type(exc).__name__}: {cut(str(exc), 1000)}"
         ) from exc
     finally:
@@ -191,8 +199,10 @@ def check_reward_function(cfg: Config) -> None:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin or extension function: nothing to check
         return
+    if takes_record(fn):  # one required positional parameter: fn(record) always binds
+        return
     r = cfg.reward
-    try:  # as the reward workers call it (actors/reward.py)
+    try:  # as the reward workers call it (shuffle_r1.rewards.call_reward)
         signature.bind(
             "response",
             "reference answer",
@@ -202,10 +212,10 @@ def check_reward_function(cfg: Config) -> None:
         )
     except TypeError as exc:
         raise ConfigError(
-            f"reward.function={echo(value)}: its signature {signature} cannot take the call "
-            "fn(response, reference_answer, accuracy_weight=..., format_weight=..., "
-            f"timeout_s=...) the reward workers make ({exc}); add **kwargs to ignore the "
-            "keywords it does not use"
+            f"{key}={echo(value)}: its signature {signature} takes neither one record "
+            "(fn(record: shuffle_r1.rewards.RewardInput)) nor the call fn(response, "
+            "reference_answer, accuracy_weight=..., format_weight=..., timeout_s=...) the "
+            f"reward workers make ({exc}); add **kwargs to ignore the keywords it does not use"
         ) from None
 
 
@@ -239,6 +249,14 @@ def validate(cfg: Config) -> Config:
         )
     _at_least("data.train_size", d.train_size, 0)
     _at_least("data.val_size", d.val_size, 0)
+    if d.prompt_template:  # its syntax is checked here; a file is read by the preflight
+        from shuffle_r1.data.prompt import FILE_PREFIX, load_prompt_template
+
+        if not d.prompt_template.startswith(FILE_PREFIX):
+            try:
+                load_prompt_template(d.prompt_template)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
 
     _choice("rollout.engine", r.engine, ("vllm", "hf"))
     _at_least("rollout.n", r.n, 2)
@@ -269,7 +287,16 @@ def validate(cfg: Config) -> Config:
     _at_least("rollout.val_n", r.val_n, 1)
 
     rw = cfg.reward
-    _check_reward_path(rw.function)
+    if rw.functions and rw.function != DEFAULT_REWARD_FUNCTION:
+        raise ConfigError(
+            f"reward.function={echo(rw.function)} and reward.functions are both set; "
+            "reward.functions replaces reward.function: list that function in "
+            "reward.functions with its weight and leave reward.function unset"
+        )
+    for key, value, weight in rw.weighted_functions():
+        _check_reward_path(key, value)
+        weight_key = key.removesuffix(".function") + ".weight"
+        _between(weight_key, weight, -MAX_ABS_REWARD, MAX_ABS_REWARD)
     _at_least("reward.accuracy_weight", rw.accuracy_weight, 0.0)
     _at_least("reward.format_weight", rw.format_weight, 0.0)
     if rw.accuracy_weight + rw.format_weight > MAX_ABS_REWARD:

@@ -85,7 +85,8 @@ def list_keys(cfg: Config, width: int = 100) -> str:
         section: Any = getattr(shown, f.name)
         for key in dataclasses.fields(section):
             name = f"{f.name}.{key.name}"
-            lines.append(f"{name} = {json.dumps(getattr(section, key.name))}")
+            value = getattr(section, key.name)  # reward.functions: a list of dataclasses
+            lines.append(f"{name} = {json.dumps(value, default=dataclasses.asdict)}")
             text = helps.get(name, "")
             if text:
                 pad = " " * 4

@@ -45,8 +45,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if overrides:
         try:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"could not parse overrides {echo(list(overrides))}: {exc}") from exc
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:  # yaml: a value like @x
+            why = " ".join(str(exc).split())  # yaml's messages span lines
+            raise ConfigError(f"could not parse overrides {echo(list(overrides))}: {why}") from exc
     try:
         merged = OmegaConf.merge(base, *layers)
         cfg = OmegaConf.to_object(merged)

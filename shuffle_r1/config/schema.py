@@ -44,6 +44,10 @@ class DataConfig:
     answer_key: str = "answer"  # the column holding the reference answer
     image_key: str = "images"  # the column holding image paths (vision-language models)
     id_key: str = ""  # a column with a unique row id; "" = "<file stem>-<row>"
+    # the user turn's text: a Jinja template of the row's columns and `problem` (the problem
+    # text), or file:path/to/prompt.jinja; "" = the paper's instruction, a blank line, the problem
+    # (shuffle_r1.data.prompt; README "Configuration")
+    prompt_template: str = ""
     answer_format: str = "raw"  # raw | gsm8k ("#### 72" -> "72")
     image_root: str = ""  # image paths are relative to this; "" = the data file's folder
     max_prompt_length: int = 2048  # tokens
@@ -95,10 +99,25 @@ class RolloutConfig:
 
 
 @dataclass
-class RewardConfig:
-    """Verifiable reward: ``accuracy_weight * accuracy + format_weight * format`` (§6)."""
+class RewardFunctionConfig:
+    """One entry of ``reward.functions``: a reward function and its weight in the sum."""
 
-    function: str = "shuffle_r1.rewards:math_reward"  # module:function
+    function: str = ""  # module:function
+    weight: float = 1.0  # its total is multiplied by this
+
+
+DEFAULT_REWARD_FUNCTION = "shuffle_r1.rewards:math_reward"
+
+
+@dataclass
+class RewardConfig:
+    """Verifiable reward: ``accuracy_weight * accuracy + format_weight * format`` (§6), or
+    the weighted sum of ``functions`` (``shuffle_r1.rewards.record``)."""
+
+    function: str = DEFAULT_REWARD_FUNCTION  # module:function
+    # several reward functions, [{function: module:fn, weight: 1.0}, ...], whose weighted sum
+    # is the reward; non-empty replaces reward.function (README "Configuration")
+    functions: list[RewardFunctionConfig] = field(default_factory=list)
     accuracy_weight: float = 0.9  # weight of the answer's correctness
     format_weight: float = 0.1  # weight of the <think>/\boxed{} format
     timeout_s: float = 5.0  # a reward call past this (+2 s grace) is killed and scores 0, counted
@@ -114,6 +133,16 @@ class RewardConfig:
     http_token: str = ""
     max_request_kb: int = 1024  # a larger POST body is refused (413) before it is read whole
     request_timeout_s: float = 60.0  # an HTTP request still unscored after this gets 504
+
+    def weighted_functions(self) -> list[tuple[str, str, float]]:
+        """``(config key, "module:function", weight)`` of each function the reward adds up:
+        ``functions`` when set, else ``function`` with weight 1."""
+        if not self.functions:
+            return [("reward.function", self.function, 1.0)]
+        return [
+            (f"reward.functions[{i}].function", f.function, f.weight)
+            for i, f in enumerate(self.functions)
+        ]
 
 
 @dataclass

@@ -36,12 +36,16 @@ EXTENSIONS = (".jsonl", ".json", ".parquet")
 class Example:
     """One prompt: ``uid`` is unique within its file; ``answer`` is the reference answer that
     the reward compares against; ``images`` are paths (str) or encoded image bytes (PNG bytes
-    on the vision grid when loaded with an ``image_spec``)."""
+    on the vision grid when loaded with an ``image_spec``); ``columns`` are the row's other
+    columns (all but the problem, answer and image columns) whose values are JSON (a column
+    holding bytes or a timestamp is left out): the prompt template and record-taking reward
+    functions see them (``shuffle_r1.data.prompt``, ``shuffle_r1.rewards.RewardInput``)."""
 
     uid: str
     problem: str
     answer: str
     images: tuple[bytes | str, ...] = ()
+    columns: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,18 @@ def _to_example(
             images = tuple(image_spec.prepare(image) for image in images)
         except ImageError as exc:
             raise _BadRow(str(exc)) from exc
-    return Example(uid=uid, problem=problem, answer=answer, images=images)
+    taken = (problem_key, answer_key, image_key)
+    columns = {k: v for k, v in record.items() if k not in taken and _is_json(v)}
+    return Example(uid=uid, problem=problem, answer=answer, images=images, columns=columns)
+
+
+def _is_json(value: Any) -> bool:
+    """Whether ``value`` is plain JSON (finite numbers; what a reward row may carry)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def _answer(record: dict[str, Any], key: str, answer_format: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 from shuffle_r1.config import DataConfig
 from shuffle_r1.data.dataset import Example, LoadResult, load_examples
 from shuffle_r1.data.images import ImageSpec, expand_image_tokens
-from shuffle_r1.data.prompt import render_prompt
+from shuffle_r1.data.prompt import PromptTemplate, chat_prompt, load_prompt_template
 
 logger = logging.getLogger(__name__)
 
@@ -21,21 +21,32 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Prompt:
     """A dataset example with its rendered, tokenised prompt and its prepared images
-    (``shuffle_r1.data.images``: PNG bytes, their tokens expanded in ``token_ids``)."""
+    (``shuffle_r1.data.images``: PNG bytes, their tokens expanded in ``token_ids``); ``text``
+    is the user turn's text that ``data.prompt_template`` rendered (before the chat template),
+    which record-taking reward functions receive."""
 
     example: Example
     token_ids: list[int]
     images: tuple[bytes, ...] = ()
+    text: str = ""
 
 
 def tokenize_prompts(
-    tokenizer: Any, examples: list[Example], max_len: int, policy: str, processor: Any = None
+    tokenizer: Any,
+    examples: list[Example],
+    max_len: int,
+    policy: str,
+    processor: Any = None,
+    template: PromptTemplate | None = None,
 ) -> tuple[list[Prompt], int]:
     """Render and tokenise every example; returns the prompts and how many were over
     ``max_len`` tokens. ``policy``: ``skip`` drops those, ``truncate`` keeps their last
     ``max_len`` tokens (the end of the problem and the generation prompt), ``error`` raises
     ``ValueError`` naming the first one.
 
+    ``template`` renders each user text (``None``: the default,
+    :func:`~shuffle_r1.data.prompt.load_prompt_template`); a row it cannot render raises
+    ``ValueError`` naming the row and the variable.
     ``processor`` (a vision-language model's, ``shuffle_r1.processor``) renders the chat
     template, and each image placeholder is expanded to its image's tokens
     (``shuffle_r1.data.images.expand_image_tokens``; the example's images are prepared bytes,
@@ -44,8 +55,13 @@ def tokenize_prompts(
     images but no processor, or whose placeholders and images differ in number.
     """
     prompts, overlong = [], 0
+    template = template or load_prompt_template("")
     for ex in examples:
-        text = render_prompt(processor or tokenizer, ex)
+        user_text = template.render(ex)
+        try:
+            text = chat_prompt(processor or tokenizer, user_text, len(ex.images))
+        except ValueError as exc:  # the template's image marks do not match the images
+            raise ValueError(f"prompt {ex.uid!r}: {exc}") from exc
         image_token = -1
         images = tuple(image for image in ex.images if isinstance(image, bytes))
         if ex.images:
@@ -74,7 +90,7 @@ def tokenize_prompts(
             if policy == "skip" or ids[-max_len:].count(image_token) != ids.count(image_token):
                 continue
             ids = ids[-max_len:]
-        prompts.append(Prompt(ex, list(ids), images))
+        prompts.append(Prompt(ex, list(ids), images, user_text))
     return prompts, overlong
 
 
@@ -110,12 +126,13 @@ def load_prompt_splits(
 
     Raises:
         ValueError: a file yields no usable prompt, or it has images and ``processor`` is None
-            (``model`` is text-only).
+            (``model`` is text-only); ``d.prompt_template`` does not load or render a row.
     """
     spec = None
     if processor is not None:
         ip = processor.image_processor
         spec = ImageSpec(d.min_pixels, d.max_pixels, ip.patch_size * ip.merge_size)
+    template = load_prompt_template(d.prompt_template)
     out, skipped, overlong = [], 0, 0
     for path, size in ((d.train_path, d.train_size), (d.val_path, d.val_size)):
         result = load_data_file(d, path, size or None, spec)
@@ -129,7 +146,12 @@ def load_prompt_splits(
                 "data.image_key='' to train on the text alone"
             )
         prompts, over = tokenize_prompts(
-            tokenizer, list(result.examples), d.max_prompt_length, d.overlong_prompt, processor
+            tokenizer,
+            list(result.examples),
+            d.max_prompt_length,
+            d.overlong_prompt,
+            processor,
+            template,
         )
         skipped += len(result.skipped)
         overlong += over

@@ -2,7 +2,7 @@
 
 :class:`RewardProcessPool` keeps up to ``max_processes`` processes, started with
 ``multiprocessing``'s *spawn* method (a fresh interpreter: never ``fork`` from a process with
-threads, as a Ray worker is). Each process imports the function once (:func:`load_reward_fn`)
+threads, as a Ray worker is). Each process imports the functions once (:func:`load_reward_fn`)
 and runs every call in its **main thread**, so signal-based timeouts inside the function work
 (math-verify's, :func:`shuffle_r1.rewards.equivalent`). The parent waits ``deadline_s`` seconds
 for each answer; past that the process is killed with SIGKILL, the call is reported as hung and
@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -33,6 +34,7 @@ from typing import Any
 
 from shuffle_r1.procs import die_with_parent
 from shuffle_r1.rewards.loader import load_reward_fn
+from shuffle_r1.rewards.record import RewardInput, call_reward
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +63,9 @@ class _Worker:
 
 
 class RewardProcessPool:
-    """Calls the reward function named ``function`` (``"module:function"``) in up to
-    ``max_processes`` worker processes, one call per process at a time, each answered within
-    ``deadline_s`` seconds or killed (see the module docstring).
+    """Calls the reward functions named ``functions`` (``"module:function"`` each, or one such
+    string) in up to ``max_processes`` worker processes, one call per process at a time, each
+    answered within ``deadline_s`` seconds or killed (see the module docstring).
 
     Thread-safe: concurrent :meth:`call` s use different processes, and wait while all
     ``max_processes`` are busy. The first process starts here; more start when concurrent
@@ -80,7 +82,7 @@ class RewardProcessPool:
 
     def __init__(
         self,
-        function: str,
+        functions: str | Sequence[str],
         deadline_s: float,
         max_processes: int = 1,
         start_timeout_s: float = START_TIMEOUT_S,
@@ -89,7 +91,9 @@ class RewardProcessPool:
             raise ValueError(f"deadline_s must be > 0 seconds, got {deadline_s!r}")
         if max_processes < 1:
             raise ValueError(f"max_processes must be >= 1, got {max_processes!r}")
-        self.function = function
+        self.functions = (functions,) if isinstance(functions, str) else tuple(functions)
+        if not self.functions:
+            raise ValueError("a reward process pool needs at least one function")
         self.deadline_s = deadline_s
         self.max_processes = max_processes
         self.start_timeout_s = start_timeout_s
@@ -109,8 +113,10 @@ class RewardProcessPool:
             self._spawner.shutdown(wait=False)
             raise
 
-    def call(self, *args: Any, **kwargs: Any) -> CallOutcome:
-        """``fn(*args, **kwargs)`` in a worker process: its return value, or why there is none.
+    def call(self, record: RewardInput, fn: int = 0, **legacy_kwargs: Any) -> CallOutcome:
+        """The ``fn``-th function called with ``record`` in a worker process
+        (:func:`~shuffle_r1.rewards.record.call_reward`: ``record`` itself, or its response
+        and reference answer with ``legacy_kwargs``): its return value, or why there is none.
 
         Returns within ``deadline_s`` seconds of the request reaching a process (plus, when
         none is idle, the wait for one and a process start, ~1 s). Never raises for what the
@@ -127,7 +133,7 @@ class RewardProcessPool:
             error = f"died: no reward process could start: {exc}"
             return CallOutcome(error=error[:MAX_ERROR_CHARS])
         try:
-            worker.conn.send((args, kwargs))
+            worker.conn.send((fn, record, legacy_kwargs))
             if not worker.conn.poll(self.deadline_s):
                 self._discard(worker)
                 self._count("kills")
@@ -249,7 +255,7 @@ class RewardProcessPool:
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(
             target=_serve,
-            args=(child_conn, self.function, os.getpid()),
+            args=(child_conn, self.functions, os.getpid()),
             name="reward-fn",
             daemon=True,  # killed at a normal exit; never joined while it hangs
         )
@@ -260,7 +266,7 @@ class RewardProcessPool:
         try:
             if not parent_conn.poll(self.start_timeout_s):
                 raise RuntimeError(
-                    f"a reward process for {self.function!r} did not start within "
+                    f"a reward process for {', '.join(self.functions)} did not start within "
                     f"{self.start_timeout_s:g} s"
                 )
             status, payload = parent_conn.recv()
@@ -268,7 +274,7 @@ class RewardProcessPool:
             process.join(5.0)
             worker.conn.close()
             raise RuntimeError(
-                f"a reward process for {self.function!r} ended while starting "
+                f"a reward process for {', '.join(self.functions)} ended while starting "
                 f"({_describe_exit(process.exitcode)})"
             ) from None
         except BaseException:
@@ -288,34 +294,37 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _serve(conn: Connection, function: str, parent_pid: int) -> None:
-    """A worker process's main loop: import ``function`` once, then answer each
-    ``(args, kwargs)`` with ``("ok", value)`` or ``("raised", repr)``, until the pipe closes."""
+def _serve(conn: Connection, functions: Sequence[str], parent_pid: int) -> None:
+    """A worker process's main loop: import ``functions`` once, then answer each
+    ``(index, record, legacy_kwargs)`` with ``("ok", value)`` or ``("raised", repr)``, until
+    the pipe closes."""
     die_with_parent(parent_pid)  # SIGKILL when the starting thread ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    try:
-        fn = load_reward_fn(function)
-    except ValueError as exc:
-        conn.send(("load_error", str(exc)))
-        return
-    except Exception as exc:  # the module's own code may raise anything while imported
-        module = function.partition(":")[0]
-        conn.send(
-            (
-                "load_error",
-                f"reward function {function!r}: importing module {module!r} raised "
-                f"{type(exc).__name__}: {exc}",
+    fns = []
+    for function in functions:
+        try:
+            fns.append(load_reward_fn(function))
+        except ValueError as exc:
+            conn.send(("load_error", str(exc)))
+            return
+        except Exception as exc:  # the module's own code may raise anything while imported
+            module = function.partition(":")[0]
+            conn.send(
+                (
+                    "load_error",
+                    f"reward function {function!r}: importing module {module!r} raised "
+                    f"{type(exc).__name__}: {exc}",
+                )
             )
-        )
-        return
+            return
     conn.send(("ready", None))
     while True:
         try:
-            args, kwargs = conn.recv()
+            index, record, kwargs = conn.recv()
         except EOFError:  # the parent closed the pool or is gone
             return
         try:
-            reply: tuple[str, Any] = ("ok", fn(*args, **kwargs))
+            reply: tuple[str, Any] = ("ok", call_reward(fns[index], record, **kwargs))
         except Exception as exc:  # a pluggable function may raise anything
             reply = ("raised", repr(exc)[:MAX_ERROR_CHARS])
         try:

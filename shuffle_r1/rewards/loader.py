@@ -12,9 +12,11 @@ def load_reward_fn(path: str) -> RewardFn:
     """Import the reward function named ``"package.module:function"`` (``pkgutil.resolve_name``;
     the part after the colon may be dotted, ``module:Class.method``).
 
-    The function must take ``(response, reference_answer, accuracy_weight=...,
-    format_weight=..., timeout_s=...)`` and return a :class:`shuffle_r1.rewards.RewardResult`
-    (or a float), like :func:`shuffle_r1.rewards.math_reward`.
+    The function takes a :class:`shuffle_r1.rewards.RewardInput`, or ``(response,
+    reference_answer, accuracy_weight=..., format_weight=..., timeout_s=...)`` like
+    :func:`shuffle_r1.rewards.math_reward` (:func:`shuffle_r1.rewards.takes_record` tells
+    which), and returns a float, a dict of named scores or a
+    :class:`shuffle_r1.rewards.RewardResult`.
 
     Raises:
         ValueError: naming ``path`` when it is malformed (no colon, a side that is not dotted

@@ -26,7 +26,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -43,13 +43,16 @@ class RewardResult:
 
     ``reward`` is the weighted sum; ``accuracy`` and ``format`` are 0.0 or 1.0. ``error`` is
     None when accuracy was decided, else why it could not be (the verification timed out, the
-    verifier failed); accuracy is then 0.
+    verifier failed); accuracy is then 0. ``scores`` are the named scores the reward workers
+    collected from the configured functions (``shuffle_r1.rewards.record.combine``); a
+    function returns it without them.
     """
 
     reward: float
     accuracy: float
     format: float
     error: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 RewardFn = Callable[..., RewardResult]

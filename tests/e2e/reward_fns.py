@@ -5,7 +5,7 @@ every update would be skipped, as docs/algorithm.md §3 specifies). This one sco
 distinct characters in the response, which varies between rollouts of one prompt.
 """
 
-from shuffle_r1.rewards import RewardResult
+from shuffle_r1.rewards import RewardInput, RewardResult
 
 
 def distinct_char_share(response: str, reference_answer: str, **_: object) -> RewardResult:
@@ -21,3 +21,8 @@ def distinct_char_share_some_raise(
     if sum(map(ord, response)) % 4 == 0:
         raise RuntimeError("this reward function raises on purpose")
     return distinct_char_share(response, reference_answer)
+
+
+def prompt_chars(record: RewardInput) -> dict[str, float]:
+    """The prompt's length as a named score: proves the rendered prompt reached the reward."""
+    return {"prompt_chars": float(len(record.prompt))}

@@ -255,3 +255,15 @@ def test_gpu_vl_recipes_carry_the_papers_hyperparameters(recipe: str) -> None:
     assert cfg.reward.function == "shuffle_r1.rewards:math_reward"
     assert (r.num_gpus_per_worker, le.num_gpus_per_rank) == (1, 1)
     assert r.num_workers + le.num_ranks == 8
+
+
+def test_an_override_yaml_cannot_read_is_a_one_line_config_error() -> None:
+    """``@`` cannot start a YAML value: the override fails as a ConfigError naming it (it was
+    a yaml ScannerError traceback); quoted, the value loads."""
+    with pytest.raises(ConfigError, match=r"could not parse overrides \['data.prompt_template=@x'\]"
+                       ) as caught:  # fmt: skip
+        load_config(None, ["data.prompt_template=@x"])
+    assert "\n" not in str(caught.value)
+    assert load_config(None, ["data.prompt_template='@x {{ problem }}'"]).data.prompt_template == (
+        "@x {{ problem }}"
+    )

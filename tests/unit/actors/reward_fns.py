@@ -4,7 +4,7 @@ import ctypes
 import os
 import time
 
-from shuffle_r1.rewards import RewardResult
+from shuffle_r1.rewards import RewardInput, RewardResult
 
 
 def raises(response: str, reference_answer: str, **_: object) -> RewardResult:
@@ -60,3 +60,13 @@ def sleeps(response: str, reference_answer: str, **_: object) -> float:
 
 
 _calls: list[str] = []
+
+
+def echoes_record(record: RewardInput) -> dict[str, float]:
+    """Named scores read from every field of the record it takes: what arrived, in numbers."""
+    return {
+        "prompt_chars": float(len(record.prompt)),
+        "level": float(record.row.get("level", -1)),
+        "images": float(record.num_images),
+        "exact": float(record.response.strip() == record.reference_answer),
+    }

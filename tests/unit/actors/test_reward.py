@@ -17,10 +17,20 @@ import ray
 
 from actors.reward import GRACE_S, RewardPool, RewardWorker, ScoreRequest
 from actors.serving import wait_for_replicas
+from services.trainer.metrics import named_score_means
 from shuffle_r1.config import RewardConfig
+from shuffle_r1.config.schema import RewardFunctionConfig
+from shuffle_r1.data import load_examples, load_prompt_template
 from tests.faults.procs import gone
 
 ROOT = Path(__file__).resolve().parents[3]
+FNS = "tests.unit.actors.reward_fns"
+# the math reward, plus a record-taking function whose named scores say what it received
+# (weight 0: the totals stay the math reward's)
+MATH_AND_ECHO = [
+    RewardFunctionConfig("shuffle_r1.rewards:math_reward", 1.0),
+    RewardFunctionConfig(f"{FNS}:echoes_record", 0.0),
+]
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
@@ -81,6 +91,42 @@ def test_raising_nan_and_float_functions_give_counted_zero_rewards() -> None:
     [r] = ray.get(float_worker.score.remote([ScoreRequest("x", "1")]))
     assert (r.reward, r.accuracy, r.error) == (0.25, 0.25, None)
     ray.kill(float_worker)
+
+
+@pytest.mark.slow  # 10 s on 2 busy cores: a worker, its process, math-verify's import
+def test_a_record_function_gets_the_prompt_and_row_and_its_named_scores_come_back(
+    tmp_path: Path,
+) -> None:
+    """reward.functions through a real worker: real GSM8K rows with a column added, their
+    prompts rendered by the real default template, scored as the trainer scores them."""
+    rows = (ROOT / "data/gsm8k/test.jsonl").read_text().splitlines()[:2]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({**json.loads(r), "level": i + 2}) + "\n"
+                            for i, r in enumerate(rows)))  # fmt: skip
+    examples = load_examples(data, problem_key="question", answer_format="gsm8k").examples
+    template = load_prompt_template("")
+    texts = [template.render(ex) for ex in examples]
+    requests = [
+        ScoreRequest(f"<think>x</think> \\boxed{{{ex.answer}}}", ex.answer, text, ex.columns, 0)
+        for ex, text in zip(examples, texts, strict=True)
+    ]
+    cfg = RewardConfig(functions=[
+        RewardFunctionConfig(f"{FNS}:echoes_record", 0.5),
+        RewardFunctionConfig("shuffle_r1.rewards:math_reward", 1.0),
+    ])  # fmt: skip
+    worker = ray.remote(RewardWorker).remote(cfg)
+    results = ray.get(worker.score.remote(requests))
+    for i, (result, text) in enumerate(zip(results, texts, strict=True)):
+        assert text.endswith(examples[i].problem) and len(text) > 300
+        echoed = {"prompt_chars": float(len(text)), "level": float(i + 2), "images": 0.0,
+                  "exact": 0.0}  # fmt: skip
+        assert result.scores == {**echoed, "accuracy": 1.0, "format": 1.0}
+        assert result.reward == pytest.approx(0.5 * sum(echoed.values()) + 1.0)
+        assert (result.accuracy, result.error) == (1.0, None)
+    means = named_score_means(results)  # the step's reward/<name> metrics
+    assert means["reward/level"] == 2.5 and "reward/accuracy" not in means
+    assert ray.get(worker.error_counts.remote()) == {}
+    ray.kill(worker)
 
 
 def test_hanging_function_is_killed_at_its_deadline() -> None:
@@ -146,9 +192,10 @@ def test_worker_killed_mid_call_is_replaced_and_its_requests_resent() -> None:
 
 
 def test_http_endpoint_scores_for_outside_callers_and_refuses_bad_bodies() -> None:
-    pool = RewardPool(
-        RewardConfig(num_workers=1, http_port=0, http_route="/test-reward"), run_id="test-http"
+    cfg = RewardConfig(
+        functions=MATH_AND_ECHO, num_workers=1, http_port=0, http_route="/test-reward"
     )
+    pool = RewardPool(cfg, run_id="test-http")
     try:
         answers = gsm8k_answers(2)
         good = {
@@ -163,6 +210,18 @@ def test_http_endpoint_scores_for_outside_callers_and_refuses_bad_bodies() -> No
             1.0,
             None,
         )
+        # the optional fields reach a record-taking function; its scores come back
+        record = {
+            **good,
+            "prompt": "Solve it.",
+            "row": {"level": 4, "tags": ["x"]},
+            "num_images": 1,
+        }
+        status, echoed = post(pool.url, json.dumps(record).encode())
+        assert status == 200 and echoed["reward"] == 1.0
+        assert echoed["scores"] == {"accuracy": 1.0, "format": 1.0, "prompt_chars": 9.0,
+                                    "level": 4.0, "images": 1.0, "exact": 0.0}  # fmt: skip
+        assert post(pool.url, json.dumps(good).encode())[1]["scores"]["level"] == -1.0  # absent
         wrong = [{"response": "\\boxed{0}", "reference_answer": a} for a in answers]
         status, many = post(pool.url, json.dumps({"items": wrong}).encode())
         assert status == 200 and [r["reward"] for r in many["results"]] == [0.0, 0.0]
@@ -171,6 +230,11 @@ def test_http_endpoint_scores_for_outside_callers_and_refuses_bad_bodies() -> No
             (json.dumps({"items": []}).encode(), "at least one item"),
             (json.dumps({"items": [{"response": "x"}]}).encode(), "items[0].reference_answer"),
             (json.dumps({"response": 3, "reference_answer": "1"}).encode(), "response must be"),
+            (json.dumps({**good, "row": [1]}).encode(), "row must be an object"),
+            (json.dumps({**good, "prompt": 1}).encode(), "prompt must be a string"),
+            (json.dumps({"items": [{**good, "num_images": -1}]}).encode(), "items[0].num_images"),
+            (json.dumps({**good, "num_images": True}).encode(), "num_images must be an integer"),
+            (b'{"row": ' * 100_000, "nested too deep"),
         ):
             status, error = post(pool.url, body)
             assert status == 400 and fragment in error["error"], (body, error)

@@ -52,10 +52,10 @@ def test_gsm8k_thousands_separator_removed(tmp_path: Path) -> None:
     assert result.examples[0].answer == "1234567"
 
 
-EXAMPLES = [
-    Example(uid="a", problem="What is 1+1?", answer="2"),
-    Example(uid="b", problem="Solve $x^2=4$, x>0.", answer="$2$"),
-    Example(uid="c", problem="Ünïcödé ∑", answer="\\frac{1}{2}"),
+EXAMPLES = [  # the id column is one of the row's other columns (Example.columns)
+    Example(uid="a", problem="What is 1+1?", answer="2", columns={"id": "a"}),
+    Example(uid="b", problem="Solve $x^2=4$, x>0.", answer="$2$", columns={"id": "b"}),
+    Example(uid="c", problem="Ünïcödé ∑", answer="\\frac{1}{2}", columns={"id": "c"}),
 ]
 
 

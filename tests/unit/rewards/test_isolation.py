@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from services.trainer.reaper import MARK_ENV, marked
-from shuffle_r1.rewards import RewardProcessPool, RewardResult
+from shuffle_r1.rewards import RewardInput, RewardProcessPool, RewardResult
 from tests.faults.procs import gone
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -29,12 +29,12 @@ def test_a_hanging_call_is_killed_at_the_deadline_and_its_process_replaced() -> 
     with RewardProcessPool(f"{FNS}:hangs", deadline_s=0.5) as pool:
         [pid] = pool.pids()
         start = time.monotonic()
-        outcome = pool.call("hang", "1")
+        outcome = pool.call(RewardInput("hang", "1"))
         elapsed = time.monotonic() - start
         assert outcome.value is None and (outcome.error or "").startswith("hung: no answer")
         assert 0.5 <= elapsed < 0.5 + 1.0
         assert not psutil.pid_exists(pid)  # killed and reaped, not abandoned
-        assert pool.call("ok", "1").value == RewardResult(0.5, 0.0, 1.0)
+        assert pool.call(RewardInput("ok", "1")).value == RewardResult(0.5, 0.0, 1.0)
         [replacement] = pool.pids()
         assert replacement != pid
         assert pool.stats == {"starts": 2, "kills": 1}
@@ -43,10 +43,10 @@ def test_a_hanging_call_is_killed_at_the_deadline_and_its_process_replaced() -> 
 def test_a_raising_function_is_reported_and_its_process_kept() -> None:
     with RewardProcessPool(f"{FNS}:raises", deadline_s=5.0) as pool:
         [pid] = pool.pids()
-        outcome = pool.call("boom", "1")
+        outcome = pool.call(RewardInput("boom", "1"))
         assert outcome.value is None
         assert outcome.error == "raised: RuntimeError('reward function exploded on purpose')"
-        assert pool.call("fine", "1").value == RewardResult(1.0, 1.0, 0.0)
+        assert pool.call(RewardInput("fine", "1")).value == RewardResult(1.0, 1.0, 0.0)
         assert pool.pids() == [pid] and pool.stats == {"starts": 1}
 
 
@@ -54,12 +54,12 @@ def test_a_raising_function_is_reported_and_its_process_kept() -> None:
 def test_a_process_that_dies_mid_call_is_reported_and_replaced(response: str, how: str) -> None:
     with RewardProcessPool(f"{FNS}:exits", deadline_s=5.0) as pool:
         [pid] = pool.pids()
-        outcome = pool.call(response, "1")
+        outcome = pool.call(RewardInput(response, "1"))
         assert outcome.value is None
         assert (outcome.error or "").startswith("died: the reward process ended during the call")
         assert how in (outcome.error or "")
         assert not psutil.pid_exists(pid)
-        assert pool.call("fine", "1").value == RewardResult(1.0, 1.0, 0.0)
+        assert pool.call(RewardInput("fine", "1")).value == RewardResult(1.0, 1.0, 0.0)
         assert pool.pids() != [pid] and pool.stats == {"starts": 2, "deaths": 1}
 
 
@@ -68,27 +68,28 @@ def test_a_process_killed_between_calls_is_replaced_before_the_next() -> None:
         [pid] = pool.pids()
         os.kill(pid, signal.SIGKILL)
         assert gone(pid)
-        assert pool.call("fine", "1").value == RewardResult(1.0, 1.0, 0.0)  # not scored 0
+        fine = pool.call(RewardInput("fine", "1")).value
+        assert fine == RewardResult(1.0, 1.0, 0.0)  # not scored 0
         assert pool.stats == {"starts": 2, "deaths": 1}
 
 
 def test_a_return_value_that_cannot_be_sent_back_is_reported() -> None:
     with RewardProcessPool(f"{FNS}:returns_unpicklable", deadline_s=5.0) as pool:
-        outcome = pool.call("x", "1")
+        outcome = pool.call(RewardInput("x", "1"))
         assert (outcome.error or "").startswith("raised: returned a function that cannot be sent")
-        assert pool.call("x", "1").error is not None  # the process still answers
+        assert pool.call(RewardInput("x", "1")).error is not None  # the process still answers
 
 
 def test_the_function_is_imported_once_per_process() -> None:
     with RewardProcessPool(f"{FNS}:counts_calls", deadline_s=5.0) as pool:
-        assert [pool.call(str(i), "1").value for i in range(3)] == [1.0, 2.0, 3.0]
+        assert [pool.call(RewardInput(str(i), "1")).value for i in range(3)] == [1.0, 2.0, 3.0]
 
 
 def test_concurrent_calls_run_in_separate_processes_up_to_the_maximum() -> None:
     with RewardProcessPool(f"{FNS}:sleeps", deadline_s=5.0, max_processes=2) as pool:
         with ThreadPoolExecutor(3) as callers:
             start = time.monotonic()
-            pids = list(callers.map(lambda _: pool.call("0.6", "1").value, range(3)))
+            pids = list(callers.map(lambda _: pool.call(RewardInput("0.6", "1")).value, range(3)))
             elapsed = time.monotonic() - start
         assert len(set(pids)) == 2 and len(pool.pids()) == 2  # the third waited for one
         assert 1.2 <= elapsed < 1.2 + 2.0  # two rounds of 0.6 s, not three
@@ -102,10 +103,10 @@ def test_math_verify_times_out_in_the_process_main_thread_for_callers_in_any_thr
         ) as pool,
         ThreadPoolExecutor(2) as callers,
     ):
-        pool.call("\\boxed{1}", "1")  # math-verify imported in one process
+        pool.call(RewardInput("\\boxed{1}", "1"))  # math-verify imported in one process
         start = time.monotonic()
-        hung = callers.submit(pool.call, response, "1", timeout_s=0.5)
-        fine = callers.submit(pool.call, "<think>x</think>\\boxed{72}", "72")
+        hung = callers.submit(pool.call, RewardInput(response, "1"), timeout_s=0.5)
+        fine = callers.submit(pool.call, RewardInput("<think>x</think>\\boxed{72}", "72"))
         result = hung.result().value
         assert result.error is not None and result.error.startswith("timeout")
         assert result.reward == pytest.approx(0.1)  # accuracy 0, format still counts
@@ -140,7 +141,7 @@ def test_processes_outlive_the_thread_that_started_them() -> None:
     with box[0] as pool:
         [pid] = pool.pids()
         time.sleep(0.5)  # a parent-death signal would have arrived by now
-        assert pool.call("fine", "1").value == RewardResult(1.0, 1.0, 0.0)
+        assert pool.call(RewardInput("fine", "1")).value == RewardResult(1.0, 1.0, 0.0)
         assert pool.pids() == [pid]
 
 
@@ -152,12 +153,12 @@ def test_processes_carry_the_run_mark_and_die_with_their_owner() -> None:
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from shuffle_r1.rewards import RewardProcessPool\n"
+            "from shuffle_r1.rewards import RewardInput, RewardProcessPool\n"
             "if __name__ == '__main__':\n"
             f"    pool = RewardProcessPool({FNS + ':sleeps'!r}, 60.0)\n"
-            "    pool.call('0', '1')\n"
+            "    pool.call(RewardInput('0', '1'))\n"
             "    print(*pool.pids(), flush=True)\n"
-            "    pool.call('3600', '1')\n",
+            "    pool.call(RewardInput('3600', '1'))\n",
         ],
         cwd=ROOT,
         env={**os.environ, MARK_ENV: mark},
@@ -191,5 +192,20 @@ def test_a_closed_pool_kills_its_processes_and_refuses_calls() -> None:
     pool.close()
     assert not psutil.pid_exists(pid)
     with pytest.raises(RuntimeError, match="closed"):
-        pool.call("x", "1")
+        pool.call(RewardInput("x", "1"))
     pool.close()
+
+
+def test_one_process_serves_several_functions_each_with_its_own_call() -> None:
+    """reward.functions: one pool loads them all; ``fn`` picks one, and a record-taking
+    function gets the record while a legacy one gets (response, reference_answer)."""
+    record = RewardInput("42", "42", "What is 6 * 7?", {"level": 2}, num_images=1)
+    with RewardProcessPool([f"{FNS}:echoes_record", f"{FNS}:raises"], deadline_s=5.0) as pool:
+        assert pool.call(record, 0).value == {
+            "prompt_chars": 14.0,
+            "level": 2.0,
+            "images": 1.0,
+            "exact": 1.0,
+        }
+        assert pool.call(record, 1, timeout_s=1.0).value == RewardResult(1.0, 1.0, 0.0)
+        assert pool.stats == {"starts": 1}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.trainer.preflight import check_output_folder, earlier_run, preflight
-from shuffle_r1.config import load_config
+from shuffle_r1.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -29,6 +29,12 @@ def reward_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
                 return float(response.strip() == reference_answer)
 
             def two_args_only(response, reference_answer):
+                return 0.0
+
+            def by_record(record):
+                return {"exact": float(record.response == record.reference_answer)}
+
+            def three_required(response, reference_answer, prompt):
                 return 0.0
             """
         )
@@ -78,6 +84,53 @@ def test_a_reward_module_that_does_not_import_is_reported(tmp_path: Path) -> Non
     problems = preflight(cfg, check_model=False)
     assert keys(problems) == ["reward.function"]
     assert "no_such_function" in str(problems[0])
+
+
+def test_reward_functions_are_each_checked_and_refused_in_one_line_naming_the_entry(
+    reward_module: str,
+) -> None:
+    listed = (
+        f"reward.functions=[{{function: '{reward_module}:by_record', weight: 0.5}}, "
+        f"{{function: 'shuffle_r1.rewards:math_reward', weight: 1.0}}]"
+    )
+    assert preflight(load_config(TINY, [listed]), check_model=False) == []
+    bad = listed.replace("shuffle_r1.rewards:math_reward", f"{reward_module}:three_required")
+    problems = preflight(load_config(TINY, [bad]), check_model=False)
+    assert keys(problems) == ["reward.functions[1].function"]
+    assert "\n" not in str(problems[0]) and "takes neither one record" in str(problems[0])
+
+
+def test_reward_function_lists_that_cannot_work_are_refused_at_load(reward_module: str) -> None:
+    one = f"{{function: '{reward_module}:by_record', weight: 1.0}}"
+    with pytest.raises(
+        ConfigError, match=r"reward\.function='my_rewards:good' and reward\.functions"
+    ):
+        load_config(TINY, [f"reward.function={reward_module}:good", f"reward.functions=[{one}]"])
+    with pytest.raises(
+        ConfigError, match=r"^reward\.functions\[1\]\.function='nope:fn': no module"
+    ):
+        load_config(TINY, [f"reward.functions=[{one}, {{function: 'nope:fn'}}]"])
+    with pytest.raises(ConfigError, match=r"^reward\.functions\[0\]\.weight=nan must be in"):
+        load_config(TINY, [f"reward.functions=[{one.replace('1.0', 'nan')}]"])
+
+
+def test_a_prompt_template_that_does_not_fit_the_rows_is_one_line(tmp_path: Path) -> None:
+    cfg = load_config(TINY, ["data.prompt_template='{{ probelm }}'"])
+    [problem] = preflight(cfg, check_model=False)
+    assert problem.key == "data.prompt_template" and "\n" not in str(problem)
+    assert "'probelm' is undefined" in problem.message and "train.jsonl" in problem.message
+    with pytest.raises(ConfigError, match=r"^data\.prompt_template: line 1: unexpected"):
+        load_config(TINY, ["data.prompt_template='{{ problem '"])
+    file = tmp_path / "p.jinja"
+    file.write_text("Solve: {{ problem }}")
+    assert (
+        preflight(load_config(TINY, [f"data.prompt_template=file:{file}"]), check_model=False) == []
+    )
+    missing = preflight(load_config(TINY, ["data.prompt_template=file:nowhere.jinja"]), False)
+    assert [str(p) for p in missing] == [
+        "data.prompt_template: file:nowhere.jinja: cannot read the template file: [Errno 2] "
+        "No such file or directory: 'nowhere.jinja'"
+    ]
 
 
 def test_an_earlier_run_is_refused_kept_on_resume_and_removed_on_overwrite(tmp_path: Path) -> None:
