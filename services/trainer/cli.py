@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.trainer.preflight import check_output_folder, preflight, report_problems
+from services.trainer.preflight import (
+    check_output_folder,
+    model_problems,
+    preflight,
+    report_problems,
+)
 from shuffle_r1.config import check_reward_function, load_config
 
 logger = logging.getLogger(__name__)
@@ -182,7 +187,7 @@ def checkpoint_model(path: Path) -> tuple[Path, Path]:
 def evaluate(args: argparse.Namespace) -> int:
     """Score a checkpoint or the base model on ``data.val_path`` (issue #16); prints the
     summary as one JSON line and writes it to ``--out``. Exits 2, before Ray starts, for a
-    checkpoint or dataset file that is not there."""
+    checkpoint or dataset file that is not there, or a model that does not resolve."""
     from services.trainer.loop import Trainer
     from services.trainer.metrics import wilson_interval
     from services.trainer.reaper import start_reaper
@@ -199,6 +204,8 @@ def evaluate(args: argparse.Namespace) -> int:
     base = load_config(args.config, overrides)
     if not Path(base.data.val_path).is_file():
         print(f"shuffle-r1 eval: data.val_path={base.data.val_path} is not a file", file=sys.stderr)
+        return 2
+    if report_problems("shuffle-r1 eval", model_problems(base)):
         return 2
     check_reward_function(base)
     # Its own run id and folder: evaluation must not touch a training run's data.

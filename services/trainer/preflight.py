@@ -58,7 +58,7 @@ def preflight(cfg: Config, check_model: bool = True) -> list[Problem]:
     ``check_model=False`` skips resolving the model (which may convert or download it)."""
     problems: list[Problem] = []
     if check_model:
-        problems += _check_model(cfg)
+        problems += model_problems(cfg)
     problems += _check_data(cfg)
     try:
         check_reward_function(cfg)
@@ -82,7 +82,8 @@ def _check_trackers(cfg: Config) -> list[Problem]:
     ]
 
 
-def _check_model(cfg: Config) -> list[Problem]:
+def model_problems(cfg: Config) -> list[Problem]:
+    """``learner.model_path`` resolves (a built-in name, a folder, a Hugging Face id)."""
     from shuffle_r1.models import resolve_model_path
 
     try:

@@ -209,6 +209,15 @@ def test_config_check_reports_or_confirms(tmp_path: Path) -> None:
     assert "learner:" in ok.stdout  # and the resolved recipe, as without --check
 
 
+def test_eval_of_a_model_that_does_not_resolve_is_one_line(tmp_path: Path) -> None:
+    done = run_cli("eval", "--config", TINY, f"learner.model_path={tmp_path / 'no-model'}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith("shuffle-r1 eval: learner.model_path: ")
+    assert lines[-1] == "shuffle-r1 eval: nothing was started (1 problem(s))"
+
+
 def test_scale_against_an_address_with_no_ray_is_one_line_not_a_traceback() -> None:
     import socket
 
