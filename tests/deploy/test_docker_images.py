@@ -116,6 +116,11 @@ def test_installs_through_setup_sh_and_the_pins(name: str, kind: str) -> None:
     assert len(setup) == 1, "the image installs with scripts/setup.sh, once"
     run = cmds[setup[0]].value[0]
     assert ("SHUFFLE_R1_CUDA=1" in run) == (kind == "cuda")
+    # the runtime, the engine's and the trackers' extras: no dev or deploy extras (pytest,
+    # hadolint, ...)
+    assert "SHUFFLE_R1_EXTRAS=trackers " in run, "the image installs the runtime only"
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "EXTRAS=${SHUFFLE_R1_EXTRAS-trackers,dev,deploy}" in setup
     assert "pip install" not in " ".join(runs(cmds)), "installs go through setup.sh and the pins"
     # everything setup.sh reads is copied before it runs: the pins, pyproject (with README),
     # and the packages it installs editable
