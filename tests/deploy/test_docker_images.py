@@ -119,8 +119,8 @@ def test_installs_through_setup_sh_and_the_pins(name: str, kind: str) -> None:
     # the runtime, the engine's and the trackers' extras: no dev or deploy extras (pytest,
     # hadolint, ...)
     assert "SHUFFLE_R1_EXTRAS=trackers " in run, "the image installs the runtime only"
-    setup = (ROOT / "scripts" / "setup.sh").read_text()
-    assert "EXTRAS=${SHUFFLE_R1_EXTRAS-trackers,dev,deploy}" in setup
+    setup_sh = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "EXTRAS=${SHUFFLE_R1_EXTRAS-trackers,dev,deploy}" in setup_sh
     assert "pip install" not in " ".join(runs(cmds)), "installs go through setup.sh and the pins"
     # everything setup.sh reads is copied before it runs: the pins, pyproject (with README),
     # and the packages it installs editable
@@ -128,7 +128,7 @@ def test_installs_through_setup_sh_and_the_pins(name: str, kind: str) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert packages | {"pyproject.toml", "README.md", "requirements", "scripts"} <= before
-    assert "requirements/pins.txt" in (ROOT / "scripts" / "setup.sh").read_text()
+    assert "requirements/pins.txt" in setup_sh
 
 
 @pytest.mark.parametrize("name", IMAGES)
