@@ -143,7 +143,9 @@ def test_an_echoed_value_is_cut() -> None:
 def test_reward_module_is_found_without_running_it(tmp_path: Path, monkeypatch) -> None:
     """load_config finds the module (here a namespace package of the repository, which the
     reward workers import from) but does not import it; check_reward_function imports it."""
-    assert "tests.e2e.reward_fns" not in sys.modules
+    # an earlier test of this process may have imported it (the preflight does); the
+    # monkeypatch puts it back afterwards
+    monkeypatch.delitem(sys.modules, "tests.e2e.reward_fns", raising=False)
     cfg = load_config(None, ["reward.function=tests.e2e.reward_fns:distinct_char_share"])
     assert "tests.e2e.reward_fns" not in sys.modules
     check_reward_function(cfg)
