@@ -62,15 +62,17 @@ def is_adapter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
-def merge_lora_state(state: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+def merge_lora_state(state: dict[str, Tensor], cfg: LearnerConfig) -> dict[str, Tensor]:
     """The merged model's state dict from a peft model's (full, unsharded): every LoRA
     layer's weight becomes ``W + scaling · B A`` (float32 product, cast back to ``W``'s
-    dtype), adapters dropped, names as :func:`base_name`. ``scaling`` is ``alpha / r``.
-    Tensors shared between names (tied embeddings) stay shared.
+    dtype), adapters dropped, names as :func:`base_name`; ``scaling`` is
+    ``cfg.lora_alpha / cfg.lora_rank``, as :func:`add_lora` configures peft. Tensors shared
+    between names (tied embeddings) stay shared.
 
     Raises:
         KeyError: an adapter without its base weight or its other half.
     """
+    scaling = cfg.lora_alpha / cfg.lora_rank
     merged: dict[str, Tensor] = {}
     for name, value in state.items():
         if is_adapter(name):

@@ -351,8 +351,7 @@ class LearnerWorker:
                 state[name] = state[first[id(param)]]
             first.setdefault(id(param), name)
         if self.lora and merged:
-            le = self.cfg.learner
-            state = merge_lora_state(state, le.lora_alpha / le.lora_rank)
+            state = merge_lora_state(state, self.cfg.learner)
         return state
 
     def publish(self, dtype: str) -> tuple[list[ray.ObjectRef], dict[str, float]] | None:
@@ -427,8 +426,7 @@ class LearnerWorker:
 
                 adapters = {k: v.contiguous() for k, v in state.items() if is_adapter(k)}
                 save_file(adapters, str(root / ADAPTER_FILE))
-                le = self.cfg.learner
-                state = merge_lora_state(state, le.lora_alpha / le.lora_rank)
+                state = merge_lora_state(state, self.cfg.learner)
                 module = module.get_base_model()
             module.save_pretrained(model_dir, state_dict=state)
             _copy_non_weight_files(Path(self.model_path), model_dir)
