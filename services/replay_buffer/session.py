@@ -5,6 +5,7 @@ a group (README "Fault tolerance")."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -55,12 +56,39 @@ class BufferSession:
         self.spec = spec
         self.on_recovery = on_recovery
         self.client = connect()
+        # trainer.mode=async puts from the producer thread while the learner's thread samples:
+        # one reconnect at a time, and only of the client that failed
+        self._reconnecting = threading.Lock()
+
+    def put(self, groups: list[pb.Group]) -> Any:
+        """Put groups (``PutGroupsResponse``) without drawing: the producer's half of
+        :meth:`put_and_sample` in ``trainer.mode=async``, whose draw later passes this
+        response as ``put``. An unreachable buffer is reconnected to once and the put redone
+        (it is idempotent).
+
+        Raises:
+            grpc.RpcError: any other failure, or the buffer unreachable a second time.
+        """
+        reconnected = False
+        while True:
+            client = self.client
+            try:
+                return client.put_groups(groups, spec=self.spec)
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code != grpc.StatusCode.UNAVAILABLE or reconnected:
+                    raise
+                reconnected = True
+                self._reconnect(client, exc)
+                self.on_recovery("reconnect")
 
     def put_and_sample(
-        self, groups: list[pb.Group], step: int, policy_version: int
+        self, groups: list[pb.Group], step: int, policy_version: int, put: Any = None
     ) -> tuple[Any, Any]:
         """Put the step's groups and draw its batch (``(PutResponse, SampleResponse)``);
-        survive the buffer's two failures:
+        ``put``: the response of an earlier :meth:`put` of the same groups (asynchronous
+        mode), which is then not repeated unless the buffer lost them. Survive the buffer's
+        two failures:
 
         - the buffer is unreachable (its actor died and Ray restarted it, on a new port):
           reconnect and redo both — a put is idempotent and the draw is deterministic per
@@ -76,11 +104,12 @@ class BufferSession:
             grpc.RpcError: any other failure, or one of the two a second time.
         """
         recovered: set[str] = set()
-        put = None  # the first acknowledged put: a retry finds the groups there (duplicates)
+        # put: the first acknowledged put; a retry finds the groups there (duplicates)
         while True:
+            client = self.client
             try:
-                put = put or self.client.put_groups(groups, spec=self.spec)
-                sample = self.client.sample(
+                put = put or client.put_groups(groups, spec=self.spec)
+                sample = client.sample(
                     self.run_id,
                     step,
                     policy_version=policy_version,
@@ -90,7 +119,7 @@ class BufferSession:
                 )
                 return put, sample
             except grpc.RpcError as exc:
-                kind = self._failure(exc, step, len(groups))
+                kind = self._failure(client, exc, step, len(groups))
                 if kind is None or kind in recovered:
                     raise
                 recovered.add(kind)
@@ -98,18 +127,28 @@ class BufferSession:
                     put = None  # the buffer lost it: put again
                 self.on_recovery(kind)
 
-    def _failure(self, exc: grpc.RpcError, step: int, expected: int) -> str | None:
-        """``"reconnect"`` (after reconnecting) or ``"regenerated_step"`` when ``exc`` is a
-        failure :meth:`put_and_sample` recovers from, else None."""
-        code = exc.code()  # type: ignore[attr-defined]
-        if code == grpc.StatusCode.UNAVAILABLE:
+    def _reconnect(self, failed: ReplayBufferClient, exc: grpc.RpcError) -> None:
+        """Replace ``failed`` with a client for the buffer's current address, unless another
+        thread has done so since ``failed`` was used."""
+        with self._reconnecting:
+            if self.client is not failed:
+                return
             logger.warning(
                 "replay buffer at %s unreachable (%s); reconnecting",
-                self.client.address,
+                failed.address,
                 exc.details(),  # type: ignore[attr-defined]
             )
-            self.client.close()
+            failed.close()
             self.client = self._connect()
+
+    def _failure(
+        self, client: ReplayBufferClient, exc: grpc.RpcError, step: int, expected: int
+    ) -> str | None:
+        """``"reconnect"`` (after reconnecting) or ``"regenerated_step"`` when ``exc``, raised
+        by ``client``, is a failure :meth:`put_and_sample` recovers from, else None."""
+        code = exc.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self._reconnect(client, exc)
             return "reconnect"
         if code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
             return None

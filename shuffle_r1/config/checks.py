@@ -25,6 +25,7 @@ from shuffle_r1.config.schema import (
     RAY_AUTH_MODE_ENV,
     REPO_ROOT,
     REWARD_TOKEN_ENV,
+    TRAINER_MODES,
     WANDB_MODES,
     Config,
     ConfigError,
@@ -441,6 +442,20 @@ def validate(cfg: Config) -> Config:
     _between("trainer.metrics_port", t.metrics_port, 0, 65535)
     _check_loggers(t.loggers)
     _choice("trainer.wandb_mode", t.wandb_mode, WANDB_MODES)
+    _choice("trainer.mode", t.mode, TRAINER_MODES)
+    if t.mode == "async" and b.max_staleness < 1:
+        raise ConfigError(
+            f"trainer.mode=async needs buffer.max_staleness >= 1 (got {b.max_staleness}): it is "
+            "how many steps the rollout side may run ahead of the learner; with 0 nothing can "
+            "overlap (use trainer.mode=sync), e.g. buffer.max_staleness=1"
+        )
+    if t.mode == "async" and b.keep_steps < b.max_staleness + 1:
+        raise ConfigError(
+            f"trainer.mode=async with buffer.max_staleness={b.max_staleness} holds up to "
+            f"{b.max_staleness + 1} steps in the buffer at once, but buffer.keep_steps="
+            f"{b.keep_steps} would evict the step the learner has yet to draw; set "
+            f"buffer.keep_steps={b.max_staleness + 1} or more"
+        )
     c = cfg.cluster
     _choice("cluster.auth_mode", c.auth_mode, ("disabled", "token"))
     auth_mode = os.environ.get(RAY_AUTH_MODE_ENV, c.auth_mode)  # as the trainer applies it

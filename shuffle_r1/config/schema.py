@@ -18,6 +18,7 @@ ALGORITHMS = ("grpo", "grpo+pts", "shuffle_r1")
 # trainer.loggers' choices (services.trainer.trackers); jsonl (metrics.jsonl) is always one
 LOGGERS = ("jsonl", "tensorboard", "mlflow", "wandb")
 WANDB_MODES = ("offline", "online")
+TRAINER_MODES = ("sync", "async")
 # Secrets a recipe need not hold: an empty buffer.auth_token / reward.http_token is taken from
 # these environment variables when the service starts (and when the config is checked).
 BUFFER_TOKEN_ENV = "SHUFFLE_R1_BUFFER_TOKEN"
@@ -248,7 +249,9 @@ class BufferConfig:
     redis_tls_key: str = ""  # its key (PEM)
     host: str = "127.0.0.1"  # the gRPC server and its metrics bind here: this machine only
     port: int = 0  # 0 = a free port
-    max_staleness: int = 0  # weight versions; 0 = strictly on-policy
+    # weight versions a rollout may lag the learner; 0 = strictly on-policy. In
+    # trainer.mode=async also how many steps the rollout side may run ahead
+    max_staleness: int = 0
     keep_steps: int = 2  # steps kept in Redis before the oldest is evicted
     auth_token: str = ""  # shared token clients must send; "" = $SHUFFLE_R1_BUFFER_TOKEN
     # gRPC TLS (PEM paths): the server's certificate and key; clients verify it against
@@ -266,7 +269,8 @@ class BufferConfig:
     health_check_s: float = 1.0  # period of the Redis check behind the gRPC health status
     # Put each rollout's sampling log-probs into the buffer (RunSpec.logprobs). Nothing
     # reads them in a synchronous run (the learner recomputes old log-probs, docs/algorithm.md
-    # §3.4), so they are left out: they were half of every rollout's bytes.
+    # §3.4), so they are left out: they were half of every rollout's bytes. trainer.mode=async
+    # stores them whatever this says: they are the behaviour log-probs of its correction.
     store_rollout_logprobs: bool = False
 
 
@@ -300,6 +304,10 @@ class TrainerConfig:
     # offline = written under <output_dir>/wandb, no network (upload later: `wandb sync`);
     # online = sent to the W&B server as it runs (needs `wandb login`)
     wandb_mode: str = "offline"
+    # sync = generate, score, update, publish in turn (the paper's recipe); async = the
+    # rollout side runs up to buffer.max_staleness steps ahead of the learner while it trains
+    # (README "Asynchronous mode"; needs max_staleness >= 1 and keep_steps >= max_staleness + 1)
+    mode: str = "sync"
 
 
 @dataclass

@@ -100,6 +100,12 @@ def test_algorithm_name_selects_pts_and_abs(
         ("buffer.max_message_mb=4096", "buffer.max_message_mb=4096 must be in [1, 2047]"),
         ("trainer.total_steps=1000000000000", "trainer.total_steps"),
         ("buffer.max_staleness=1000000000000", "buffer.max_staleness"),
+        ("trainer.mode=overlap", "trainer.mode='overlap' is not allowed"),
+        ("trainer.mode=async", "trainer.mode=async needs buffer.max_staleness >= 1 (got 0)"),
+        (
+            "trainer.mode=async|buffer.max_staleness=2|buffer.keep_steps=2",
+            "set buffer.keep_steps=3 or more",
+        ),
         ("reward.accuracy_weight=2e6", "reward.accuracy_weight + reward.format_weight"),
         ("reward.function=no_such_module_x:fn", "no module 'no_such_module_x'"),
         ("reward.function=shuffle_r1.rewards.nope:fn", "no module 'shuffle_r1.rewards.nope'"),
@@ -125,6 +131,12 @@ def test_the_config_counts_pts_pairs_as_pts_does() -> None:
     assert cfg.algorithm.keep_ratio == alpha
     with pytest.raises(ConfigError, match="keeps no pair"):  # one step lower: truly none
         load_config(None, ["rollout.n=18", f"algorithm.keep_ratio={alpha!r}"])
+
+
+def test_async_mode_loads_with_a_staleness_bound_the_buffer_can_hold() -> None:
+    cfg = load_config(None, ["trainer.mode=async", "buffer.max_staleness=1"])
+    assert (cfg.trainer.mode, cfg.buffer.max_staleness, cfg.buffer.keep_steps) == ("async", 1, 2)
+    assert load_config(None, []).trainer.mode == "sync"  # the paper's recipe stays the default
 
 
 def test_the_largest_allowed_values_load() -> None:
