@@ -33,6 +33,7 @@ RAY_PREFIX_RELABEL = {"regex": "ray_(shuffle_r1_.*)", "replacement": "$1"}
 # Bucket edges shared by exporters and dashboards.
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
 ADVANTAGE_BUCKETS = tuple(round(-3 + 0.25 * i, 2) for i in range(25))  # -3 .. 3
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)  # weight versions
 # Histograms with negative bucket edges: exported without ``_sum`` (MetricSpec.series).
 NEGATIVE_HISTOGRAMS = ("shuffle_r1_advantage",)
 
@@ -135,6 +136,20 @@ CATALOG: tuple[MetricSpec, ...] = (
         "histogram",
         "trainer",
         "Publishing new weights and loading them on the rollout workers, seconds per step",
+    ),
+    _m(
+        "rollout_staleness",
+        "histogram",
+        "trainer",
+        "Weight versions each trained rollout lags the learner's policy (0 in sync mode; at "
+        "most buffer.max_staleness in async mode)",
+    ),
+    _m(
+        "idle_seconds_total",
+        "counter",
+        "trainer",
+        "Seconds the rollout side (producer) or the learner (consumer) waited on the other",
+        "side",
     ),
     _m("live_workers", "gauge", "trainer", "Live workers per role", "role"),
     _m(

@@ -109,6 +109,26 @@ ROWS: list[tuple[str, list[JSON]]] = [
         ],
     ),
     (
+        "Asynchronous overlap",
+        [
+            heatmap("Rollout staleness (weight versions)", "rollout_staleness"),
+            ts(
+                "Idle share per side",
+                [
+                    (
+                        f"sum by (side) (rate({m('idle_seconds_total')}{RATE}))",
+                        "{{side}}",
+                    )
+                ],
+                unit="percentunit",
+            ),
+            ts(
+                "Staleness (mean)",
+                [(mean("rollout_staleness"), "mean")],
+            ),
+        ],
+    ),
+    (
         "Rollout",
         [
             ts(

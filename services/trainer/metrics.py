@@ -165,7 +165,12 @@ class TrainerExporter:
     def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        from shuffle_r1.metric_catalog import ADVANTAGE_BUCKETS, SECONDS_BUCKETS, by_role
+        from shuffle_r1.metric_catalog import (
+            ADVANTAGE_BUCKETS,
+            SECONDS_BUCKETS,
+            STALENESS_BUCKETS,
+            by_role,
+        )
 
         self.registry = CollectorRegistry()
         self.metrics: dict[str, Any] = {}
@@ -179,6 +184,7 @@ class TrainerExporter:
                 buckets = {
                     "shuffle_r1_advantage": ADVANTAGE_BUCKETS,
                     "shuffle_r1_abs_pair_draws": tuple(range(0, 17)),
+                    "shuffle_r1_rollout_staleness": STALENESS_BUCKETS,
                 }.get(spec.name, SECONDS_BUCKETS)
                 metric = Histogram(spec.name, spec.help, buckets=buckets, **kw)
             self.metrics[spec.name] = metric
@@ -186,6 +192,8 @@ class TrainerExporter:
             self.metrics["shuffle_r1_phase_seconds"].labels(phase)
         for role, kind in ERROR_KINDS:
             self.metrics["shuffle_r1_errors_total"].labels(role, kind)
+        for side in ("producer", "consumer"):
+            self.metrics["shuffle_r1_idle_seconds_total"].labels(side)
         self._server: Any = None
         if port:
             self._server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -197,10 +205,12 @@ class TrainerExporter:
         metrics: Mapping[str, float],
         advantages: Sequence[float] = (),
         pair_draws: Sequence[int] = (),
+        staleness: Sequence[int] = (),
     ) -> None:
         """Set the metrics from a step's (or an evaluation's) metrics dict; ``steps_done`` is
         the number of training steps completed, ``advantages`` the step's per-rollout GRPO
-        advantages before PTS, ``pair_draws`` how often ABS drew each of its kept pairs."""
+        advantages before PTS, ``pair_draws`` how often ABS drew each of its kept pairs,
+        ``staleness`` how many weight versions each of its rollouts lags the policy."""
         m = self.metrics
         m["shuffle_r1_trainer_step"].set(steps_done)
         if "time/step_s" in metrics:
@@ -227,6 +237,12 @@ class TrainerExporter:
             m["shuffle_r1_advantage"].observe(a)
         for draws in pair_draws:
             m["shuffle_r1_abs_pair_draws"].observe(draws)
+        for lag in staleness:
+            m["shuffle_r1_rollout_staleness"].observe(lag)
+        for side in ("producer", "consumer"):
+            idle = metrics.get(f"time/{side}_idle_s")
+            if idle:
+                m["shuffle_r1_idle_seconds_total"].labels(side).inc(idle)
 
     def count_error(self, role: str, kind: str, amount: float = 1.0) -> None:
         if amount > 0:
