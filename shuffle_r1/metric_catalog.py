@@ -165,6 +165,20 @@ CATALOG: tuple[MetricSpec, ...] = (
     _m("learner_clip_fraction", "gauge", "trainer", "Share of tokens whose ratio was clipped"),
     _m("learner_kl", "gauge", "trainer", "Mean KL to the reference policy (0 when off)"),
     _m(
+        "learner_behaviour_imp_weight",
+        "gauge",
+        "trainer",
+        "Mean truncated importance weight min(pi_old / pi_behaviour, cap) of the tokens of the "
+        "last update (1 for on-policy rollouts; §4 decoupled loss)",
+    ),
+    _m(
+        "learner_behaviour_truncated_fraction",
+        "gauge",
+        "trainer",
+        "Share of the last update's tokens whose importance weight was truncated to "
+        "algorithm.behaviour_imp_cap (0 for on-policy rollouts)",
+    ),
+    _m(
         "learner_positions_per_token",
         "gauge",
         "trainer",

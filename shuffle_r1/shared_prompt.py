@@ -34,8 +34,8 @@ def collate_shared(batch: TrainBatch, pad_token_id: int = 0) -> dict[str, Tensor
         appearance order) left-padded, 1 on real tokens; ``prompt_of`` ``(B,)`` long, each
         rollout's prompt; ``response_ids`` ``(B, L)`` long right-padded, ``L = max(1, longest
         response)``; and as :func:`~shuffle_r1.training.collate`: ``response_mask`` ``(B, L)``
-        float, ``advantages`` ``(B,)``, ``old_logprobs`` / ``ref_logprobs`` ``(B, L)`` when the
-        batch has them.
+        float, ``advantages`` ``(B,)``, ``old_logprobs`` / ``ref_logprobs`` /
+        ``behaviour_logprobs`` ``(B, L)`` when the batch has them.
 
     Raises:
         ValueError: the batch is empty.

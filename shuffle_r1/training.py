@@ -26,6 +26,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+# The (B, L) per-token log-prob fields of a TrainBatch, which every row operation carries.
+LOGPROB_FIELDS = ("old_logprobs", "ref_logprobs", "behaviour_logprobs")
+
 
 @dataclass
 class TrainBatch:
@@ -39,6 +42,9 @@ class TrainBatch:
         old_logprobs: optional ``(B, L)`` log-probs (nats) of the response tokens under the
             policy the batch was drawn with; ``L`` ≥ the longest response.
         ref_logprobs: optional ``(B, L)`` log-probs under the reference policy (KL loss).
+        behaviour_logprobs: optional ``(B, L)`` log-probs the rollout engine sampled the
+            response tokens with (the behaviour policy), for the decoupled loss of rollouts
+            drawn by older weights (docs/algorithm.md §4, "Off-policy rollouts").
         images: B tuples of the prompts' images (``shuffle_r1.data.images`` PNG bytes, in
             prompt order; ``()`` for a text prompt), or ``[]`` for a text-only batch. A
             prompt's ``<|image_pad|>`` tokens are already expanded to its images' grids.
@@ -49,6 +55,7 @@ class TrainBatch:
     advantages: Tensor
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    behaviour_logprobs: Tensor | None = None
     images: list[tuple[bytes, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -69,7 +76,7 @@ class TrainBatch:
             raise ValueError(
                 f"rollouts {empty[:5]} have an empty prompt; a prompt needs >= 1 token"
             )
-        for name in ("old_logprobs", "ref_logprobs"):
+        for name in LOGPROB_FIELDS:
             value = getattr(self, name)
             if value is None:
                 continue
@@ -95,19 +102,22 @@ class TrainBatch:
                 prompt_token_ids=self.prompt_token_ids[rows],
                 response_token_ids=self.response_token_ids[rows],
                 advantages=self.advantages[rows],
-                old_logprobs=None if self.old_logprobs is None else self.old_logprobs[rows],
-                ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows],
                 images=self.images[rows],
+                **self._logprob_rows(rows),
             )
         index = torch.tensor(list(rows), dtype=torch.long)
         return TrainBatch(
             prompt_token_ids=[self.prompt_token_ids[i] for i in rows],
             response_token_ids=[self.response_token_ids[i] for i in rows],
             advantages=self.advantages[index],
-            old_logprobs=None if self.old_logprobs is None else self.old_logprobs[index],
-            ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[index],
             images=[self.images[i] for i in rows] if self.images else [],
+            **self._logprob_rows(index),
         )
+
+    def _logprob_rows(self, rows: slice | Tensor) -> dict[str, Tensor | None]:
+        """The rows ``rows`` of each :data:`LOGPROB_FIELDS` field (None stays None)."""
+        fields = {name: getattr(self, name) for name in LOGPROB_FIELDS}
+        return {name: None if value is None else value[rows] for name, value in fields.items()}
 
     @property
     def has_images(self) -> bool:
@@ -130,39 +140,46 @@ class TrainBatch:
             prompt_token_ids=self.prompt_token_ids + other.prompt_token_ids,
             response_token_ids=self.response_token_ids + other.response_token_ids,
             advantages=torch.cat([self.advantages, other.advantages]),
-            old_logprobs=cat(self.old_logprobs, other.old_logprobs),
-            ref_logprobs=cat(self.ref_logprobs, other.ref_logprobs),
             images=images + other_images if self.images or other.images else [],
+            **{name: cat(getattr(self, name), getattr(other, name)) for name in LOGPROB_FIELDS},
         )
 
-    def with_logprobs(self, old: Tensor | None = None, ref: Tensor | None = None) -> TrainBatch:
-        """A copy with ``old_logprobs`` and/or ``ref_logprobs`` ``(B, L)`` set."""
+    def with_logprobs(
+        self,
+        old: Tensor | None = None,
+        ref: Tensor | None = None,
+        behaviour: Tensor | None = None,
+    ) -> TrainBatch:
+        """A copy with ``old_logprobs``, ``ref_logprobs`` and/or ``behaviour_logprobs``
+        ``(B, L)`` set (None keeps the field as it is)."""
         return replace(
             self,
             old_logprobs=self.old_logprobs if old is None else old,
             ref_logprobs=self.ref_logprobs if ref is None else ref,
+            behaviour_logprobs=self.behaviour_logprobs if behaviour is None else behaviour,
         )
 
 
 def padding_batch(num_rows: int = 1) -> TrainBatch:
     """``num_rows`` rollouts that carry no training signal: a one-token prompt (id 0), no
-    response token, advantage 0, old and reference log-probs 0. A rank whose shard is
-    shorter than its peers' runs its forward/backward on these, so every rank issues the
-    same FSDP/ZeRO collectives; their loss is 0 with a zero gradient.
+    response token, advantage 0, old, reference and behaviour log-probs 0. A rank whose
+    shard is shorter than its peers' runs its forward/backward on these, so every rank issues
+    the same FSDP/ZeRO collectives; their loss is 0 with a zero gradient.
     """
     return TrainBatch(
         prompt_token_ids=[[0] for _ in range(num_rows)],
         response_token_ids=[[] for _ in range(num_rows)],
         advantages=torch.zeros(num_rows),
-        old_logprobs=torch.zeros(num_rows, 1),
-        ref_logprobs=torch.zeros(num_rows, 1),
+        images=[],
+        **{name: torch.zeros(num_rows, 1) for name in LOGPROB_FIELDS},
     )
 
 
 def vision_filler(image_processor: Any, token_ids: Mapping[str, int]) -> TrainBatch:
     """One rollout that makes the vision tower run and carries no training signal: a prompt
     ``<|vision_start|><|image_pad|>…<|vision_end|>`` with one white image of the smallest
-    grid (``factor × factor`` pixels: one token), no response, advantage 0, log-probs 0.
+    grid (``factor × factor`` pixels: one token), no response, advantage 0, log-probs 0
+    (every :data:`LOGPROB_FIELDS` field, so appending it keeps a batch's log-probs).
 
     With FSDP2 every sharded vision block all-gathers its parameters in each forward, so all
     ranks must run the vision tower in every micro-batch or the collectives hang; a rank
@@ -178,9 +195,8 @@ def vision_filler(image_processor: Any, token_ids: Mapping[str, int]) -> TrainBa
         prompt_token_ids=[prompt],
         response_token_ids=[[]],
         advantages=torch.zeros(1),
-        old_logprobs=torch.zeros(1, 1),
-        ref_logprobs=torch.zeros(1, 1),
         images=[(png.getvalue(),)],
+        **{name: torch.zeros(1, 1) for name in LOGPROB_FIELDS},
     )
 
 
@@ -205,9 +221,10 @@ def collate(batch: TrainBatch, pad_token_id: int = 0) -> dict[str, Tensor]:
         ``position_ids`` ``(B, T)`` long, ``0..T-1``; ``response_start`` ``(B,)`` long,
         the prompt length (index of response token 0 in ``input_ids``); ``response_mask``
         ``(B, L)`` float, 1 on response tokens, ``L = max(1, longest response)``;
-        ``advantages`` ``(B,)`` float32; and ``old_logprobs`` / ``ref_logprobs`` ``(B, L)``
-        float32 (zeroed under the mask) when the batch has them. ``T`` is at least one
-        token past the longest prompt, so every row has a position for response token 0.
+        ``advantages`` ``(B,)`` float32; and ``old_logprobs`` / ``ref_logprobs`` /
+        ``behaviour_logprobs`` ``(B, L)`` float32 (zeroed under the mask) when the batch has
+        them. ``T`` is at least one token past the longest prompt, so every row has a
+        position for response token 0.
 
     Raises:
         ValueError: the batch is empty.
@@ -240,15 +257,15 @@ def collate(batch: TrainBatch, pad_token_id: int = 0) -> dict[str, Tensor]:
 
 def loss_inputs(batch: TrainBatch, response_mask: Tensor) -> dict[str, Tensor]:
     """What the policy loss takes besides the log-probs, for a ``(B, L)`` ``response_mask``:
-    the mask, ``advantages`` ``(B,)`` float32, and ``old_logprobs`` / ``ref_logprobs``
-    ``(B, L)`` float32 zeroed under the mask when the batch has them (:func:`collate`,
+    the mask, ``advantages`` ``(B,)`` float32, and each :data:`LOGPROB_FIELDS` field
+    ``(B, L)`` float32 zeroed under the mask when the batch has it (:func:`collate`,
     ``shared_prompt.collate_shared``)."""
     width = response_mask.shape[1]
     out = {
         "response_mask": response_mask,
         "advantages": batch.advantages.detach().to(torch.float32),
     }
-    for name in ("old_logprobs", "ref_logprobs"):
+    for name in LOGPROB_FIELDS:
         value = getattr(batch, name)
         if value is not None:
             out[name] = value[:, :width].detach().to(torch.float32) * response_mask

@@ -196,7 +196,10 @@ class LearnerGroup:
 
         Args:
             batch: rollouts, pairs adjacent; ``batch.ref_logprobs`` is needed when
-                ``algorithm.kl_coef > 0``.
+                ``algorithm.kl_coef > 0``. With ``batch.behaviour_logprobs`` (rollouts that
+                older weights sampled) the loss is the decoupled one, each token weighted by
+                ``min(exp(old - behaviour), algorithm.behaviour_imp_cap)``
+                (docs/algorithm.md §4, "Off-policy rollouts").
             old_logprobs: ``(B, L)`` log-probs of the batch under the weights it was drawn
                 with, as :meth:`compute_logprobs` returns them; None when
                 :meth:`single_step` holds: the update's own forward pass gives them
@@ -206,14 +209,16 @@ class LearnerGroup:
 
         Returns:
             means over micro-batches of ``policy_loss``, ``pg_loss``, ``kl``,
-            ``clip_fraction``, ``approx_kl``; mean ``grad_norm`` over optimizer steps
-            (before clipping); ``num_optimizer_steps`` (steps taken; a non-finite gradient
-            skips one); ``lr``; ``tokens`` (prompt + response tokens trained, all ranks),
-            ``positions`` (token positions the micro-batches ran, padding included, a shared
-            prompt once) and ``positions_per_token`` (positions / tokens: above 1 is padding,
-            below 1 what shared prompts saved); ``microbatches_per_rank`` (forward/backward passes
-            each rank ran, padding ones included); ``peak_memory_mb`` (the largest
-            per-micro-batch peak of any rank, ``LearnerWorker.train_step``).
+            ``clip_fraction``, ``approx_kl``, ``behaviour_imp_weight`` and
+            ``behaviour_truncated_fraction`` (1.0 and 0.0 without behaviour log-probs);
+            mean ``grad_norm`` over optimizer steps (before clipping); ``num_optimizer_steps``
+            (steps taken; a non-finite gradient skips one); ``lr``; ``tokens`` (prompt +
+            response tokens trained, all ranks), ``positions`` (token positions the
+            micro-batches ran, padding included, a shared prompt once) and
+            ``positions_per_token`` (positions / tokens: above 1 is padding, below 1 what
+            shared prompts saved); ``microbatches_per_rank`` (forward/backward passes each
+            rank ran, padding ones included); ``peak_memory_mb`` (the largest per-micro-batch
+            peak of any rank, ``LearnerWorker.train_step``).
 
         Raises:
             ValueError: an empty or odd-sized batch, ``kl_coef > 0`` without ref log-probs,

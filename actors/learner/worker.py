@@ -57,7 +57,16 @@ from shuffle_r1.training import (
     vision_filler,
 )
 
-LOSS_METRICS = ("policy_loss", "pg_loss", "kl", "clip_fraction", "approx_kl")
+# train_step's per-micro-batch metrics, from shuffle_r1.algos.loss.PolicyLossOutput
+LOSS_METRICS = (
+    "policy_loss",
+    "pg_loss",
+    "kl",
+    "clip_fraction",
+    "approx_kl",
+    "behaviour_imp_weight",
+    "behaviour_truncated_fraction",
+)
 VISION_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 # Files of a model folder that a checkpoint does not copy: it writes its own weights/config.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
@@ -310,11 +319,22 @@ class LearnerWorker:
                 ref_logprobs=inputs.get("ref_logprobs"),
                 kl_coef=alg.kl_coef,
                 kl_type=alg.kl_type,
+                # rollouts sampled by older weights (docs/algorithm.md §4, "Off-policy rollouts")
+                behaviour_logprobs=inputs.get("behaviour_logprobs"),
+                behaviour_imp_cap=alg.behaviour_imp_cap,
             )
             self.backend.backward(out.loss * weight)
             peak = max(peak, peak_memory_mb(self.device))
             if rows:
-                values = (out.loss, out.pg_loss, out.kl, out.clip_fraction, out.approx_kl)
+                values = (
+                    out.loss,
+                    out.pg_loss,
+                    out.kl,
+                    out.clip_fraction,
+                    out.approx_kl,
+                    out.behaviour_imp_weight,
+                    out.behaviour_truncated_fraction,
+                )
                 records.append(
                     {k: float(v.detach()) for k, v in zip(LOSS_METRICS, values, strict=True)}
                 )

@@ -305,6 +305,14 @@ ROWS: list[tuple[str, list[JSON]]] = [
                 unit="bytes",
                 w=8,
             ),
+            ts(
+                "Off-policy importance weights (decoupled loss)",
+                [
+                    (f"max({m('learner_behaviour_imp_weight')})", "mean weight"),
+                    (f"max({m('learner_behaviour_truncated_fraction')})", "truncated share"),
+                ],
+                w=8,
+            ),
         ],
     ),
     (

@@ -115,6 +115,11 @@ _GAUGES = {
     "learner/grad_norm": ("shuffle_r1_learner_grad_norm", {}),
     "learner/clip_fraction": ("shuffle_r1_learner_clip_fraction", {}),
     "learner/kl": ("shuffle_r1_learner_kl", {}),
+    "learner/behaviour_imp_weight": ("shuffle_r1_learner_behaviour_imp_weight", {}),
+    "learner/behaviour_truncated_fraction": (
+        "shuffle_r1_learner_behaviour_truncated_fraction",
+        {},
+    ),
     "learner/positions_per_token": ("shuffle_r1_learner_positions_per_token", {}),
 }
 # step-metrics keys in another unit than their gauge's: key -> (gauge, factor)

@@ -56,21 +56,49 @@ def step_groups(
     return groups
 
 
-def train_batch(sample: Any) -> tuple[TrainBatch, int]:
+def train_batch(sample: Any, behaviour: bool = False) -> tuple[TrainBatch, int]:
     """The learner's batch from a ``SampleResponse`` (items in training order, each with
     its prompt's images), and how many images it carries.
 
+    ``behaviour``: also set ``behaviour_logprobs`` ``(B, L)`` float32 from each item's
+    ``rollout.logprobs``, the rollout engine's sampling log-probs (stored when the run's
+    ``RunSpec.logprobs`` is ``LOGPROBS_REQUIRED``), right-padded with 0 to the longest
+    response: the behaviour policy of the decoupled loss (docs/algorithm.md §4, "Off-policy
+    rollouts").
+
     Raises:
-        ValueError: an image came back by URI (see :func:`_image_bytes`).
+        ValueError: an image came back by URI (see :func:`_image_bytes`), or, with
+            ``behaviour``, a rollout's log-probs are not one per response token.
     """
     images = {pid: _image_bytes(pid, found.images) for pid, found in sample.images.items()}
     batch = TrainBatch(
         prompt_token_ids=item_prompts(sample),
         response_token_ids=[list(it.rollout.token_ids) for it in sample.items],
         advantages=torch.tensor([it.advantage for it in sample.items]),
+        behaviour_logprobs=_behaviour_logprobs(sample.items) if behaviour else None,
         images=[images.get(it.prompt_id, ()) for it in sample.items] if images else [],
     )
     return batch, sum(len(v) for v in images.values())
+
+
+def _behaviour_logprobs(items: Sequence[Any]) -> torch.Tensor:
+    """``(B, L)`` float32: row ``i`` holds item ``i``'s sampling log-probs, then zeros up
+    to ``L``, the longest response. Raises ``ValueError`` naming the group of a rollout
+    whose log-probs are not one per response token."""
+    for it in items:
+        tokens, logprobs = len(it.rollout.token_ids), len(it.rollout.logprobs)
+        if logprobs != tokens:
+            raise ValueError(
+                f"group {it.prompt_id!r} (step {it.step}, rollout {it.rollout_index}): "
+                f"{logprobs} sampling log-probs for {tokens} response tokens; off-policy "
+                "training needs one per token: put the run's groups with RunSpec.logprobs = "
+                "LOGPROBS_REQUIRED"
+            )
+    width = max((len(it.rollout.token_ids) for it in items), default=0)
+    out = torch.zeros(len(items), width)
+    for i, it in enumerate(items):
+        out[i, : len(it.rollout.logprobs)] = torch.tensor(list(it.rollout.logprobs))
+    return out
 
 
 def _image_bytes(prompt_id: str, images: Any) -> tuple[bytes, ...]:

@@ -1,4 +1,5 @@
-"""PPO clipped policy loss with an optional KL loss to the reference policy (§4).
+"""PPO clipped policy loss with an optional KL loss to the reference policy (§4), and the
+decoupled (off-policy) form for rollouts sampled by older weights (§4, "Off-policy rollouts").
 
 Conventions follow EasyR1/veRL: log-probs are per response token, ``(B, L)``; the mask is
 1 on response tokens; the per-token loss is averaged over the micro-batch's masked tokens.
@@ -27,6 +28,10 @@ class PolicyLossOutput:
         kl: scalar KL loss to the reference policy (detached); 0 if no ``ref_logprobs``.
         clip_fraction: scalar share of masked tokens where the clipped term was taken.
         approx_kl: scalar mean of ``old_logprobs - logprobs`` over masked tokens (nats).
+        behaviour_imp_weight: scalar mean over masked tokens of the truncated importance
+            weight ``w`` of the decoupled loss (detached); 1.0 without ``behaviour_logprobs``.
+        behaviour_truncated_fraction: scalar share of masked tokens whose weight was
+            truncated to ``behaviour_imp_cap`` (detached); 0.0 without ``behaviour_logprobs``.
     """
 
     loss: Tensor
@@ -34,6 +39,8 @@ class PolicyLossOutput:
     kl: Tensor
     clip_fraction: Tensor
     approx_kl: Tensor
+    behaviour_imp_weight: Tensor
+    behaviour_truncated_fraction: Tensor
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "low_var_kl") -> Tensor:
@@ -94,6 +101,8 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_type: str = "low_var_kl",
+    behaviour_logprobs: Tensor | None = None,
+    behaviour_imp_cap: float = 5.0,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate, token level, plus ``kl_coef`` × KL to the reference (§4).
 
@@ -101,6 +110,27 @@ def policy_loss(
     ``loss = -min(ratio · A, clip(ratio, 1 - ε_low, 1 + ε_high) · A)``, averaged by
     ``loss_agg_mode`` (see :func:`masked_mean`). An empty mask gives a loss of 0 that is
     still differentiable (zero gradient), so a micro-batch of padding cannot produce NaN.
+
+    Decoupled PPO objective (with ``behaviour_logprobs``): for rollouts that older weights
+    sampled (an asynchronous run), the policy that clips the step, the *proximal* policy, is
+    ``old_logprobs`` — recomputed under the learner's weights at the start of the step —
+    and the *behaviour* policy is the rollout engine's sampling log-probs. Each token's
+    clipped term above is multiplied by the truncated importance weight
+
+        ``w = min(exp(logp_old - logp_behaviour), behaviour_imp_cap)``
+
+    (log-ratio clamped to ±20, detached, so ``w`` only scales the token's gradient):
+
+        ``loss = w · max(-A · ratio, -A · clip(ratio, 1 - ε_low, 1 + ε_high))``.
+
+    This is the decoupled PPO objective of Hilton, Cobbe & Schulman, "Batch size-invariance
+    for policy optimization" (NeurIPS 2022, arXiv:2110.00641), as AReaL uses it (Fu et al.,
+    "AReaL: A Large-Scale Asynchronous Reinforcement Learning System for Language
+    Reasoning", 2025, arXiv:2505.24298, eq. 5). One departure: AReaL masks out a token
+    whose weight exceeds its cap; here the weight is *truncated* to the cap (issue #21), so
+    such a token still counts, with weight ``behaviour_imp_cap``. The KL term is not
+    weighted. Without ``behaviour_logprobs`` the loss is bit for bit the on-policy one
+    above.
 
     Args:
         logprobs: ``(B, L)`` log-probs of the response tokens under the current policy
@@ -115,14 +145,18 @@ def policy_loss(
             if given with ``kl_coef == 0`` the KL is only reported.
         kl_coef: coefficient of the KL loss, ≥ 0.
         kl_type: see :func:`kl_penalty`.
+        behaviour_logprobs: ``(B, L)`` log-probs (nats) the rollout engine sampled the
+            response tokens with (the behaviour policy), or None for on-policy rollouts.
+        behaviour_imp_cap: the truncation of ``w``, ≥ 1 (used only with
+            ``behaviour_logprobs``).
 
     Returns:
         :class:`PolicyLossOutput`.
 
     Raises:
         ValueError: a shape does not match (the shapes are named), the mask holds values
-            other than 0/1, a clip ratio or ``kl_coef`` is out of range, ``kl_coef > 0``
-            without ``ref_logprobs``, or an unknown mode / KL type.
+            other than 0/1, a clip ratio, ``kl_coef`` or ``behaviour_imp_cap`` is out of
+            range, ``kl_coef > 0`` without ``ref_logprobs``, or an unknown mode / KL type.
     """
     shape = tuple(logprobs.shape)
     if logprobs.dim() != 2:
@@ -130,6 +164,8 @@ def policy_loss(
     named = {"old_logprobs": old_logprobs, "response_mask": response_mask}
     if ref_logprobs is not None:
         named["ref_logprobs"] = ref_logprobs
+    if behaviour_logprobs is not None:
+        named["behaviour_logprobs"] = behaviour_logprobs
     for name, tensor in named.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, logprobs has {shape}")
@@ -148,6 +184,8 @@ def policy_loss(
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logprobs, got None")
+    if not behaviour_imp_cap >= 1.0:
+        raise ValueError(f"behaviour_imp_cap must be >= 1, got {behaviour_imp_cap}")
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     if kl_type not in KL_TYPES:
@@ -162,7 +200,14 @@ def policy_loss(
     clipped_ratio = ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     unclipped_loss = -advantages * ratio
     clipped_loss = -advantages * clipped_ratio
-    pg_loss = masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask, loss_agg_mode)
+    per_token = torch.maximum(unclipped_loss, clipped_loss)
+    if behaviour_logprobs is not None:
+        log_w = old_logprobs - behaviour_logprobs.detach()
+        imp_weight = log_w.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
+        truncated = imp_weight > behaviour_imp_cap
+        imp_weight = imp_weight.clamp(max=behaviour_imp_cap)
+        per_token = imp_weight * per_token
+    pg_loss = masked_mean(per_token, mask, loss_agg_mode)
     loss = pg_loss
 
     kl = torch.zeros((), dtype=pg_loss.dtype, device=pg_loss.device)
@@ -176,10 +221,18 @@ def policy_loss(
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_loss > unclipped_loss).to(ratio.dtype), mask)
         approx_kl = masked_mean(old_logprobs - logprobs, mask)
+        if behaviour_logprobs is None:
+            imp_weight_mean = torch.ones_like(approx_kl)
+            truncated_fraction = torch.zeros_like(approx_kl)
+        else:
+            imp_weight_mean = masked_mean(imp_weight, mask)
+            truncated_fraction = masked_mean(truncated.to(imp_weight.dtype), mask)
     return PolicyLossOutput(
         loss=loss,
         pg_loss=pg_loss.detach(),
         kl=kl,
         clip_fraction=clip_fraction,
         approx_kl=approx_kl,
+        behaviour_imp_weight=imp_weight_mean,
+        behaviour_truncated_fraction=truncated_fraction,
     )

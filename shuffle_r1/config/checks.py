@@ -340,6 +340,11 @@ def validate(cfg: Config) -> Config:
     _choice("algorithm.loss_agg_mode", a.loss_agg_mode, LOSS_AGG_MODES)
     _at_least("algorithm.kl_coef", a.kl_coef, 0.0)
     _choice("algorithm.kl_type", a.kl_type, KL_TYPES)
+    if not 1.0 <= a.behaviour_imp_cap < math.inf:
+        raise ConfigError(
+            f"algorithm.behaviour_imp_cap={a.behaviour_imp_cap!r} must be a finite number >= 1 "
+            "(the largest importance weight a token of an off-policy rollout gets)"
+        )
     _at_least("algorithm.collapse_tau", a.collapse_tau, 0.0)
     _choice("algorithm.abs_minibatch_order", a.abs_minibatch_order, ABS_MINIBATCH_ORDERS)
 

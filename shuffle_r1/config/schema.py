@@ -165,6 +165,9 @@ class AlgorithmConfig:
     # loss = policy loss + kl_coef * KL; 0 = no reference model (the paper's recipe, DAPO)
     kl_coef: float = 0.0
     kl_type: str = "low_var_kl"  # the KL estimator: low_var_kl (k3) | kl (k1) | abs | mse (k2)
+    # rollouts sampled by older weights (async mode): each token's loss is weighted by
+    # min(exp(logp_old - logp_behaviour), this), the decoupled PPO objective; >= 1
+    behaviour_imp_cap: float = 5.0
     collapse_tau: float = 0.1  # |advantage| below this counts as collapsed (a metric)
     # how the learner cuts an ABS batch into optimizer mini-batches
     # (shuffle_r1.minibatches.abs_minibatch_rows): "interleaved", the upstream layout, gives

@@ -156,6 +156,9 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
     assert values(e, "shuffle_r1_learner_grad_norm")[0] > 0
     assert 0 < values(e, "shuffle_r1_learner_positions_per_token")[0] < 2
     assert values(e, "shuffle_r1_learner_peak_memory_bytes")[0] > 2**20  # a rank's RSS peak
+    # a synchronous run carries no behaviour log-probs: the decoupled loss's neutral values
+    assert values(e, "shuffle_r1_learner_behaviour_imp_weight") == [1.0]
+    assert values(e, "shuffle_r1_learner_behaviour_truncated_fraction") == [0.0]
     # the buffer
     assert values(e, "shuffle_r1_buffer_groups_stored", run=RUN)[0] > 0
     assert values(e, "shuffle_r1_buffer_samples_total") == [STEPS]

@@ -30,6 +30,7 @@ def test_defaults_are_the_paper_recipe() -> None:
     assert (cfg.algorithm.keep_ratio, cfg.algorithm.shuffle_times) == (0.5, 8)
     assert (cfg.algorithm.clip_ratio_low, cfg.algorithm.clip_ratio_high) == (0.2, 0.2)
     assert cfg.algorithm.kl_coef == 0.0 and cfg.algorithm.loss_agg_mode == "token-mean"
+    assert cfg.algorithm.behaviour_imp_cap == 5.0  # off-policy rollouts only (§4)
     assert (cfg.reward.accuracy_weight, cfg.reward.format_weight) == (0.9, 0.1)
     assert cfg.algorithm.name == "shuffle_r1" and cfg.learner.freeze_vision_tower
     assert (cfg.trainer.total_steps, cfg.trainer.eval_every) == (80, 5)
@@ -76,6 +77,9 @@ def test_algorithm_name_selects_pts_and_abs(
         ("algorithm.keep_ratio=0.1", "keeps no pair"),
         ("algorithm.kl_coef=-0.01", "algorithm.kl_coef=-0.01 must be >= 0"),
         ("algorithm.kl_type=k4", "algorithm.kl_type='k4' is not allowed"),
+        ("algorithm.behaviour_imp_cap=0.5", "algorithm.behaviour_imp_cap=0.5 must be a finite"),
+        ("algorithm.behaviour_imp_cap=.inf", "algorithm.behaviour_imp_cap=inf must be a finite"),
+        ("algorithm.behaviour_imp_cap=.nan", "algorithm.behaviour_imp_cap=nan must be a finite"),
         ("learner.lora_rank=-1", "learner.lora_rank=-1 must be >= 0"),
         ("learner.lora_rank=8|learner.lora_alpha=0", "learner.lora_alpha=0"),
         ("learner.lora_rank=8|learner.lora_target_modules=[]", "learner.lora_target_modules"),
@@ -143,6 +147,11 @@ def test_the_largest_allowed_values_load() -> None:
     cfg = load_config(None, ["algorithm.shuffle_times=1024", "buffer.max_message_mb=2047",
                              "trainer.run_name=" + "r" * 128])  # fmt: skip
     assert (cfg.algorithm.shuffle_times, cfg.buffer.max_message_mb) == (1024, 2047)
+
+
+def test_an_importance_weight_cap_of_one_loads() -> None:
+    """The smallest cap: every off-policy token weighs at most 1 (§4)."""
+    assert load_config(None, ["algorithm.behaviour_imp_cap=1"]).algorithm.behaviour_imp_cap == 1
 
 
 def test_an_echoed_value_is_cut() -> None:

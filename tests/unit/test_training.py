@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import Tensor
@@ -19,12 +21,15 @@ from shuffle_r1.minibatches import (
     rollouts_per_optimizer_step,
     token_budget_microbatches,
 )
+from shuffle_r1.shared_prompt import collate_shared
 from shuffle_r1.training import (
+    LOGPROB_FIELDS,
     TrainBatch,
     collate,
     padding_batch,
     sequence_lengths,
     token_logprobs,
+    vision_filler,
 )
 
 
@@ -73,7 +78,7 @@ def test_padding_batch_collates_to_a_fully_masked_row() -> None:
     assert c["input_ids"].shape == (2, 2)
     assert c["response_mask"].sum() == 0
     assert c["advantages"].tolist() == [0.0, 0.0]
-    assert c["old_logprobs"].shape == c["ref_logprobs"].shape == (2, 1)
+    assert all(c[name].shape == (2, 1) for name in LOGPROB_FIELDS)
 
 
 def test_collate_rejects_an_empty_batch() -> None:
@@ -89,6 +94,10 @@ def test_collate_rejects_an_empty_batch() -> None:
         ({"advantages": torch.zeros(3)}, r"advantages of shape \(3,\)"),
         ({"prompt_token_ids": [[1], []]}, "empty prompt"),
         ({"old_logprobs": torch.zeros(2, 1)}, r"old_logprobs must have shape \(B=2, L>=2\)"),
+        (
+            {"behaviour_logprobs": torch.zeros(3, 2)},
+            r"behaviour_logprobs must have shape \(B=2, L>=2\), got \(3, 2\)",
+        ),
     ],
 )
 def test_train_batch_validates_shapes(kwargs: dict, match: str) -> None:
@@ -114,6 +123,48 @@ def test_select_keeps_rows_and_logprobs_together() -> None:
     assert part.advantages.tolist() == [1.0, 2.0]
     assert part.old_logprobs.tolist() == [[2.0, 3.0], [4.0, 5.0]]
     assert len(batch.select(slice(4, 4))) == 0
+
+
+def _logprob_batch(rows: int, width: int, fields: tuple[str, ...] = LOGPROB_FIELDS) -> TrainBatch:
+    """Rows of one-token responses; field k of row i, column j holds -(100·k + 10·i + j)."""
+    values = -torch.arange(rows * width, dtype=torch.float32).view(rows, width)
+    return TrainBatch(
+        [[1]] * rows,
+        [[2]] * rows,
+        torch.zeros(rows),
+        images=[],
+        **{name: values - 100 * k for k, name in enumerate(LOGPROB_FIELDS) if name in fields},
+    )
+
+
+def test_every_logprob_field_travels_with_its_rows() -> None:
+    """old, ref and behaviour log-probs alike: select (slice and index list), concat,
+    with_logprobs, collate (both layouts), padding and the vision filler."""
+    batch = _logprob_batch(4, 2)
+    for rows, picked in ((slice(1, 3), [1, 2]), ([3, 0], [3, 0])):
+        part = batch.select(rows)
+        for name in LOGPROB_FIELDS:
+            assert torch.equal(getattr(part, name), getattr(batch, name)[picked]), name
+    wide = batch.concat(_logprob_batch(1, 3))
+    for name in LOGPROB_FIELDS:
+        value = getattr(wide, name)
+        assert value.shape == (5, 3) and value[:4, 2].tolist() == [0.0] * 4, name
+    # a field one side lacks is dropped, the others kept
+    lacking = batch.concat(_logprob_batch(1, 2, ("old_logprobs", "ref_logprobs")))
+    assert lacking.behaviour_logprobs is None and lacking.old_logprobs is not None
+    assert batch.concat(padding_batch()).behaviour_logprobs is not None
+    filler = vision_filler(SimpleNamespace(patch_size=14, merge_size=2),
+                           {"vision_start": 1, "image_pad": 2, "vision_end": 3})  # fmt: skip
+    assert batch.concat(filler).behaviour_logprobs is not None
+    bare = TrainBatch([[1], [1]], [[2, 3], [4]], torch.zeros(2))
+    behaviour = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -4.0, -9.0]])
+    set_ = bare.with_logprobs(behaviour=behaviour)
+    assert set_.behaviour_logprobs is behaviour and set_.old_logprobs is None
+    kept = set_.with_logprobs(old=torch.zeros(2, 2))
+    assert kept.behaviour_logprobs is behaviour and kept.old_logprobs is not None
+    for c in (collate(set_), collate_shared(set_)):  # cut to L = 2, zeroed off the responses
+        assert c["behaviour_logprobs"].tolist() == [[-1.0, -2.0], [-3.0, 0.0]]
+        assert "old_logprobs" not in c
 
 
 # -- token_logprobs --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What a put carries and answers, through a real server and Redis (issue #18, item 7):
-rollout log-probs are stored only under ``RunSpec.logprobs = LOGPROBS_REQUIRED``, and the
-put answers the GRPO advantages it computed, so the trainer does not compute them again."""
+rollout log-probs are stored only under ``RunSpec.logprobs = LOGPROBS_REQUIRED`` (and the
+sampled ones become the learner's behaviour log-probs, issue #21), and the put answers the
+GRPO advantages it computed, so the trainer does not compute them again."""
 
 import grpc
 import pytest
@@ -8,6 +9,7 @@ import torch
 from buffer_helpers import random_groups, run_keys
 
 from protos import replay_buffer_pb2 as pb
+from services.trainer.records import train_batch
 from shuffle_r1.algos import grpo_advantages
 
 
@@ -48,6 +50,24 @@ def test_sampled_bytes_shrink_without_logprobs(start_buffer, run_id):
     (full, tokens), (lean, same_tokens) = sizes[pb.LOGPROBS_REQUIRED], sizes[pb.LOGPROBS_OMITTED]
     assert tokens == same_tokens  # the same draw
     assert full - lean >= 4 * tokens
+
+
+def test_sampled_logprobs_become_the_behaviour_logprobs(buffer, run_id):
+    """The learner's off-policy batch from a real draw (docs/algorithm.md §4): row i holds
+    item i's stored sampling log-probs as put (float32, as the wire carries them), then 0."""
+    spec = pb.RunSpec(algorithm="shuffle_r1", logprobs=pb.LOGPROBS_REQUIRED)
+    groups = random_groups(run_id, step=0, count=4, n=8, seed=11)
+    buffer.client.put_groups(groups, spec=spec)
+    sample = buffer.client.sample(run_id, step=0, policy_version=0, expected_groups=4, spec=spec)
+    batch, _ = train_batch(sample, behaviour=True)
+    source = {(g.step, g.prompt_id): g for g in groups}
+    assert batch.behaviour_logprobs is not None and len(batch) == len(sample.items) > 0
+    lengths = {len(r) for r in batch.response_token_ids}
+    assert batch.behaviour_logprobs.shape == (len(batch), max(lengths)) and len(lengths) > 1
+    for row, item in zip(batch.behaviour_logprobs, sample.items, strict=True):
+        put = source[(item.step, item.prompt_id)].rollouts[item.rollout_index].logprobs
+        want = torch.tensor(list(put), dtype=torch.float32)
+        assert torch.equal(row[: len(put)], want) and not row[len(put) :].any()
 
 
 @pytest.mark.parametrize(

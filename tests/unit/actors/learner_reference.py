@@ -32,7 +32,8 @@ def reference_update(
     (the same pair-aligned cut), each token-mean loss weighted 1 / (micro-batches per rank ·
     ranks), as gradient accumulation plus FSDP's gradient averaging make it. Padding
     micro-batches carry no gradient and are skipped. With ``algorithm.kl_coef > 0`` the
-    loss adds the KL to ``batch.ref_logprobs``. ``logprobs(micro_batch)`` gives the
+    loss adds the KL to ``batch.ref_logprobs``; with ``batch.behaviour_logprobs`` it is the
+    decoupled loss, capped at ``algorithm.behaviour_imp_cap``. ``logprobs(micro_batch)`` gives the
     ``(B, L)`` response log-probs under ``model``, with gradients. Returns the grad norm of
     each step.
     """
@@ -62,6 +63,8 @@ def reference_update(
                     ref_logprobs=c.get("ref_logprobs"),
                     kl_coef=alg.kl_coef,
                     kl_type=alg.kl_type,
+                    behaviour_logprobs=c.get("behaviour_logprobs"),
+                    behaviour_imp_cap=alg.behaviour_imp_cap,
                 )
                 (out.loss / (count * le.num_ranks)).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), le.grad_clip)))

@@ -1,4 +1,6 @@
-"""PPO clipped policy loss and KL loss, docs/algorithm.md §4, against hand-written float64 loops."""
+"""PPO clipped policy loss and KL loss, docs/algorithm.md §4, against hand-written float64 loops;
+the decoupled loss of off-policy rollouts (§4, "Off-policy rollouts") against values by hand
+and a plain per-token re-implementation, values and autograd gradients."""
 
 import math
 import re
@@ -191,6 +193,12 @@ def test_kl_gradient_flows_to_logprobs_only():
         ({"clip_ratio_low": 1.0}, "clip ratios"),
         ({"loss_agg_mode": "seq-mean"}, "loss_agg_mode must be one of"),
         ({"kl_type": "k4"}, "kl_type must be one of"),
+        (
+            {"behaviour_logprobs": torch.zeros(2, 4)},
+            "behaviour_logprobs has shape (2, 4), logprobs has (2, 3)",
+        ),
+        ({"behaviour_imp_cap": 0.99}, "behaviour_imp_cap must be >= 1, got 0.99"),
+        ({"behaviour_imp_cap": math.nan}, "behaviour_imp_cap must be >= 1, got nan"),
     ],
 )
 def test_invalid_inputs_are_named(kwargs, match):
@@ -203,3 +211,132 @@ def test_invalid_inputs_are_named(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=re.escape(match)):
         policy_loss(**args)
+
+
+# -- the decoupled loss of off-policy rollouts (§4, "Off-policy rollouts") -------------------
+
+
+def test_decoupled_loss_by_hand():
+    """Proximal log-probs 0, so ratio = p and w = exp(-logp_behaviour), cap 5:
+
+    token  ratio  A   clipped surrogate  w              loss
+    0      1.0    +1  -1.0               0.5            -0.5
+    1      1.5    +1  -1.2 (clipped)     2.0            -2.4
+    2      1.0    -1  +1.0               8.0 -> 5.0     +5.0   (truncated)
+    3      0.9    +1  -0.9               1.0            -0.9
+    4      masked; its behaviour log-prob would give w = e^20 (clamped), and counts nowhere
+    """
+    logp = torch.tensor([[1.0, 1.5, 1.0, 0.9, 1.0]], dtype=torch.float64).log()
+    logp.requires_grad_(True)
+    old = torch.zeros(1, 5, dtype=torch.float64)
+    behaviour = torch.tensor([[2.0, 0.5, 0.125, 1.0, 1e-30]], dtype=torch.float64).log()
+    adv = torch.tensor([[1.0, 1.0, -1.0, 1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    out = policy_loss(logp, old, adv, mask, behaviour_logprobs=behaviour, behaviour_imp_cap=5.0)
+    assert out.loss.item() == pytest.approx((-0.5 - 2.4 + 5.0 - 0.9) / 4)
+    assert out.behaviour_imp_weight.item() == pytest.approx((0.5 + 2.0 + 5.0 + 1.0) / 4)
+    assert out.behaviour_truncated_fraction.item() == 0.25
+    assert out.clip_fraction.item() == 0.25  # token 1, as without the weights
+    out.loss.backward()
+    # d/dlogp of -w·A·ratio is -w·A·ratio; the clipped token 1 and the masked token 4 give none
+    assert logp.grad[0].tolist() == pytest.approx([-0.5 / 4, 0.0, 5.0 / 4, -0.9 / 4, 0.0])
+
+
+def reference_decoupled(logp, old, behaviour, adv, mask, low, high, cap, mode):
+    """The decoupled loss written out token by token in torch scalars (autograd flows to
+    ``logp``): w = min(exp(old - behaviour), cap), loss = w · max(-A·r, -A·clip(r)), r =
+    exp(logp - old); aggregated by ``mode``."""
+    seq_losses, token_losses = [], []
+    for b in range(logp.shape[0]):
+        row = []
+        for t in range(logp.shape[1]):
+            if not mask[b, t]:
+                continue
+            a = adv[b] if adv.dim() == 1 else adv[b, t]
+            ratio = torch.exp(logp[b, t] - old[b, t])
+            clipped = torch.clamp(ratio, 1 - low, 1 + high)
+            w = min(math.exp(float(old[b, t] - behaviour[b, t])), cap)
+            row.append(w * torch.maximum(-a * ratio, -a * clipped))
+        token_losses += row
+        if row:
+            seq_losses.append(sum(row) / len(row))
+    if mode == "token-mean":
+        return sum(token_losses) / len(token_losses)
+    return sum(seq_losses) / len(seq_losses)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize(("low", "high"), [(0.2, 0.2), (0.2, 0.28)])
+@pytest.mark.parametrize("token_advantages", [False, True])
+def test_decoupled_loss_and_gradient_equal_a_plain_re_implementation(
+    mode, low, high, token_advantages
+):
+    logp, old, adv, mask, _ = random_batch(17, token_advantages=token_advantages)
+    g = torch.Generator().manual_seed(18)
+    behaviour = old + torch.randn(old.shape, generator=g, dtype=torch.float64) * 0.8
+    cap = 1.6
+    logp.requires_grad_(True)
+    out = policy_loss(logp, old, adv, mask, low, high, mode,
+                      behaviour_logprobs=behaviour, behaviour_imp_cap=cap)  # fmt: skip
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    want = reference_decoupled(logp, old, behaviour, adv, mask, low, high, cap, mode)
+    (want_grad,) = torch.autograd.grad(want, logp)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
+    w = (old - behaviour).exp()[mask.bool()]
+    assert out.behaviour_imp_weight.item() == pytest.approx(w.clamp(max=cap).mean().item())
+    truncated = (w > cap).double().mean().item()
+    assert out.behaviour_truncated_fraction.item() == truncated
+    assert 0 < truncated < 1  # the data truncates some tokens, not all
+    # the weights change the loss: not the on-policy one
+    assert out.loss.item() != policy_loss(logp, old, adv, mask, low, high, mode).loss.item()
+
+
+def on_policy_loss_before_issue_21(logp, old, adv, mask):
+    """policy_loss's token-mean surrogate as it was before the decoupled loss, op for op."""
+    ratio = (logp - old).clamp(-20.0, 20.0).exp()
+    clipped = ratio.clamp(0.8, 1.2)
+    per_token = torch.maximum(-adv[:, None] * ratio, -adv[:, None] * clipped)
+    masked = torch.where(mask.bool(), per_token, torch.zeros_like(per_token))
+    return masked.sum() / mask.sum().clamp(min=1)
+
+
+def test_without_behaviour_logprobs_the_loss_is_bit_identical():
+    logp, old, adv, mask, _ = random_batch(19)
+    logp.requires_grad_(True)
+    out = policy_loss(logp, old, adv, mask)
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    want = on_policy_loss_before_issue_21(logp, old, adv, mask)
+    (want_grad,) = torch.autograd.grad(want, logp)
+    assert torch.equal(out.loss.detach(), want.detach()) and torch.equal(grad, want_grad)
+    assert out.behaviour_imp_weight.item() == 1.0
+    assert out.behaviour_truncated_fraction.item() == 0.0
+    # behaviour = proximal gives w = 1 exactly: the same bits again
+    same = policy_loss(logp, old, adv, mask, behaviour_logprobs=old.clone())
+    assert torch.equal(same.loss.detach(), want.detach())
+    assert same.behaviour_imp_weight.item() == 1.0
+
+
+def test_behaviour_weights_are_detached_and_clamped():
+    logp, old, adv, mask, _ = random_batch(21)
+    behaviour = (old - 50.0).requires_grad_(True)  # w = e^50: clamped to e^20, then capped
+    logp.requires_grad_(True)
+    out = policy_loss(logp, old, adv, mask, behaviour_logprobs=behaviour, behaviour_imp_cap=1e12)
+    out.loss.backward()
+    assert behaviour.grad is None and torch.isfinite(logp.grad).all()
+    assert out.behaviour_imp_weight.item() == pytest.approx(math.exp(20.0))
+    assert out.behaviour_truncated_fraction.item() == 0.0  # e^20 < 1e12: clamped, not capped
+
+
+def test_padding_does_not_change_the_decoupled_loss():
+    logp, old, adv, mask, _ = random_batch(23)
+    behaviour = old - 0.7
+    base = policy_loss(logp, old, adv, mask, behaviour_logprobs=behaviour, behaviour_imp_cap=1.5)
+    pad = mask == 0
+    noisy_logp, noisy_old = (x.masked_fill(pad, -40.0) for x in (logp, old))
+    noisy_behaviour = behaviour.masked_fill(pad, 40.0)
+    other = policy_loss(noisy_logp, noisy_old, adv, mask,
+                        behaviour_logprobs=noisy_behaviour, behaviour_imp_cap=1.5)  # fmt: skip
+    assert other.loss.item() == base.loss.item()
+    assert other.behaviour_imp_weight.item() == base.behaviour_imp_weight.item() == 1.5
+    assert other.behaviour_truncated_fraction.item() == 1.0

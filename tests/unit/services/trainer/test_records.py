@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from protos import replay_buffer_pb2 as pb
 from services.trainer.records import step_groups, train_batch
@@ -64,3 +65,33 @@ def test_an_image_by_uri_is_refused_with_its_group() -> None:
     sample.images["g"].images.add(uri="s3://bucket/x.png")
     with pytest.raises(ValueError, match=r"group 'g'.*by URI"):
         train_batch(sample)
+
+
+def test_train_batch_takes_the_sampling_logprobs_as_behaviour_logprobs() -> None:
+    """Off-policy training (docs/algorithm.md §4): each item's stored sampling log-probs,
+    right-padded with 0 to the longest response; not read unless asked for."""
+    sample = pb.SampleResponse()
+    for tokens, logprobs in (([9, 9], [-0.5, -1.5]), ([8], [-0.25]), ([7, 7, 7], [-1, -2, -3])):
+        sample.items.add(prompt_id="a", prompt_token_ids=[1],
+                         rollout=pb.Rollout(token_ids=tokens, logprobs=logprobs))  # fmt: skip
+    batch, _ = train_batch(sample, behaviour=True)
+    assert batch.behaviour_logprobs is not None
+    assert batch.behaviour_logprobs.dtype == torch.float32
+    assert batch.behaviour_logprobs.tolist() == [
+        [-0.5, -1.5, 0.0],
+        [-0.25, 0.0, 0.0],
+        [-1.0, -2.0, -3.0],
+    ]
+    assert train_batch(sample)[0].behaviour_logprobs is None
+
+
+def test_train_batch_refuses_logprobs_that_do_not_match_the_tokens() -> None:
+    sample = pb.SampleResponse()
+    sample.items.add(prompt_id="a", prompt_token_ids=[1],
+                     rollout=pb.Rollout(token_ids=[2], logprobs=[-0.5]))  # fmt: skip
+    sample.items.add(prompt_id="g7", step=3, rollout_index=5, prompt_token_ids=[1],
+                     rollout=pb.Rollout(token_ids=[2, 3]))  # fmt: skip  # LOGPROBS_OMITTED
+    with pytest.raises(ValueError, match=r"group 'g7' \(step 3, rollout 5\): 0 sampling log-probs "
+                       r"for 2 response tokens.*LOGPROBS_REQUIRED"):  # fmt: skip
+        train_batch(sample, behaviour=True)
+    assert train_batch(sample)[0].behaviour_logprobs is None  # on-policy: not needed
