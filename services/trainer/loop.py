@@ -13,6 +13,10 @@ One step:
    is a single optimizer step (one mini-batch, one PPO epoch) the old log-probs come from
    the update's own forward pass instead: the same weights, one forward pass fewer.
 
+``trainer.mode=async`` runs steps 1–3 in a producer thread (``services.trainer.producer``)
+up to ``buffer.max_staleness`` steps ahead of steps 4–5, and the learner corrects for the
+older behaviour policy (docs/algorithm.md §4, "Stale rollouts").
+
 Metrics go to ``<output_dir>/metrics.jsonl``, to the experiment trackers that
 ``trainer.loggers`` names (``services.trainer.trackers``) and to Prometheus when
 ``trainer.metrics_port`` is set; a checkpoint every ``trainer.save_every`` steps lets
@@ -26,6 +30,7 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +57,7 @@ from services.trainer.metrics import (
     read_metrics,
     step_metrics,
 )
+from services.trainer.producer import RolloutProducer
 from services.trainer.records import step_groups, train_batch
 from services.trainer.runlock import RunLock
 from services.trainer.state import (
@@ -77,6 +83,31 @@ from shuffle_r1.precision import cpu_description
 logger = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class StepRollouts:
+    """One step's scored rollouts, grouped for the buffer: what the rollout side hands the
+    learner (in ``trainer.mode=async`` across threads).
+
+    Attributes:
+        step: the training step (0-based) they are for.
+        prompts: the step's prompts, in draw order.
+        gen: the rollout pool's result (completions in prompt order, n per prompt).
+        scores: one reward score per completion.
+        groups: the buffer's ``Group`` per prompt.
+        put: the buffer's ``PutGroupsResponse`` when the producer already put them, else None.
+        times: seconds per phase (``generate``, ``rollout_sync``, ``generate_engine``,
+            ``reward``, ``buffer_put``).
+    """
+
+    step: int
+    prompts: list[Prompt]
+    gen: Any
+    scores: list[Any]
+    groups: list[Any]
+    put: Any
+    times: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -123,6 +154,14 @@ class Trainer:
         self.counters: dict[str, float] = {}
         self.last_prompt_ids: list[str] = []
         torch.manual_seed(cfg.trainer.seed)
+        self.asynchronous = cfg.trainer.mode == "async"
+        self.producer: RolloutProducer[StepRollouts] | None = None  # async: started by run()
+        # the sampler's state before it drew each step still to train (a checkpoint at step
+        # s saves the one before s: in async mode the producer has drawn further)
+        self._sampler_before: dict[int, dict[str, Any]] = {}
+        self._drawing = threading.Lock()  # a draw and its snapshot, against save()
+        self._pools = threading.Lock()  # one generate + score at a time (producer, evaluate)
+        self._producer_idle_s = 0.0  # the producer's idle seconds at the last step recorded
 
         init_ray(cfg)
         redis_url, self._redis = redis_for_run(cfg.buffer, self.out / "redis")
@@ -153,8 +192,9 @@ class Trainer:
             shuffle_times=cfg.algorithm.shuffle_times,
             seed=cfg.trainer.seed,
             vocab_size=vocab_size(self.tokenizer, self.model_path),  # refuses ids outside
+            # the async mode's behaviour log-probs (docs/algorithm.md §4, "Stale rollouts")
             logprobs=pb.LOGPROBS_REQUIRED
-            if cfg.buffer.store_rollout_logprobs
+            if cfg.buffer.store_rollout_logprobs or cfg.trainer.mode == "async"
             else pb.LOGPROBS_OMITTED,
         )
         self.session = BufferSession(
@@ -249,11 +289,17 @@ class Trainer:
     def _weights(self) -> tuple[int, ray.ObjectRef] | None:
         return self.learner.publish_weights() if self.learner.version > 0 else None
 
-    def _generate(self, prompts: list[Prompt], sampling: SamplingSpec, tag: str) -> Any:
+    def _generate(
+        self,
+        prompts: list[Prompt],
+        sampling: SamplingSpec,
+        tag: str,
+        weights: tuple[int, ray.ObjectRef] | None,
+    ) -> Any:
         requests = [
             GenerationRequest(f"{tag}/{p.example.uid}", p.token_ids, p.images) for p in prompts
         ]
-        return self.rollout.generate(requests, sampling, self._weights())
+        return self.rollout.generate(requests, sampling, weights)
 
     def _score(self, prompts: list[Prompt], completions: list[Any], n: int) -> list[Any]:
         texts = self.tokenizer.batch_decode(
@@ -275,14 +321,30 @@ class Trainer:
         self.counters[key] = self.counters.get(key, 0) + amount
 
     def step(self, step: int) -> dict[str, float]:
-        """Run training step ``step`` (0-based) and return its metrics."""
+        """Run training step ``step`` (0-based) and return its metrics: in sync mode its
+        rollouts are made now, in async mode the producer has made (or is making) them."""
+        t0 = time.perf_counter()
+        if self.producer is None:
+            rollouts = self.produce(step, self._weights(), put=False)
+            waited = 0.0
+        else:
+            rollouts, waited = self.producer.take(step)
+        return self.train_on(rollouts, t0, waited)
+
+    def produce(
+        self, step: int, weights: tuple[int, ray.ObjectRef] | None, put: bool = True
+    ) -> StepRollouts:
+        """Steps 1–3 of step ``step``: draw its prompts, generate with ``weights`` (None: the
+        initial model), score, group; ``put``: also put the groups into the buffer (the
+        async producer does; sync mode puts and draws in one call, :meth:`train_on`)."""
         cfg, n = self.cfg, self.cfg.rollout.n
         times: dict[str, float] = {}
-        t0 = time.perf_counter()
-        prompts = [self.train_prompts[i] for i in self.sampler.next_batch()]
-        self.last_prompt_ids = [p.example.uid for p in prompts]
+        with self._drawing:
+            self._sampler_before[step] = self.sampler.state_dict()
+            prompts = [self.train_prompts[i] for i in self.sampler.next_batch()]
         with self.prompts_path.open("a") as f:
-            f.write(json.dumps({"step": step, "prompt_ids": self.last_prompt_ids}) + "\n")
+            ids = [p.example.uid for p in prompts]
+            f.write(json.dumps({"step": step, "prompt_ids": ids}) + "\n")
         sampling = SamplingSpec(
             n=n,
             temperature=cfg.rollout.temperature,
@@ -290,22 +352,41 @@ class Trainer:
             max_tokens=cfg.rollout.max_response_length,
             seed=cfg.trainer.seed * 1_000_003 + step,
         )
-        gen = self._generate(prompts, sampling, f"s{step}")
-        times["generate"], times["rollout_sync"] = gen.generate_s, gen.sync_s
-        times["generate_engine"] = gen.engine_s  # inside the engines, without serving
-
-        t = time.perf_counter()
-        scores = self._score(prompts, gen.completions, n)
-        times["reward"] = time.perf_counter() - t
-
-        t = time.perf_counter()
+        with self._pools:
+            gen = self._generate(prompts, sampling, f"s{step}", weights)
+            times["generate"], times["rollout_sync"] = gen.generate_s, gen.sync_s
+            times["generate_engine"] = gen.engine_s  # inside the engines, without serving
+            t = time.perf_counter()
+            scores = self._score(prompts, gen.completions, n)
+            times["reward"] = time.perf_counter() - t
         groups = step_groups(
             self.run_id, step, prompts, gen.completions, scores, n,
             logprobs=self.spec.logprobs == pb.LOGPROBS_REQUIRED,
         )  # fmt: skip
+        stored = None
+        if put:
+            t = time.perf_counter()
+            stored = self.session.put(groups)
+            times["buffer_put"] = time.perf_counter() - t
+        return StepRollouts(step, prompts, gen, scores, groups, stored, times)
+
+    def train_on(
+        self, rollouts: StepRollouts, t0: float, waited_s: float = 0.0
+    ) -> dict[str, float]:
+        """Steps 4–5 on ``rollouts``: draw the step's batch, update, publish; returns the
+        step's metrics. ``t0``: when the step began (its ``time/step_s`` counts from
+        there); ``waited_s``: how long the learner waited for the rollouts (async)."""
+        cfg, step = self.cfg, rollouts.step
+        prompts, gen, scores = rollouts.prompts, rollouts.gen, rollouts.scores
+        self.last_prompt_ids = [p.example.uid for p in prompts]
+        times = dict(rollouts.times)
+        t = time.perf_counter()
         self._count("rollout/images", sum(c.images for c in gen.completions if c.index == 0))
-        put, sample = self.session.put_and_sample(groups, step, self.learner.version)
-        times["buffer"] = time.perf_counter() - t
+        put, sample = self.session.put_and_sample(
+            rollouts.groups, step, self.learner.version, put=rollouts.put
+        )
+        times["buffer"] = time.perf_counter() - t + times.pop("buffer_put", 0.0)
+        staleness = [self.learner.version - c.weight_version for c in gen.completions]
 
         advantages = torch.tensor(put.advantages, dtype=torch.float64)  # the buffer's (§1)
         pair_draws = [0] * sample.pairs_total  # how often ABS drew each kept pair (§3)
@@ -320,7 +401,8 @@ class Trainer:
             )
             logger.warning("step %d: every kept pair has weight 0; update skipped", step)
         else:
-            batch, images = train_batch(sample)
+            # async: the engines' sampling log-probs are the behaviour policy's (§4)
+            batch, images = train_batch(sample, behaviour=self.asynchronous)
             self._count("buffer/images", images)
             t = time.perf_counter()
             # One optimizer step on these weights: the update's forward pass gives the old
@@ -352,9 +434,35 @@ class Trainer:
         for k, v in times.items():
             m[f"time/{k}_s"] = v
         m["time/step_s"] = time.perf_counter() - t0
+        m.update(self._overlap_metrics(staleness, times, m["time/step_s"], waited_s))
         m.update(self.counters)
-        self.exporter.observe_step(step + 1, m, advantages.tolist(), pair_draws)
+        self.exporter.observe_step(step + 1, m, advantages.tolist(), pair_draws, staleness)
         self.exporter.count_error("rollout", "resent", gen.resent)
+        return m
+
+    def _overlap_metrics(
+        self, staleness: list[int], times: dict[str, float], step_s: float, waited_s: float
+    ) -> dict[str, float]:
+        """The step's staleness (weight versions each rollout lags the learner's policy at
+        the draw: 0 in sync mode) and each side's idle seconds: the consumer (learner) waited
+        ``waited_s`` for the rollouts in async mode, the whole rollout phase in sync mode;
+        the producer (rollout side) waited on the staleness bound in async mode (since the
+        previous step), through the learner's phases in sync mode."""
+        m = {
+            "staleness/mean": sum(staleness) / max(len(staleness), 1),
+            "staleness/max": float(max(staleness, default=0)),
+        }
+        for k in range(self.cfg.buffer.max_staleness + 1):
+            m[f"staleness/share_{k}"] = sum(s == k for s in staleness) / max(len(staleness), 1)
+        if self.producer is not None:
+            idle = self.producer.idle_s
+            m["time/producer_idle_s"] = idle - self._producer_idle_s
+            self._producer_idle_s = idle
+            m["time/consumer_idle_s"] = waited_s
+        else:
+            rollout_s = times["generate"] + times.get("reward", 0.0)
+            m["time/consumer_idle_s"] = rollout_s
+            m["time/producer_idle_s"] = max(step_s - rollout_s, 0.0)
         return m
 
     def _minibatches(self, sample: Any) -> list[list[int]] | None:
@@ -382,8 +490,9 @@ class Trainer:
             seed=self.cfg.trainer.seed,
         )
         t = time.perf_counter()
-        gen = self._generate(self.val_prompts, sampling, "val")
-        scores = self._score(self.val_prompts, gen.completions, cfg.val_n)
+        with self._pools:  # async: between two of the producer's steps
+            gen = self._generate(self.val_prompts, sampling, "val", self._weights())
+            scores = self._score(self.val_prompts, gen.completions, cfg.val_n)
         result = {
             "val/accuracy": sum(s.accuracy for s in scores) / len(scores),
             "val/reward": sum(s.reward for s in scores) / len(scores),
@@ -403,7 +512,12 @@ class Trainer:
             CheckpointWriteError: no space, quota or permission to write it: an operator
                 error, which stops the run (not a learner failure; nothing is restarted).
         """
-        self.state.sampler = self.sampler.state_dict()
+        # the sampler as it was before drawing the next step to train (the async producer
+        # may have drawn further)
+        with self._drawing:
+            self.state.sampler = self._sampler_before.get(
+                self.state.step, self.sampler.state_dict()
+            )
         self.state.counters = dict(self.counters)
         key = run_key(self.cfg.buffer.auth_token)
         with saving_checkpoint(self.out, self.state.step, key) as folder:
@@ -433,11 +547,15 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        self._start_producer()
         while self.state.step < cfg.total_steps:
             step = self.state.step
             try:
                 metrics = self.step(step)
                 self.state.step = step + 1
+                self._sampler_before.pop(step, None)
+                if self.producer is not None:  # it may go on to step + 1 + max_staleness
+                    self.producer.trained(self.state.step, self._weights())
                 if cfg.eval_every and (
                     self.state.step % cfg.eval_every == 0 or self.state.step == cfg.total_steps
                 ):
@@ -448,7 +566,9 @@ class Trainer:
                 ):
                     ckpt = self.save()
             except LearnerFailedError as exc:
+                self._stop_producer()  # it drew steps the restored sampler draws again
                 self._rebuild_learner(exc)
+                self._start_producer()
                 bar.n = self.state.step
                 continue
             last = metrics
@@ -460,6 +580,7 @@ class Trainer:
                 step_s=f"{metrics['time/step_s']:.1f}",
             )
         bar.close()
+        self._stop_producer()
         if self.learner.version > 0:  # every rollout worker ends on the newest weights
             self.rollout.sync(self.learner.publish_weights())
         plot = plot_metrics(self.metrics_path, self.out / "metrics.png") if last else None
@@ -486,6 +607,33 @@ class Trainer:
         }
         summary.path.write_text(json.dumps(record, indent=1) + "\n")
         return summary
+
+    def _start_producer(self) -> None:
+        """Async mode: start producing from the step to train next, up to
+        ``buffer.max_staleness`` steps ahead, with the newest published weights."""
+        if not self.asynchronous or self.state.step >= self.cfg.trainer.total_steps:
+            return
+        self._sampler_before.clear()
+        self.producer = RolloutProducer(
+            self.produce,
+            self.state.step,
+            self.cfg.trainer.total_steps,
+            self.cfg.buffer.max_staleness,
+            self._weights(),
+        )
+        self._producer_idle_s = 0.0
+
+    def _stop_producer(self) -> None:
+        """Stop the producer after its step in progress (its results are dropped) and put
+        the data sampler back where the learner is."""
+        if self.producer is None:
+            return
+        self.producer.stop()
+        self.producer = None
+        before = self._sampler_before.get(self.state.step)
+        if before is not None:
+            self.sampler.load_state_dict(before)
+        self._sampler_before.clear()
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
         """Write step ``step``'s row to ``metrics.jsonl``, then to the trackers (at
@@ -547,6 +695,9 @@ class Trainer:
         local Ray that this process started stops with every worker and the engines inside
         them; on a cluster the run's other actors end with the driver's job.
         """
+        if self.producer is not None:  # a run that stopped mid-way (abandoned, or raised)
+            self.producer.stop(timeout_s=0 if abandon else 60)
+            self.producer = None
         if abandon:
             from ray import serve
 
