@@ -1,7 +1,8 @@
-"""Elastic rollout: a running tiny job is scaled from 1 to 2 rollout workers and back to 1
-by hand, mid-run, with the user's command (`shuffle-r1 scale rollout N`, run as a separate
-process against the job's Ray cluster). The run finishes with every prompt of every step
-generated exactly once (the workers' own ledger) and the newest weights on every worker."""
+"""Elastic rollout, in both trainer modes: a running tiny job is scaled from 1 to 2 rollout
+workers and back to 1 by hand, mid-run, with the user's command (`shuffle-r1 scale rollout
+N`, run as a separate process against the job's Ray cluster). The run finishes with every
+prompt of every step generated exactly once (the workers' own ledger) and the newest weights
+on every worker."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def scale_command(run: str, n: int) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_rollout_workers_scale_up_and_down_while_the_job_runs(tmp_path: Path) -> None:
-    run = "e2e-elastic"
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_rollout_workers_scale_up_and_down_while_the_job_runs(tmp_path: Path, mode: str) -> None:
+    run = f"e2e-elastic-{mode}"
     cfg = load_config(
         ROOT / "configs/tiny_cpu.yaml",
         [
@@ -48,6 +50,8 @@ def test_rollout_workers_scale_up_and_down_while_the_job_runs(tmp_path: Path) ->
             "rollout.max_workers=2",
             "cluster.namespace=shuffle-r1-tests",
             "reward.function=tests.e2e.reward_fns:distinct_char_share",
+            f"trainer.mode={mode}",  # async: the producer generates while the pool scales
+            f"buffer.max_staleness={int(mode == 'async')}",
         ],
     )
     outcomes: list[tuple[int, int, subprocess.CompletedProcess[str]]] = []

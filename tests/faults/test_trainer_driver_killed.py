@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 STEPS = 4
 
 
-def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path, mode: str) -> None:
     overrides = [
         "--config",
         "configs/tiny_cpu.yaml",
@@ -41,6 +42,8 @@ def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None
         "cluster.namespace=faults-driver",
         "reward.function=tests.e2e.reward_fns:distinct_char_share",
         "buffer.redis_url=embedded",  # a child redis-server, which must not outlive it
+        f"trainer.mode={mode}",
+        f"buffer.max_staleness={int(mode == 'async')}",
     ]
     cli = [sys.executable, "-m", "services.cli", "train"]
     # its own session, so the kill takes the driver and every Ray process it started
@@ -54,6 +57,9 @@ def test_killed_trainer_resumes_with_the_same_next_batch(tmp_path: Path) -> None
         assert driver.poll() is None, driver.stderr.read().decode()[-3000:] if driver.stderr else ""
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.1)
+    # frozen, so it cannot finish every step while the second run starts (CI saw [3, 4] done):
+    # a stopped process still holds the run's lock, and SIGKILL ends it as it would a running one
+    os.kill(driver.pid, signal.SIGSTOP)
     second = subprocess.run([*cli, *overrides], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, check=False)  # fmt: skip
     assert second.returncode == 3, second.stderr[-3000:]
