@@ -21,11 +21,12 @@ for name in "${benches[@]}"; do
     buffer)     cmd=("$PY" bench/buffer.py) ;;
     images)     cmd=("$PY" bench/images.py) ;;
     algorithms) cmd=("$PY" bench/algorithms.py sweep --seeds 1 2 3 4) ;;
+    async)      cmd=("$PY" bench/async.py sweep) ;;  # sync vs async, ~40 min
     precision)  cmd=("$PY" bench/precision.py --emulate-avx2) ;;
     vllm_start) cmd=("$PY" bench/vllm_start.py) ;;
     weight_sync) cmd=("$PY" bench/weight_sync.py) ;;
     driver_batch) cmd=("$PY" bench/driver_batch.py) ;;
-    *) echo "run_all: unknown benchmark '$name' (roofline overhead breakdown throughput throughput_deepspeed buffer weight_sync driver_batch images algorithms precision vllm_start)" >&2; exit 2 ;;
+    *) echo "run_all: unknown benchmark '$name' (roofline overhead breakdown throughput throughput_deepspeed buffer weight_sync driver_batch images algorithms async precision vllm_start)" >&2; exit 2 ;;
   esac
   echo "== $name: ${cmd[*]}"
   # Everything goes to outputs/bench/<name>.log (Ray forwards its workers' logs to stdout);
