@@ -159,6 +159,11 @@ def test_every_catalog_metric_is_exported_with_a_plausible_value(
     # a synchronous run carries no behaviour log-probs: the decoupled loss's neutral values
     assert values(e, "shuffle_r1_learner_behaviour_imp_weight") == [1.0]
     assert values(e, "shuffle_r1_learner_behaviour_truncated_fraction") == [0.0]
+    # and its rollouts are never stale; each side idles while the other works
+    assert values(e, "shuffle_r1_rollout_staleness_count") == [expected_rollouts]
+    assert values(e, "shuffle_r1_rollout_staleness_sum") == [0]
+    for side in ("producer", "consumer"):
+        assert values(e, "shuffle_r1_idle_seconds_total", side=side)[0] > 0, side
     # the buffer
     assert values(e, "shuffle_r1_buffer_groups_stored", run=RUN)[0] > 0
     assert values(e, "shuffle_r1_buffer_samples_total") == [STEPS]
