@@ -34,15 +34,15 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import read_step_rows, run_missing, train_run  # noqa: E402
 
 # arm -> the overrides that make it; everything else comes from CONFIG
 # (in the order a seed runs them)
@@ -85,13 +85,8 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
 
 def run_one(arm: str, seed: int, steps: int, out: Path, config: Path) -> None:
     """Train one (arm, seed) run into :func:`run_dir`; writes ``done.json`` last."""
-    from services.trainer.loop import Trainer
-    from services.trainer.reaper import start_reaper
-    from shuffle_r1.config import load_config
-
-    start_reaper()  # a sweep stopped mid-run leaves nothing of this run running
     folder = run_dir(out, arm, seed)
-    cfg = load_config(
+    train_run(
         config,
         [
             *ARMS[arm],
@@ -101,49 +96,22 @@ def run_one(arm: str, seed: int, steps: int, out: Path, config: Path) -> None:
             f"trainer.run_name=bench-{arm.replace('+', '-')}-s{seed}",
             f"trainer.output_dir={folder}",
         ],
+        folder,
     )
-    started = time.perf_counter()
-    with Trainer(cfg) as trainer:  # evaluates before the first update (step -1's row)
-        setup_s = time.perf_counter() - started
-        summary = trainer.run()
-    done = {"steps": summary.steps, "wall_s": time.perf_counter() - started, "setup_s": setup_s}
-    (folder / "done.json").write_text(json.dumps(done))
 
 
 def sweep(seeds: Sequence[int], steps: int, out: Path, config: Path) -> int:
     """Run every missing (arm, seed) in turn, seeds outermost (so a partial sweep has every
     arm for its first seeds). Returns the number of failed runs."""
-    failed = 0
+    runs = []
     for seed in seeds:
         for arm in ARMS:
-            folder = run_dir(out, arm, seed)
-            done = folder / "done.json"
-            if done.is_file() and json.loads(done.read_text())["steps"] >= steps:
-                print(f"[sweep] {folder.name}: complete, skipped", flush=True)
-                continue
-            if folder.exists():  # an interrupted run: start it again from nothing
-                for stale in ("metrics.jsonl", "prompts.jsonl"):
-                    (folder / stale).unlink(missing_ok=True)
-            folder.mkdir(parents=True, exist_ok=True)
             cmd = [
                 sys.executable, __file__, "run-one", "--arm", arm, "--seed", str(seed),
                 "--steps", str(steps), "--out", str(out), "--config", str(config),
             ]  # fmt: skip
-            t = time.perf_counter()
-            with (folder / "run.log").open("w") as log:
-                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-            print(f"[sweep] {folder.name}: rc={rc} in {time.perf_counter() - t:.0f} s", flush=True)
-            failed += rc != 0
-    return failed
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["step"]] = row  # the last row of a step wins
-    return [rows[s] for s in sorted(rows)]
+            runs.append((run_dir(out, arm, seed), cmd))
+    return run_missing(runs, steps)
 
 
 def load_runs(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
@@ -159,7 +127,7 @@ def load_runs(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
             seed = folder.name[len(prefix) :]
             if not (folder / "done.json").is_file() or not seed.isdigit():
                 continue
-            rows = _read_jsonl(folder / "metrics.jsonl")  # step -1: the evaluation before
+            rows = read_step_rows(folder / "metrics.jsonl")  # step -1: the evaluation before
             evals, elapsed, clock = {}, {}, 0.0
             for r in rows:
                 clock += r.get("time/step_s", 0.0) + r.get("time/eval_s", 0.0)
@@ -180,7 +148,7 @@ def load_runs(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
 
 
 def _prompts_per_step(folder: Path) -> int:
-    rows = _read_jsonl(folder / "prompts.jsonl")
+    rows = read_step_rows(folder / "prompts.jsonl")
     return len(rows[0]["prompt_ids"]) if rows else 0
 
 

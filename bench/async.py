@@ -39,15 +39,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import read_step_rows, run_missing, train_run  # noqa: E402
 
 ASYNC = ["trainer.mode=async", "buffer.max_staleness=1"]
 PINNED = ["rollout.threads_per_worker=1", "learner.num_ranks=1", "learner.threads_per_rank=1"]
@@ -91,13 +91,8 @@ def plan(seeds: Sequence[int], arms: Sequence[str] = tuple(ARMS)) -> list[tuple[
 
 def run_one(arm: str, seed: int, steps: int, val_size: int, out: Path, config: Path) -> None:
     """Train one (arm, seed) run into :func:`run_dir`; writes ``done.json`` last."""
-    from services.trainer.loop import Trainer
-    from services.trainer.reaper import start_reaper
-    from shuffle_r1.config import load_config
-
-    start_reaper()  # a sweep stopped mid-run leaves nothing of this run running
     folder = run_dir(out, arm, seed)
-    cfg = load_config(
+    train_run(
         config,
         [
             *ARMS[arm],
@@ -111,50 +106,23 @@ def run_one(arm: str, seed: int, steps: int, val_size: int, out: Path, config: P
             f"trainer.run_name=bench-async-{arm}-s{seed}",
             f"trainer.output_dir={folder}",
         ],
+        folder,
     )
-    started = time.perf_counter()
-    with Trainer(cfg) as trainer:  # evaluates before the first update (step -1's row)
-        setup_s = time.perf_counter() - started
-        summary = trainer.run()
-    done = {"steps": summary.steps, "wall_s": time.perf_counter() - started, "setup_s": setup_s}
-    (folder / "done.json").write_text(json.dumps(done))
 
 
 def sweep(
     seeds: Sequence[int], steps: int, val_size: int, arms: Sequence[str], out: Path, config: Path
 ) -> int:
     """Run every missing run of :func:`plan` in turn. Returns the number of failed runs."""
-    failed = 0
+    runs = []
     for arm, seed in plan(seeds, arms):
-        folder = run_dir(out, arm, seed)
-        done = folder / "done.json"
-        if done.is_file() and json.loads(done.read_text())["steps"] >= steps:
-            print(f"[sweep] {folder.name}: complete, skipped", flush=True)
-            continue
-        if folder.exists():  # an interrupted run: start it again from nothing
-            for stale in ("metrics.jsonl", "prompts.jsonl", "summary.json"):
-                (folder / stale).unlink(missing_ok=True)
-        folder.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable, __file__, "run-one", "--arm", arm, "--seed", str(seed),
             "--steps", str(steps), "--val-size", str(val_size), "--out", str(out),
             "--config", str(config),
         ]  # fmt: skip
-        t = time.perf_counter()
-        with (folder / "run.log").open("w") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        print(f"[sweep] {folder.name}: rc={rc} in {time.perf_counter() - t:.0f} s", flush=True)
-        failed += rc != 0
-    return failed
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["step"]] = row  # the last row of a step wins
-    return [rows[s] for s in sorted(rows)]
+        runs.append((run_dir(out, arm, seed), cmd))
+    return run_missing(runs, steps)
 
 
 def load_runs(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
@@ -169,7 +137,7 @@ def load_runs(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
             if not seed.isdigit() or not (folder / "done.json").is_file():
                 continue
             runs.setdefault(arm, {})[int(seed)] = {
-                "rows": _read_jsonl(folder / "metrics.jsonl"),
+                "rows": read_step_rows(folder / "metrics.jsonl"),
                 "summary": json.loads((folder / "summary.json").read_text()),
             }
     return runs
