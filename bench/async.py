@@ -25,7 +25,9 @@ runs already complete under ``--out`` (``done.json``, written last; default
 ``outputs/bench/async``). ``summarize`` (also run at the end of ``sweep``) reads the complete
 runs, prints a table and writes ``async.json`` and ``async.png`` under ``--results`` (default
 ``bench/results``); see :func:`summarize` for what they hold. The full sweep (6 runs of 6
-steps) takes about 40 minutes on a 2-core machine.
+steps) takes about 70 minutes on a 2-core AVX2-only EPYC, where a 4-step run took 8-10
+minutes (2.5 of them starting vLLM and the learner); the published results
+(``bench/results/async.json``) are the first 4 runs at ``--steps 4 --val-size 64``.
 
 The ``projection`` in ``async.json`` is arithmetic on the sync runs' measured phase times,
 not a measurement: where rollout and learner have their own devices (a multi-GPU node) an

@@ -21,7 +21,7 @@ for name in "${benches[@]}"; do
     buffer)     cmd=("$PY" bench/buffer.py) ;;
     images)     cmd=("$PY" bench/images.py) ;;
     algorithms) cmd=("$PY" bench/algorithms.py sweep --seeds 1 2 3 4) ;;
-    async)      cmd=("$PY" bench/async.py sweep) ;;  # sync vs async, ~40 min
+    async)      cmd=("$PY" bench/async.py sweep) ;;  # sync vs async, ~70 min on a 2-core AVX2 EPYC
     precision)  cmd=("$PY" bench/precision.py --emulate-avx2) ;;
     vllm_start) cmd=("$PY" bench/vllm_start.py) ;;
     weight_sync) cmd=("$PY" bench/weight_sync.py) ;;
