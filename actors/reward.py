@@ -45,8 +45,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from actors.metrics import ray_metric
-from actors.rollout import HEALTH_CHECK_PERIOD_S
-from actors.serving import worker_id
+from actors.serving import HEALTH_CHECK_PERIOD_S, worker_id
 from shuffle_r1.config import REWARD_TOKEN_ENV, RewardConfig, is_loopback
 from shuffle_r1.limits import REWARD_GRACE_S, echo
 from shuffle_r1.rewards import RewardInput, RewardProcessPool, RewardResult, combine
@@ -353,6 +352,8 @@ class RewardPool:
             ray_actor_options={"num_cpus": 0},
             max_ongoing_requests=1,  # one chunk per replica at a time: an even spread
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
+            # a stopping replica looks for requests still running every 0.5 s, not Serve's 2 s
+            graceful_shutdown_wait_loop_s=0.5,
         )(RewardWorker)
         endpoint = serve.deployment(
             name=ENDPOINT_DEPLOYMENT,
@@ -361,6 +362,7 @@ class RewardPool:
             max_ongoing_requests=HTTP_CONCURRENCY,
             max_queued_requests=HTTP_QUEUE,  # beyond: Serve answers 503 at once
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
+            graceful_shutdown_wait_loop_s=0.5,
         )(RewardEndpoint)
         if cfg.http_endpoint:
             serve.run(

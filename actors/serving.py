@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 # Serve's own INFO lines (one per request) would drown a training run's console.
 LOGGING = {"log_level": "WARNING", "enable_access_log": False}
+# Serve's controller replaces a crashed replica after its next failed health check (the
+# rollout and reward deployments).
+HEALTH_CHECK_PERIOD_S = 2.0
 
 T = TypeVar("T")
 

@@ -49,6 +49,7 @@ def ray_cluster() -> Iterator[None]:
     if not ray.is_initialized():
         RAY_METRICS_PORT.append(free_port())
         ray.init(
+            address="local",  # never a cluster another test started with `ray start`
             num_cpus=4,
             include_dashboard=False,
             namespace="shuffle-r1-tests",

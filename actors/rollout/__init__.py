@@ -20,7 +20,7 @@ Log-probs and images: :mod:`actors.rollout.engines`; seeds: :mod:`actors.rollout
 from actors.rollout.engines import Engine, make_engine
 from actors.rollout.engines.hf import HFEngine
 from actors.rollout.engines.vllm import VLLMEngine, compile_cache_entries, vllm_sampling_params
-from actors.rollout.pool import HEALTH_CHECK_PERIOD_S, ROLLOUT_DEPLOYMENT, RolloutPool, check_scale
+from actors.rollout.pool import ROLLOUT_DEPLOYMENT, RolloutPool, check_scale
 from actors.rollout.records import (
     Completion,
     FinishReason,
@@ -33,7 +33,6 @@ from actors.rollout.records import (
 from actors.rollout.worker import RolloutWorker
 
 __all__ = [
-    "HEALTH_CHECK_PERIOD_S",
     "ROLLOUT_DEPLOYMENT",
     "Completion",
     "Engine",

@@ -21,8 +21,6 @@ logger = logging.getLogger(__name__)
 
 
 ROLLOUT_DEPLOYMENT = "RolloutWorker"
-# Serve's controller replaces a crashed replica after its next failed health check.
-HEALTH_CHECK_PERIOD_S = 2.0
 
 
 class RolloutPool:
@@ -56,7 +54,7 @@ class RolloutPool:
     ) -> None:
         from ray import serve
 
-        from actors.serving import LOGGING, ensure_serve
+        from actors.serving import HEALTH_CHECK_PERIOD_S, LOGGING, ensure_serve
         from actors.weights import ScalingInfo, weight_store, weight_store_name
 
         self.cfg = cfg

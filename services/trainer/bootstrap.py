@@ -61,6 +61,7 @@ def init_ray(cfg: Config) -> None:
         if cfg.cluster.metrics_export_port:
             extra["_metrics_export_port"] = cfg.cluster.metrics_export_port
         ray.init(
+            address="local",  # a Ray of its own, even where `ray start` runs one beside it
             num_cpus=cfg.cluster.num_cpus or None,
             include_dashboard=False,
             namespace=cfg.cluster.namespace,

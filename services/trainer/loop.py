@@ -32,6 +32,7 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,43 @@ class Trainer:
         self._producer_idle_s = 0.0  # the producer's idle seconds at the last step recorded
 
         init_ray(cfg)
-        redis_url, self._redis = redis_for_run(cfg.buffer, self.out / "redis")
         self.model_path = resolve_model_path(cfg.learner.model_path)
+        # The learner ranks start (import torch, load and shard the model) while this thread
+        # loads the data and starts the buffer, Serve and the rollout and reward pools: the
+        # roles' start-ups overlap instead of adding up (docs/architecture.md §1).
+        starting = ThreadPoolExecutor(1, thread_name_prefix="learner-start")
+        learner = starting.submit(LearnerGroup, cfg, self.model_path)
+        try:
+            self._start_roles(cfg)
+            self.learner = learner.result()
+        except BaseException:
+            _discard_learner(learner)
+            raise
+        finally:
+            starting.shutdown(wait=False)
+        if resume:
+            self._resume()
+        else:
+            self.session.drop_run()
+            self.metrics_path.unlink(missing_ok=True)
+            self.prompts_path.unlink(missing_ok=True)
+        self.metrics = MetricsWriter(self.metrics_path)
+        self.exporter = TrainerExporter(cfg.trainer.metrics_port, cfg.trainer.metrics_host)
+        self.exporter.set_live_workers("rollout", lambda: self.rollout.num_workers)
+        self.exporter.set_live_workers("reward", lambda: self.reward.num_workers)
+        self.exporter.set_live_workers("learner", lambda: len(self.learner.workers))
+        self.exporter.track_queue_depth(lambda: self.rollout.pending)
+        for kind in ("skipped_rows", "overlong_prompts"):
+            self.exporter.count_error("data", kind, self.counters.get(f"data/{kind}", 0))
+
+    def _start_roles(self, cfg: Config) -> None:
+        """Everything but the learner: Redis, the buffer actor, the tokenizer and data, Serve,
+        the rollout and reward pools, then the buffer session (its first connection waits for
+        the buffer actor, which has been starting meanwhile)."""
+        redis_url, self._redis = redis_for_run(cfg.buffer, self.out / "redis")
+        self.buffer_actor = start_replay_buffer_actor(  # returns at once; it starts meanwhile
+            dataclasses.replace(cfg.buffer, redis_url=redis_url), cfg.algorithm
+        )
         self.processor: Any = None  # a vision-language model's (shuffle_r1.processor)
         if is_vision_language(self.model_path):
             from shuffle_r1.processor import load_processor
@@ -183,9 +219,15 @@ class Trainer:
             seed=cfg.data.seed,
             shuffle=cfg.data.shuffle,
         )
-        self.buffer_actor = start_replay_buffer_actor(
-            dataclasses.replace(cfg.buffer, redis_url=redis_url), cfg.algorithm
+        ensure_serve(cfg.reward.http_host, cfg.reward.http_port)
+        self.rollout = RolloutPool(
+            cfg.rollout,
+            self.model_path,
+            self.run_id,
+            cfg.cluster.namespace,
+            seed=cfg.trainer.seed,
         )
+        self.reward = RewardPool(cfg.reward, self.run_id)
         self.spec = pb.RunSpec(
             algorithm=cfg.algorithm.name,
             keep_ratio=cfg.algorithm.keep_ratio,
@@ -203,32 +245,8 @@ class Trainer:
             self.spec,
             self._count_recovery,
         )
-        ensure_serve(cfg.reward.http_host, cfg.reward.http_port)
-        self.rollout = RolloutPool(
-            cfg.rollout,
-            self.model_path,
-            self.run_id,
-            cfg.cluster.namespace,
-            seed=cfg.trainer.seed,
-        )
-        self.reward = RewardPool(cfg.reward, self.run_id)
-        self.learner = LearnerGroup(cfg, self.model_path)
         self.metrics_path = self.out / "metrics.jsonl"
         self.prompts_path = self.out / "prompts.jsonl"  # the prompt ids each step drew
-        if resume:
-            self._resume()
-        else:
-            self.session.drop_run()
-            self.metrics_path.unlink(missing_ok=True)
-            self.prompts_path.unlink(missing_ok=True)
-        self.metrics = MetricsWriter(self.metrics_path)
-        self.exporter = TrainerExporter(cfg.trainer.metrics_port, cfg.trainer.metrics_host)
-        self.exporter.set_live_workers("rollout", lambda: self.rollout.num_workers)
-        self.exporter.set_live_workers("reward", lambda: self.reward.num_workers)
-        self.exporter.set_live_workers("learner", lambda: len(self.learner.workers))
-        self.exporter.track_queue_depth(lambda: self.rollout.pending)
-        for kind in ("skipped_rows", "overlong_prompts"):
-            self.exporter.count_error("data", kind, self.counters.get(f"data/{kind}", 0))
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -727,3 +745,13 @@ class Trainer:
 
     def __exit__(self, kind: object, exc: object, tb: object) -> None:
         self.close(abandon=isinstance(exc, KeyboardInterrupt))  # Ctrl-C: stop, do not drain
+
+
+def _discard_learner(starting: Future[LearnerGroup]) -> None:
+    """Stop the learner ranks a failed :class:`Trainer` start was bringing up (after their
+    start ends, so no rank is left behind); a failure of their own start is already moot."""
+    try:
+        group = starting.result()
+    except BaseException:  # the start that failed first is the one the caller reports
+        return
+    group.shutdown(graceful=False)
