@@ -114,7 +114,8 @@ def _save_tokenizer(source: Path | None, folder: Path) -> None:
     """Save a tokenizer (with its chat template) into ``folder``.
 
     ``source`` is a transformers folder; ``None`` means SmolLM2's, read from the prepared
-    SmolLM2 folder if there is one, else straight from the GGUF file (a few seconds).
+    SmolLM2 folder if there is one, else from its tokenizer alone, extracted from the GGUF
+    file once (reading the GGUF takes ~6 s) into ``<default_cache_dir>/smollm2-tokenizer``.
     """
     from transformers import AutoTokenizer
 
@@ -123,13 +124,25 @@ def _save_tokenizer(source: Path | None, folder: Path) -> None:
         if _is_complete(prepared, _smollm2_params()):
             tokenizer = AutoTokenizer.from_pretrained(prepared)
         else:
-            gguf = smollm2_gguf_path()
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(_smollm2_tokenizer())
     else:
         tokenizer = AutoTokenizer.from_pretrained(source)
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer from {source or 'the SmolLM2 GGUF'} has no chat template")
     tokenizer.save_pretrained(folder)
+
+
+def _smollm2_tokenizer() -> Path:
+    """SmolLM2's tokenizer as a transformers folder, extracted from the GGUF file once."""
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+
+    def extract(folder: Path) -> None:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+
+    params = {"tokenizer": SMOLLM2, "source": SMOLLM2_GGUF, "bytes": gguf.stat().st_size}
+    return _build_once(default_cache_dir() / f"{SMOLLM2}-tokenizer", params, extract)
 
 
 def _smollm2_params() -> dict[str, Any]:

@@ -9,8 +9,10 @@ leave them behind). Helpers the tests import are in ``tests/buffer_helpers.py``.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -28,6 +30,44 @@ if TYPE_CHECKING:
     from shuffle_r1.config import AlgorithmConfig, BufferConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- tests that time themselves run alone under `pytest -n` ------------------------------
+# `make test` runs two test processes (pytest-xdist). A test marked ``serial`` (its assertions
+# bound how long something takes) must not share the machine's two cores with the other
+# process's test, so every test holds a lock while it runs: shared for ordinary tests,
+# exclusive for serial ones. A turnstile in front of it keeps ordinary tests from starving a
+# serial one: a serial test holds the turnstile while it waits, and no new test passes it.
+
+
+def _locks_dir() -> Path | None:
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set in every worker of one `pytest -n`
+    if run is None:
+        return None
+    folder = Path(tempfile.gettempdir()) / f"shuffle-r1-tests-{run}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    folder = _locks_dir()
+    if folder is None:  # one process: nothing runs beside it
+        yield
+        return
+    with (folder / "turnstile").open("a") as turnstile, (folder / "running").open("a") as running:
+        if item.get_closest_marker("serial") is not None:
+            fcntl.flock(turnstile, fcntl.LOCK_EX)  # no new test starts beside it
+            fcntl.flock(running, fcntl.LOCK_EX)  # and the one running now ends first
+        else:
+            fcntl.flock(turnstile, fcntl.LOCK_SH)
+            fcntl.flock(running, fcntl.LOCK_SH)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:  # the running lock first: a test waiting at the turnstile holds neither
+            fcntl.flock(running, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 RAY_METRICS_PORT: list[int] = []  # the session Ray's metrics export port, once started

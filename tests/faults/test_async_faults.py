@@ -7,13 +7,20 @@ ahead of the learner (``buffer.max_staleness=1``) while
 
 The run finishes every step on the prompts a synchronous run draws, each generated once,
 trains on whole batches only, counts every fault, and no rollout is ever more than one
-weight version older than the policy it trains. (A learner rank killed and the driver
-killed and resumed run in both modes in their own tests.)
+weight version older than the policy it trains.
+
+Then the driver is lost after the checkpoint of step 2, which was written while the producer
+had already drawn step 2's prompts: ``--resume`` trains steps 2 and 3 again on the prompts an
+uninterrupted run draws (the checkpoint holds the sampler as the learner left it). A learner
+rank killed runs in both modes in its own test; the driver killed with SIGKILL and resumed
+from the command line runs in sync mode (tests/faults/test_trainer_driver_killed.py): what
+the kill does is the same in both modes, and what async mode adds to resuming is this.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,7 @@ import ray
 from services.embedded_redis import EmbeddedRedis
 from services.trainer.loop import StepRollouts, Trainer
 from services.trainer.metrics import read_metrics
+from services.trainer.state import checkpoint_dir
 from shuffle_r1.config import load_config
 from shuffle_r1.data import PromptSampler
 from tests.faults.procs import kill9, ray_actor_pids, working
@@ -32,31 +40,33 @@ from tests.faults.test_trainer_worker_deaths import when
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 RUN, STEPS, BATCH, N = "faults-async", 4, 4, 4
+SAVED_AT = 2  # checkpoints after steps 2 and 4; the run resumes from the first
 WORKER_KILLED_AT, BUFFER_KILLED_AFTER, REDIS_RESTARTED_AFTER = 1, 2, 3
 
 
-def test_async_mode_survives_a_worker_the_buffer_and_redis_failing(tmp_path: Path) -> None:
+def test_async_mode_survives_a_worker_the_buffer_and_redis_failing_then_resumes(
+    tmp_path: Path, redis_url: str
+) -> None:
     redis = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=False).start()
-    cfg = load_config(
-        ROOT / "configs/tiny_cpu.yaml",
-        [
-            f"trainer.output_dir={tmp_path / 'out'}",
-            f"trainer.run_name={RUN}",
-            f"cluster.namespace={RUN}",
-            "trainer.mode=async",
-            "buffer.max_staleness=1",
-            f"trainer.total_steps={STEPS}",
-            "trainer.save_every=0",
-            f"trainer.rollout_batch_size={BATCH}",
-            f"rollout.n={N}",
-            "rollout.max_response_length=96",  # long enough to be killed mid-generation
-            "rollout.num_workers=2",
-            "rollout.max_workers=2",
-            f"buffer.redis_url={redis.url}",
-            "reward.function=tests.e2e.reward_fns:distinct_char_share",
-        ],
-    )
+    out = tmp_path / "out"
+    overrides = [
+        f"trainer.output_dir={out}",
+        f"trainer.run_name={RUN}",
+        f"cluster.namespace={RUN}",
+        "trainer.mode=async",
+        "buffer.max_staleness=1",
+        f"trainer.total_steps={STEPS}",
+        f"trainer.save_every={SAVED_AT}",
+        f"trainer.rollout_batch_size={BATCH}",
+        f"rollout.n={N}",
+        "rollout.max_response_length=96",  # long enough to be killed mid-generation
+        "rollout.num_workers=2",
+        "rollout.max_workers=2",
+        "reward.function=tests.e2e.reward_fns:distinct_char_share",
+    ]
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", [*overrides, f"buffer.redis_url={redis.url}"])
     producing: list[int] = []  # the step the producer is on
+    drawn_at_save: list[int] = []  # the producer's step when checkpoint SAVED_AT was written
     ledgers: dict[int, dict[str, int]] = {}
     # Redis is restarted from a thread that outlives the run: a redis-server dies with the
     # thread that started it (PR_SET_PDEATHSIG), and the producer's thread ends before the run
@@ -92,6 +102,14 @@ def test_async_mode_survives_a_worker_the_buffer_and_redis_failing(tmp_path: Pat
                     assert restarted.wait(timeout=60), "Redis did not restart in 60 s"
                 return acknowledged
 
+            save = trainer.save
+
+            def observed_save() -> Path:
+                if trainer.state.step == SAVED_AT:
+                    drawn_at_save.append(producing[-1])
+                return save()
+
+            trainer.save = observed_save  # type: ignore[method-assign]
             trainer.produce = observed_produce  # type: ignore[method-assign]
             trainer.session.put = put_then_fail  # type: ignore[method-assign]
             killer = when(
@@ -134,3 +152,20 @@ def test_async_mode_survives_a_worker_the_buffer_and_redis_failing(tmp_path: Pat
     assert rows[-1]["buffer/reconnects"] >= 1  # producer's put or learner's draw, or both
     assert rows[-1]["buffer/regenerated_steps"] >= 1  # lost with Redis, put again
     assert max(r["staleness/max"] for r in rows) == 1  # it did run ahead
+
+    # The driver lost after checkpoint 2 (checkpoint 4 never written): the producer had drawn
+    # step 2's prompts when checkpoint 2 was saved, and the resumed run still trains steps 2
+    # and 3 on the prompts of the synchronous order
+    assert drawn_at_save and drawn_at_save[0] >= SAVED_AT, drawn_at_save
+    shutil.rmtree(checkpoint_dir(out, STEPS))
+    resumed_cfg = load_config(
+        ROOT / "configs/tiny_cpu.yaml", [*overrides, f"buffer.redis_url={redis_url}"]
+    )
+    with Trainer(resumed_cfg, resume=True) as resumed:
+        assert resumed.state.step == SAVED_AT
+        again = resumed.run()
+    assert again.steps == STEPS
+    assert [r["prompt_ids"] for r in read_metrics(out / "prompts.jsonl")] == order
+    rerun = read_metrics(out / "metrics.jsonl")[SAVED_AT:]
+    assert [r["step"] for r in rerun] == list(range(SAVED_AT, STEPS))
+    assert all(math.isfinite(r["learner/policy_loss"]) for r in rerun)

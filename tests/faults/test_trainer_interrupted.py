@@ -22,6 +22,7 @@ from services.trainer.state import COMPLETE, checkpoint_dir, latest_checkpoint, 
 from tests.faults.procs import ray_actor_pids, working
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.serial  # exits and kills within seconds: alone, even under pytest -n
 CLI = [sys.executable, "-m", "services.cli", "train"]
 EXIT_WITHIN_S = 10.0
 LOG_LINE = r"interrupted \((\w+)\): abandoning step (\d+); last complete checkpoint: (\S+)"

@@ -125,6 +125,7 @@ def test_a_put_larger_than_grpcs_default_retry_buffer_is_retried(scripted):
     assert servicer.attempts == [None, "1"]
 
 
+@pytest.mark.serial  # times itself
 def test_an_attempt_unanswered_within_timeout_s_is_retried(scripted):
     servicer, address = scripted
     servicer.codes, servicer.stall_s = [None], 1.0  # the first attempt stalls 1 s

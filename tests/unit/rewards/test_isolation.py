@@ -25,6 +25,7 @@ FNS = "tests.unit.actors.reward_fns"
 HANGING_ANSWER = "9^{9^{9^{9}}}"
 
 
+@pytest.mark.serial  # times itself
 def test_a_hanging_call_is_killed_at_the_deadline_and_its_process_replaced() -> None:
     with RewardProcessPool(f"{FNS}:hangs", deadline_s=0.5) as pool:
         [pid] = pool.pids()
@@ -85,6 +86,7 @@ def test_the_function_is_imported_once_per_process() -> None:
         assert [pool.call(RewardInput(str(i), "1")).value for i in range(3)] == [1.0, 2.0, 3.0]
 
 
+@pytest.mark.serial  # times itself
 def test_concurrent_calls_run_in_separate_processes_up_to_the_maximum() -> None:
     with RewardProcessPool(f"{FNS}:sleeps", deadline_s=5.0, max_processes=2) as pool:
         with ThreadPoolExecutor(3) as callers:
@@ -95,6 +97,7 @@ def test_concurrent_calls_run_in_separate_processes_up_to_the_maximum() -> None:
         assert 1.2 <= elapsed < 1.2 + 2.0  # two rounds of 0.6 s, not three
 
 
+@pytest.mark.serial  # times itself
 def test_math_verify_times_out_in_the_process_main_thread_for_callers_in_any_thread() -> None:
     response = f"<think>x</think>\\boxed{{{HANGING_ANSWER}}}"
     with (

@@ -145,6 +145,7 @@ def test_format_reward(response: str, expected: float) -> None:
     assert format_reward(response) == expected
 
 
+@pytest.mark.serial  # times itself
 def test_hanging_verification_times_out_in_the_main_thread() -> None:
     def mine(signum: int, frame: object) -> None:
         raise AssertionError("the caller's handler must not run")
