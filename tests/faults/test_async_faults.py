@@ -158,8 +158,14 @@ def test_async_mode_survives_a_worker_the_buffer_and_redis_failing_then_resumes(
     # and 3 on the prompts of the synchronous order
     assert drawn_at_save and drawn_at_save[0] >= SAVED_AT, drawn_at_save
     shutil.rmtree(checkpoint_dir(out, STEPS))
-    resumed_cfg = load_config(
-        ROOT / "configs/tiny_cpu.yaml", [*overrides, f"buffer.redis_url={redis_url}"]
+    resumed_cfg = load_config(  # one worker and short rollouts: the data order is the point
+        ROOT / "configs/tiny_cpu.yaml",
+        [
+            *overrides,
+            f"buffer.redis_url={redis_url}",
+            "rollout.num_workers=1",
+            "rollout.max_response_length=16",
+        ],
     )
     with Trainer(resumed_cfg, resume=True) as resumed:
         assert resumed.state.step == SAVED_AT
