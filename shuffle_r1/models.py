@@ -115,7 +115,8 @@ def _save_tokenizer(source: Path | None, folder: Path) -> None:
 
     ``source`` is a transformers folder; ``None`` means SmolLM2's, read from the prepared
     SmolLM2 folder if there is one, else from its tokenizer alone, extracted from the GGUF
-    file once (reading the GGUF takes ~6 s) into ``<default_cache_dir>/smollm2-tokenizer``.
+    file once (reading the GGUF takes ~6 s) into
+    ``<default_cache_dir>/smollm2-135m-instruct-tokenizer``.
     """
     from transformers import AutoTokenizer
 

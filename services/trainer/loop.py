@@ -179,6 +179,8 @@ class Trainer:
             raise
         finally:
             starting.shutdown(wait=False)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.prompts_path = self.out / "prompts.jsonl"  # the prompt ids each step drew
         if resume:
             self._resume()
         else:
@@ -245,8 +247,6 @@ class Trainer:
             self.spec,
             self._count_recovery,
         )
-        self.metrics_path = self.out / "metrics.jsonl"
-        self.prompts_path = self.out / "prompts.jsonl"  # the prompt ids each step drew
 
     # ---- setup -------------------------------------------------------------------------
 
