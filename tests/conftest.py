@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import pytest
 
@@ -38,6 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # process's test, so every test holds a lock while it runs: shared for ordinary tests,
 # exclusive for serial ones. A turnstile in front of it keeps ordinary tests from starving a
 # serial one: a serial test holds the turnstile while it waits, and no new test passes it.
+# A test that times only its end (a run started, then signalled) asks for the ``run_alone``
+# fixture instead and calls it where the timed part begins.
+
+_LOCKS = pytest.StashKey[tuple[IO[str], IO[str]]]()  # the running test's (turnstile, running)
 
 
 def _locks_dir() -> Path | None:
@@ -63,11 +67,33 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             fcntl.flock(turnstile, fcntl.LOCK_SH)
             fcntl.flock(running, fcntl.LOCK_SH)
             fcntl.flock(turnstile, fcntl.LOCK_UN)
+        item.stash[_LOCKS] = (turnstile, running)
         try:
             yield
         finally:  # the running lock first: a test waiting at the turnstile holds neither
+            del item.stash[_LOCKS]
             fcntl.flock(running, fcntl.LOCK_UN)
             fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def run_alone(request: pytest.FixtureRequest) -> Callable[[], None]:
+    """A call that makes the rest of the test run alone, as a ``serial`` test does, once the
+    other test process's test in progress has ended (a no-op with one process). For a test
+    that times only its end: what comes before shares the machine."""
+
+    def alone() -> None:
+        locks = request.node.stash.get(_LOCKS, None)
+        if locks is None or request.node.get_closest_marker("serial") is not None:
+            return
+        turnstile, running = locks
+        # let go of the shared lock before queueing: two tests that both wait to run alone
+        # must not each hold what the other waits for
+        fcntl.flock(running, fcntl.LOCK_UN)
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(running, fcntl.LOCK_EX)
+
+    return alone
 
 
 RAY_METRICS_PORT: list[int] = []  # the session Ray's metrics export port, once started
