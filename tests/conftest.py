@@ -78,22 +78,24 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 @pytest.fixture
 def run_alone(request: pytest.FixtureRequest) -> Callable[[], None]:
-    """A call that makes the rest of the test run alone, as a ``serial`` test does, once the
-    other test process's test in progress has ended (a no-op with one process). For a test
-    that times only its end: what comes before shares the machine."""
+    """For a test that times only its end (a run started, then signalled): from the test's
+    start no new test starts in the other test process, but the one it is running goes on
+    beside this test's first part; the returned call waits for that one to end, and the rest
+    of the test runs alone, as a ``serial`` test does. A no-op with one process.
 
-    def alone() -> None:
-        locks = request.node.stash.get(_LOCKS, None)
-        if locks is None or request.node.get_closest_marker("serial") is not None:
-            return
-        turnstile, running = locks
-        # let go of the shared lock before queueing: two tests that both wait to run alone
-        # must not each hold what the other waits for
-        fcntl.flock(running, fcntl.LOCK_UN)
+    (Waiting only at the call let the other process start a long test meanwhile: a run
+    waiting at its first checkpoint trained on for 2 minutes, using CPU for nothing.)"""
+    locks = request.node.stash.get(_LOCKS, None)
+    if locks is None or request.node.get_closest_marker("serial") is not None:
+        return lambda: None
+    turnstile, running = locks
+    try:
+        fcntl.flock(turnstile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # a test of the other process waits to run alone: let it first
+        fcntl.flock(running, fcntl.LOCK_UN)  # never queue while holding what it waits for
         fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(running, fcntl.LOCK_EX)
-
-    return alone
+        fcntl.flock(running, fcntl.LOCK_SH)  # at once: only a turnstile holder runs alone
+    return lambda: fcntl.flock(running, fcntl.LOCK_EX)
 
 
 RAY_METRICS_PORT: list[int] = []  # the session Ray's metrics export port, once started
