@@ -3,8 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= configs/arith_smollm2_cpu.yaml
 PYTEST_ARGS ?=
-# test processes (pytest-xdist, one test file per process at a time; tests marked serial run
-# alone): 2 keeps a 2-core machine busy while one test waits on Ray or a subprocess; 0 = one
+# test processes (pytest-xdist, one test file per process at a time, heaviest first by
+# tests/durations.json; tests marked serial run alone): 2 keeps a 2-core machine busy while
+# one test waits on Ray or a subprocess; 0 = one
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup protos train test lint bench clean
@@ -20,7 +21,7 @@ train: setup protos
 
 test: setup protos
 	@$(PY) scripts/ensure_redis.py
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Benchmarks (bench/, README "Benchmarks"): BENCHES picks them, default the system ones;
 # BENCHES=algorithms runs the ~100 min GRPO / GRPO+PTS / Shuffle-R1 sweep. TRL (the peer of

@@ -10,6 +10,7 @@ leave them behind). Helpers the tests import are in ``tests/buffer_helpers.py``.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import tempfile
@@ -96,6 +97,16 @@ def run_alone(request: pytest.FixtureRequest) -> Callable[[], None]:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         fcntl.flock(running, fcntl.LOCK_SH)  # at once: only a turnstile holder runs alone
     return lambda: fcntl.flock(running, fcntl.LOCK_EX)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Heaviest test files first, by ``tests/durations.json`` (seconds per file from a recent
+    run, scripts/test_durations.py; a file not in it comes after, in the usual order). Under
+    ``pytest -n`` xdist hands out whole files in this order (``--no-loadscope-reorder``): its
+    own order, by number of tests, put the one-test end-to-end runs last, so one process ran
+    a 3-minute run at the end while the other had nothing left."""
+    weights = json.loads((ROOT / "tests" / "durations.json").read_text())
+    items.sort(key=lambda item: -weights.get(item.nodeid.partition("::")[0], 0.0))  # stable
 
 
 RAY_METRICS_PORT: list[int] = []  # the session Ray's metrics export port, once started
