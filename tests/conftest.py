@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -39,10 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # process's test, so every test holds a lock while it runs: shared for ordinary tests,
 # exclusive for serial ones. A turnstile in front of it keeps ordinary tests from starving a
 # serial one: a serial test holds the turnstile while it waits, and no new test passes it.
-# A test that times only its end (a run started, then signalled) asks for the ``run_alone``
-# fixture instead and calls it where the timed part begins.
-
-_LOCKS = pytest.StashKey[tuple[IO[str], IO[str]]]()  # the running test's (turnstile, running)
 
 
 def _locks_dir() -> Path | None:
@@ -68,35 +64,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             fcntl.flock(turnstile, fcntl.LOCK_SH)
             fcntl.flock(running, fcntl.LOCK_SH)
             fcntl.flock(turnstile, fcntl.LOCK_UN)
-        item.stash[_LOCKS] = (turnstile, running)
         try:
             yield
         finally:  # the running lock first: a test waiting at the turnstile holds neither
-            del item.stash[_LOCKS]
             fcntl.flock(running, fcntl.LOCK_UN)
             fcntl.flock(turnstile, fcntl.LOCK_UN)
-
-
-@pytest.fixture
-def run_alone(request: pytest.FixtureRequest) -> Callable[[], None]:
-    """For a test that times only its end (a run started, then signalled): from the test's
-    start no new test starts in the other test process, but the one it is running goes on
-    beside this test's first part; the returned call waits for that one to end, and the rest
-    of the test runs alone, as a ``serial`` test does. A no-op with one process.
-
-    (Waiting only at the call let the other process start a long test meanwhile: a run
-    waiting at its first checkpoint trained on for 2 minutes, using CPU for nothing.)"""
-    locks = request.node.stash.get(_LOCKS, None)
-    if locks is None or request.node.get_closest_marker("serial") is not None:
-        return lambda: None
-    turnstile, running = locks
-    try:
-        fcntl.flock(turnstile, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # a test of the other process waits to run alone: let it first
-        fcntl.flock(running, fcntl.LOCK_UN)  # never queue while holding what it waits for
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(running, fcntl.LOCK_SH)  # at once: only a turnstile holder runs alone
-    return lambda: fcntl.flock(running, fcntl.LOCK_EX)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,6 +22,7 @@ from services.trainer.state import COMPLETE, checkpoint_dir, latest_checkpoint, 
 from tests.faults.procs import ray_actor_pids, working
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.serial  # exits and kills within seconds: alone, even under pytest -n
 CLI = [sys.executable, "-m", "services.cli", "train"]
 EXIT_WITHIN_S = 10.0
 LOG_LINE = r"interrupted \((\w+)\): abandoning step (\d+); last complete checkpoint: (\S+)"
@@ -55,7 +56,7 @@ def _wait_for(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(  # two runs of ~70 s each: the suite's budget allows no more
+@pytest.mark.parametrize(  # two runs of ~100 s each: the suite's budget allows no more
     ("sig", "to_group", "embedded_redis"),
     [
         pytest.param(signal.SIGINT, True, True, id="sigint-group-embedded-redis"),
@@ -63,7 +64,7 @@ def _wait_for(
     ],
 )
 def test_an_interrupted_run_stops_within_10_s_and_leaves_nothing_running(
-    tmp_path: Path, sig: int, to_group: bool, embedded_redis: bool, run_alone: Callable[[], None]
+    tmp_path: Path, sig: int, to_group: bool, embedded_redis: bool
 ) -> None:
     name = f"faults-stop-{signal.Signals(sig).name.lower()}{'-group' if to_group else ''}"
     overrides = [
@@ -80,15 +81,13 @@ def test_an_interrupted_run_stops_within_10_s_and_leaves_nothing_running(
     log = tmp_path / "driver.log"
     with log.open("w") as out:  # a file, not a pipe: a full pipe would block the driver
         driver = subprocess.Popen(
-            # 256 random tokens: a step's generation runs for seconds, long enough to interrupt;
-            # more steps than it can reach while the test waits to run alone
-            [*CLI, *overrides, "trainer.total_steps=1000", "rollout.max_response_length=256"],
+            # 256 random tokens: a step's generation runs for seconds, long enough to interrupt
+            [*CLI, *overrides, "trainer.total_steps=50", "rollout.max_response_length=256"],
             cwd=ROOT, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         first = checkpoint_dir(tmp_path, 1) / COMPLETE
         _wait_for("complete checkpoint", first.exists, driver, log, 400)
-        run_alone()  # the exit is timed: from here on, the other test process waits
         replicas = ray_actor_pids(f"ServeReplica:{name}-rollout:")
         assert len(replicas) == 1, replicas
         _wait_for("generation", lambda: working(replicas[0]), driver, log, 60)
@@ -140,7 +139,6 @@ with StopOnSignal(deadline_s=float(sys.argv[1])) as stop:
 """
 
 
-@pytest.mark.serial  # exits within seconds: alone, even under pytest -n
 @pytest.mark.parametrize(
     ("sig", "second", "deadline_s", "within_s"),
     [
