@@ -21,7 +21,7 @@ train: setup protos
 
 test: setup protos
 	@$(PY) scripts/ensure_redis.py
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Benchmarks (bench/, README "Benchmarks"): BENCHES picks them, default the system ones;
 # BENCHES=algorithms runs the ~100 min GRPO / GRPO+PTS / Shuffle-R1 sweep. TRL (the peer of
