@@ -163,6 +163,7 @@ class Trainer:
         self._drawing = threading.Lock()  # a draw and its snapshot, against save()
         self._pools = threading.Lock()  # one generate + score at a time (producer, evaluate)
         self._producer_idle_s = 0.0  # the producer's idle seconds at the last step recorded
+        self._stop = threading.Event()  # set by stop(): the step that sees it is the last
 
         init_ray(cfg)
         self.model_path = resolve_model_path(cfg.learner.model_path)
@@ -546,7 +547,8 @@ class Trainer:
         return saved
 
     def run(self) -> RunSummary:
-        """Train until ``trainer.total_steps``; returns where everything was written."""
+        """Train until ``trainer.total_steps`` (or :meth:`stop`); returns where everything
+        was written."""
         cfg = self.cfg.trainer
         started = time.perf_counter()
         last: dict[str, Any] = {}
@@ -566,7 +568,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         self._start_producer()
-        while self.state.step < cfg.total_steps:
+        stopping = False
+        while self.state.step < cfg.total_steps and not stopping:
             step = self.state.step
             try:
                 metrics = self.step(step)
@@ -574,16 +577,15 @@ class Trainer:
                 self._sampler_before.pop(step, None)
                 if self.producer is not None:  # it may go on to step + 1 + max_staleness
                     self.producer.trained(self.state.step, self._weights())
-                if cfg.eval_every and (
-                    self.state.step % cfg.eval_every == 0 or self.state.step == cfg.total_steps
-                ):
+                stopping = self._stop.is_set()  # read once: this step is then the last
+                last_step = stopping or self.state.step == cfg.total_steps
+                if cfg.eval_every and (self.state.step % cfg.eval_every == 0 or last_step):
                     metrics.update(self.evaluate())
                 self._record(step, metrics)
-                if cfg.save_every and (
-                    self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps
-                ):
+                if cfg.save_every and (self.state.step % cfg.save_every == 0 or last_step):
                     ckpt = self.save()
             except LearnerFailedError as exc:
+                stopping = False  # the steps since the checkpoint come first (stop() holds)
                 self._stop_producer()  # it drew steps the restored sampler draws again
                 self._rebuild_learner(exc)
                 self._start_producer()
@@ -625,6 +627,18 @@ class Trainer:
         }
         summary.path.write_text(json.dumps(record, indent=1) + "\n")
         return summary
+
+    def stop(self) -> None:
+        """Make the step in progress (or, between steps, the next one) the last of
+        :meth:`run`, as if it were step ``trainer.total_steps``: it is evaluated
+        (``eval_every > 0``) and saved (``save_every > 0``), every rollout worker then loads
+        its weights, and :meth:`run` returns with ``RunSummary.steps`` the steps done.
+
+        For a caller in another thread (a test's operator, a time budget): returns at once,
+        and a second call changes nothing. Async mode drops what the producer generated
+        beyond that step, as at the end of every run.
+        """
+        self._stop.set()
 
     def _start_producer(self) -> None:
         """Async mode: start producing from the step to train next, up to

@@ -33,14 +33,28 @@ def test_tiny_run_trains_and_resumes_to_the_same_next_batch(tmp_path: Path) -> N
         "learner.lora_rank=4",
         "algorithm.kl_coef=0.05",
     ]
-    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", [*overrides, "trainer.total_steps=2"])
+    # 2 of 4 steps: Trainer.stop() during the second makes it the last, saved as the last is
+    # (save_every=3 would not save it otherwise)
+    cfg = load_config(
+        ROOT / "configs/tiny_cpu.yaml",
+        [*overrides, "trainer.total_steps=4", "trainer.save_every=3"],
+    )
     n, groups = cfg.rollout.n, cfg.trainer.rollout_batch_size
     kept_per_group = math.floor(cfg.algorithm.keep_ratio * n / 2)
 
     with Trainer(cfg) as trainer:
+        step = trainer.step
+
+        def stop_in_the_second_step(s: int) -> dict[str, float]:
+            if s == 1:
+                trainer.stop()
+            return step(s)
+
+        trainer.step = stop_in_the_second_step  # type: ignore[method-assign]
         summary = trainer.run()
         sampler_args = (len(trainer.train_prompts), groups)
         uids = [p.example.uid for p in trainer.train_prompts]
+    assert summary.steps == 2
     rows = read_metrics(summary.metrics_path)
     assert [r["step"] for r in rows] == [0, 1]
     for r in rows:
