@@ -64,17 +64,22 @@ class BufferSession:
         """Put groups (``PutGroupsResponse``) without drawing: the producer's half of
         :meth:`put_and_sample` in ``trainer.mode=async``, whose draw later passes this
         response as ``put``. An unreachable buffer is reconnected to once and the put redone
-        (it is idempotent).
+        (it is idempotent), as is a put whose client another thread replaced meanwhile.
 
         Raises:
             grpc.RpcError: any other failure, or the buffer unreachable a second time.
+            ValueError: the session was closed.
         """
         reconnected = False
         while True:
             client = self.client
             try:
                 return client.put_groups(groups, spec=self.spec)
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, ValueError) as exc:
+                if self._replaced(client):
+                    continue
+                if isinstance(exc, ValueError):
+                    raise
                 code = exc.code()  # type: ignore[attr-defined]
                 if code != grpc.StatusCode.UNAVAILABLE or reconnected:
                     raise
@@ -98,10 +103,12 @@ class BufferSession:
           fewer groups than were put, and the groups are put again from memory, never
           training on a partial batch.
 
-        Each recovery is tried once per call, then the error propagates.
+        Each recovery is tried once per call, then the error propagates. A call whose client
+        another thread replaced meanwhile (its own reconnect) is redone on the new client.
 
         Raises:
             grpc.RpcError: any other failure, or one of the two a second time.
+            ValueError: the session was closed.
         """
         recovered: set[str] = set()
         # put: the first acknowledged put; a retry finds the groups there (duplicates)
@@ -118,7 +125,11 @@ class BufferSession:
                     prompts_by_group=True,
                 )
                 return put, sample
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, ValueError) as exc:
+                if self._replaced(client):
+                    continue
+                if isinstance(exc, ValueError):
+                    raise
                 kind = self._failure(client, exc, step, len(groups))
                 if kind is None or kind in recovered:
                     raise
@@ -126,6 +137,15 @@ class BufferSession:
                 if kind == "regenerated_step":
                     put = None  # the buffer lost it: put again
                 self.on_recovery(kind)
+
+    def _replaced(self, client: ReplayBufferClient) -> bool:
+        """Whether another thread reconnected since ``client`` was taken: it closed
+        ``client``, so a call on it failed for that alone (gRPC's ``ValueError`` "Cannot
+        invoke RPC on closed channel!", or ``CANCELLED`` for a call in flight). The caller
+        redoes the call on the new client; puts are idempotent and a step's draw is
+        deterministic, so nothing is doubled. Seen in ``trainer.mode=async``: the learner's
+        sample reconnected after the buffer's restart while the producer's put was starting."""
+        return self.client is not client
 
     def _reconnect(self, failed: ReplayBufferClient, exc: grpc.RpcError) -> None:
         """Replace ``failed`` with a client for the buffer's current address, unless another
