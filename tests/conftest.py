@@ -71,11 +71,19 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``pytest -n`` xdist keeps the order below (``--no-loadscope-reorder``), set here
+    rather than in pyproject's addopts: a run without xdist (``-p no:xdist``) would refuse
+    the option there."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Heaviest test files first, by ``tests/durations.json`` (seconds per file from a recent
     run, scripts/test_durations.py; a file not in it comes after, in the usual order). Under
-    ``pytest -n`` xdist hands out whole files in this order (pyproject's addopts hold
-    ``--no-loadscope-reorder``): its own order, by number of tests, put the one-test
+    ``pytest -n`` xdist hands out whole files in this order (:func:`pytest_configure`): its
+    own order, by number of tests, put the one-test
     end-to-end runs last, so one process ran a 3-minute run at the end while the other had
     nothing left."""
     weights = json.loads((ROOT / "tests" / "durations.json").read_text())
