@@ -83,9 +83,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Heaviest test files first, by ``tests/durations.json`` (seconds per file from a recent
     run, scripts/test_durations.py; a file not in it comes after, in the usual order). Under
     ``pytest -n`` xdist hands out whole files in this order (:func:`pytest_configure`): its
-    own order, by number of tests, put the one-test
-    end-to-end runs last, so one process ran a 3-minute run at the end while the other had
-    nothing left."""
+    own order, by number of tests, put the one-test end-to-end runs last, so one process ran
+    a 3-minute run at the end while the other had nothing left."""
     weights = json.loads((ROOT / "tests" / "durations.json").read_text())
     items.sort(key=lambda item: -weights.get(item.nodeid.partition("::")[0], 0.0))  # stable
 

@@ -56,7 +56,7 @@ def _wait_for(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(  # two runs of ~100 s each: the suite's budget allows no more
+@pytest.mark.parametrize(  # two serial runs of ~50 s each: the suite's budget allows no more
     ("sig", "to_group", "embedded_redis"),
     [
         pytest.param(signal.SIGINT, True, True, id="sigint-group-embedded-redis"),
